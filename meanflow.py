@@ -1,0 +1,257 @@
+"""MeanFlow: one-step generation by learning the average velocity.
+Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv:2505.13447v1.
+Hyperparameters follow the reference implementation (NVIDIA FastGen); see the presets at the bottom.
+
+Convention: rectified-flow time, t = 0 is data and t = 1 is noise, z_t = (1 - t) x + t eps, r <= t.
+The net predicts the average velocity over [r, t], so z_r = z_t - (t - r) u(z_t, t, r); at r = t it is
+the instantaneous velocity v. Training uses the MeanFlow identity (Eq. 6):
+    u(z_t, t, r) = v(z_t, t) - (t - r) du/dt,   du/dt = v . d_z u + d_t u   (r held fixed).
+
+| paper      | code        | meaning                                            | shape      |
+|------------|-------------|----------------------------------------------------|------------|
+| x          | x           | data                                               | (B, *D)    |
+| eps        | eps         | noise, N(0, I)                                     | (B, *D)    |
+| t, r       | t, r        | times, 0 <= r <= t <= t_max                        | (B,)       |
+| z_t        | z           | (1 - t) x + t eps                                  | (B, *D)    |
+| v          | v           | conditional velocity eps - x                       | (B, *D)    |
+| v~         | v_tgt       | target velocity: v, CFG-mixed v, or a teacher's v  | (B, *D)    |
+| u_theta    | u           | network output                                     | (B, *D)    |
+| du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r)             | (B, *D)    |
+| u_tgt      | u_tgt       | sg(v~ - (t - r) du/dt)                             | (B, *D)    |
+
+Network call: `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled), y one-hot
+(B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
+`tangent="fused"` additionally needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py has it).
+
+Implemented: (t, r) sampling (§5.2), training-time CFG with omega/kappa on a t-interval and label dropout,
+distillation from a teacher velocity with guidance, three tangents (torch.func.jvp; fused in the net;
+finite differences), tangent warm-up, adaptive loss weight, 1-step and multi-step samplers.
+Not implemented: the unused "normalised-gradient" loss variant of the reference.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp
+
+# --- Config ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # (t, r) distribution: logit-normal each, t = max, r = min (REFERENCE §5.2; reference CIFAR-10 values)
+    P_mean_t: float = -0.6
+    P_std_t: float = 1.6
+    P_mean_r: float = -4.0
+    P_std_r: float = 1.6
+    t_max: float = 0.999  # reference cap on t; also the sampler's start
+    ratio_r_neq_t: float = 0.75  # fraction of samples with r != t (CIFAR 0.75, DiT 0.25)
+    # Loss (§5.5): w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2
+    norm_p: float = 0.75
+    norm_c: float = 1e-3
+    tangent: str = "jvp"  # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
+    fd_step: float = 1e-4  # absolute step in t for tangent="fd" (§5.6)
+    tangent_warmup: int = 0  # steps over which the du/dt term ramps from 0 to 1 (0: off, as the reference)
+    # Classifier-free guidance baked into training (§5.3); omega = 1, kappa = 0 means none
+    label_dropout: float = 0.0
+    cfg_omega: float = 1.0
+    cfg_kappa: float = 0.0
+    cfg_t_min: float = 0.0  # guidance applies for t in [cfg_t_min, cfg_t_max]
+    cfg_t_max: float = 1.0
+    guidance_scale: float = 1.0  # teacher CFG scale in distillation
+    # Sampler: the time grid, first entry is the start (REFERENCE §1.4: 0.999, the reference's cap)
+    sample_ts: tuple = (0.999, 0.0)
+
+    def __post_init__(self):
+        if self.tangent not in ("jvp", "fused", "fd"):
+            raise ValueError(f"unknown tangent {self.tangent!r}; choose jvp, fused or fd")
+        if not (0 < self.t_max <= 1 and 0 <= self.ratio_r_neq_t <= 1 and 0 <= self.label_dropout < 1):
+            raise ValueError("need 0 < t_max <= 1, 0 <= ratio_r_neq_t <= 1 and 0 <= label_dropout < 1")
+        ts = tuple(self.sample_ts)
+        if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > 1 or ts[-1] < 0:
+            raise ValueError(f"sample_ts must decrease from <= 1 to >= 0 with at least two entries, got {ts}")
+
+
+TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
+NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
+
+# --- Time distribution --------------------------------------------------------------------------------------
+
+
+def logit_normal(n, P_mean, P_std, t_max, gen, device):
+    n_ = torch.randn(n, generator=gen, device=device, dtype=torch.float64)
+    return t_max * torch.sigmoid(P_mean + P_std * n_)
+
+
+def sample_t_r(n, cfg, gen, device):
+    """(t, r), float64, shape (n,). The first n_eq samples get r = t (flow-matching samples); the reference
+    puts them at the front of the batch on purpose, overlapping the label-dropped samples."""
+    t_ = logit_normal(n, cfg.P_mean_t, cfg.P_std_t, cfg.t_max, gen, device)
+    r_ = logit_normal(n, cfg.P_mean_r, cfg.P_std_r, cfg.t_max, gen, device)
+    t = torch.maximum(t_, r_)
+    r = torch.minimum(t_, r_)
+    n_eq = int((torch.rand(n, generator=gen, device=device) >= cfg.ratio_r_neq_t).sum())
+    r[:n_eq] = t[:n_eq]
+    return t, r
+
+# --- Parameterization ----------------------------------------------------------------------------------------
+# None: u is the raw network output and z_r = z_t - (t - r) u.
+
+
+def bcast(a, x):
+    """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return a.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+
+
+@contextmanager
+def eval_mode(net):
+    """net in eval mode (no dropout) for guidance passes, restoring its previous mode afterwards."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+# --- Loss ------------------------------------------------------------------------------------------------------
+
+
+def target_velocity(net, z, t, v, y, y_mixed, n_drop, cfg, teacher=None):
+    """v~ under no grad (§5.3). y_mixed is y with its first n_drop rows set to the null label."""
+    tt = t.to(z.dtype)
+    on = bcast(((t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)).double(), z)  # guidance interval
+    if teacher is not None:
+        if y_mixed is None:
+            return teacher(z, tt, None)
+        v_c = teacher(z, tt, y_mixed)
+        v_null = teacher(z, tt, torch.zeros_like(y_mixed))
+        omega = 1 + (cfg.guidance_scale - 1) * on
+        return v_null + omega * (v_c - v_null)  # dropped rows: v_c = v_null, unguided
+    if y is None or (cfg.cfg_omega == 1 and cfg.cfg_kappa == 0):
+        return v
+    with eval_mode(net):
+        v_null = net(z, tt, tt, torch.zeros_like(y))
+        v_c = net(z, tt, tt, y)
+    # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
+    torch.clear_autocast_cache()
+    omega = 1 + (cfg.cfg_omega - 1) * on
+    kappa = cfg.cfg_kappa * on
+    v_tgt = omega * v + (1 - omega - kappa) * v_null + kappa * v_c  # effective scale omega / (1 - kappa)
+    v_tgt[:n_drop] = v[:n_drop]  # label-dropped samples learn the unguided velocity
+    return v_tgt
+
+
+def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
+    """The differentiable u = u_theta(z, t, r, y) and the stop-gradient du/dt along (v~, 1, 0), with the same
+    dropout masks. `net` may be DDP-wrapped: the differentiable call goes through the wrapper (so DDP
+    synchronises gradients); the no-grad JVP / FD passes run on the bare module, because torch.func.jvp
+    cannot trace through DDP (REFERENCE §9.1 pattern (a))."""
+    tt, rr = t.to(z.dtype), r.to(z.dtype)
+    if cfg.tangent == "fused":
+        u, dudt = net(z, tt, rr, y, tangents=(v_tgt, torch.ones_like(tt), torch.zeros_like(rr)))
+        return u, dudt.double()
+    bare = getattr(net, "module", net)
+    devices = [z.device] if z.device.type == "cuda" else []
+    # fp32, no graph; fork_rng restores the RNG after each pass, so all passes draw the same dropout masks.
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        if cfg.tangent == "jvp":
+            def u_fn(z_, t_, r_):
+                return bare(z_, t_, r_, y)
+            with torch.random.fork_rng(devices):
+                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt, torch.ones_like(tt), torch.zeros_like(rr)))  # tangents (v~, 1, 0)
+            dudt = dudt.double()
+        else:  # "fd"
+            dudt = _dudt_fd(bare, z, t, r, y, v_tgt, cfg, devices)
+    u = net(z, tt, rr, y)
+    return u, dudt
+
+
+def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
+    """Finite-difference du/dt (§5.6): central where t +- h stay in (r, t_max], one-sided otherwise."""
+    h = cfg.fd_step
+    t_plus = torch.where(t + h <= cfg.t_max, t + h, t)
+    t_minus = torch.where((t - h >= 0) & (t - h > r), t - h, t)
+    outs = []
+    for t_ in (t_plus, t_minus):
+        z_ = z + bcast(t_ - t, z) * v_tgt.to(z.dtype)
+        with torch.random.fork_rng(devices):
+            outs.append(net(z_, t_.to(z.dtype), r.to(z.dtype), y).double())
+    # t_plus == t_minus only when r = t and t > t_max - h; there (t - r) du/dt = 0, so any finite value will do.
+    return (outs[0] - outs[1]) / bcast((t_plus - t_minus).clamp_min(h), outs[0])
+
+
+def loss(net, x, y, cfg, step, gen, teacher=None):
+    """Per-example MeanFlow loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None,
+    step: 1-based optimizer step (tangent warm-up), gen: torch.Generator for eps, t, r and label dropout,
+    teacher: None, or a callable teacher(z, t, y) -> velocity for distillation."""
+    B = x.shape[0]
+    t, r = sample_t_r(B, cfg, gen, x.device)  # float64
+    eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    z = bcast(1 - t, x) * x + bcast(t, x) * eps
+    v = eps - x
+
+    # Label dropout: the first n_drop samples get the null label (§5.3; applied in distillation too).
+    y_mixed, n_drop = y, 0
+    if y is not None and cfg.label_dropout > 0:
+        n_drop = int((torch.rand(B, generator=gen, device=x.device) < cfg.label_dropout).sum())
+        y_mixed = y.clone()
+        y_mixed[:n_drop] = 0
+    with torch.no_grad():
+        v_tgt = target_velocity(net, z, t, v, y, y_mixed, n_drop, cfg, teacher)
+
+    u, dudt = u_and_dudt(net, z, t, r, y_mixed, v_tgt, cfg)
+    rho = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
+    u_tgt = v_tgt.double() - rho * bcast(t - r, dudt) * dudt  # MeanFlow identity, Eq. 6 (arXiv:2505.13447v1)
+
+    err = (u.double() - u_tgt).flatten(1)
+    L = err.square().sum(dim=1)  # (B,), summed over dimensions
+    w = 1 / (L.detach() + cfg.norm_c) ** cfg.norm_p  # adaptive weight, sg(L)
+    logs = dict(t=t, mse_v=(u.detach().double() - v.double()).flatten(1).square().mean(dim=1), L=L.detach())
+    return w * L, logs
+
+def velocity(net, z, t, y=None):
+    """Instantaneous velocity v(z, t) = u(z, t, t): how a trained MeanFlow net serves as a flow teacher."""
+    return net(z, t, t, y)
+
+# --- Sampler -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(net, eps, cfg, y=None, ts=None, euler=False):
+    """z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_i, t_{i+1}), starting from z = t_0 eps.
+    euler=True uses u(z, t_i, t_i), the instantaneous velocity: a plain flow-matching Euler sampler.
+    No CFG at sampling: guidance is baked into training. Call with the EMA net in eval mode."""
+    ts = cfg.sample_ts if ts is None else ts
+    z = ts[0] * eps
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        t = torch.full((eps.shape[0],), t_cur, device=eps.device, dtype=eps.dtype)
+        r = t if euler else torch.full_like(t, t_next)
+        z = z - (t_cur - t_next) * net(z, t, r, y)
+    return z
+
+# --- Presets ---------------------------------------------------------------------------------------------------
+# Config fields plus the training recipe train.py reads (net, batch, steps, optimizer, lr, ema, ...).
+
+PRESETS = {
+    # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Deviation: EDM's augmentation pipeline
+    # (p = 0.12, 6-d labels) is not implemented yet; x-flips only.
+    "cifar10": dict(
+        net="ddpmpp", dropout=0.2, cond=False, xflip=True, batch=1024, steps=1_000_000,
+        optimizer="adam", lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=(0.9999, 0.99995, 0.9996),
+        tangent="fused",
+    ),
+    # Reference MeanFlow ImageNet-256 on SD-VAE latents, DiT-B/2 (REFERENCE §5.8); the DiT net comes with nets.py's
+    # DiT (not in this release). XL/2: cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75.
+    "imagenet256": dict(
+        net="dit-b2", cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
+        ema=(0.9999, 0.99995, 0.9996), precision="bf16",
+        P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0,
+        label_dropout=0.1, cfg_omega=1.0, cfg_kappa=0.5,
+    ),
+    # 2-D points on CPU in about a minute. CIFAR-style (t, r) (r centred near 0) and p = 0.75: with the ImageNet
+    # (t, r) distribution or p = 0 the 1-step samples stay a blur at this budget.
+    "toy": dict(
+        net="mlp", cond=False, batch=256, steps=2000, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), lr_warmup=100,
+        ema=(0.999,), ema_warmup=True, tangent="fused",
+    ),
+}

@@ -1,0 +1,174 @@
+"""nets.py: official configurations and key names, JVP == finite difference (float64) for torch.func.jvp and
+for the fused tangent path, and the fused path's contract (same primal, same gradient, no graph, fp32)."""
+import pytest
+import torch
+from torch.func import jvp
+
+import nets
+from conftest import randomize_
+
+TINY = dict(ddpmpp=("ddpmpp-tiny", (3, 16, 16)), mlp=("mlp", (3,)))
+
+
+def tiny_net(kind, seed=0, dropout=0.2, label_dim=4):
+    name, shape = TINY[kind]
+    torch.manual_seed(seed)
+    net = nets.build_net(name, shape, label_dim=label_dim, use_r=True, dropout=dropout)
+    return randomize_(net.double(), seed), shape
+
+
+def inputs(shape, B=3, seed=1, label_dim=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    t = 0.2 + 0.7 * torch.rand(B, generator=g, dtype=torch.float64)
+    r = t * torch.rand(B, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.arange(B) % label_dim, label_dim).double()
+    y[0] = 0  # one null label
+    return x, t, r, y
+
+
+def central_difference(f, primals, tangents, h=1e-6):
+    """(f(p + h d) - f(p - h d)) / 2h with the same dropout masks for both evaluations."""
+    with torch.random.fork_rng():
+        plus = f(*[p + h * d for p, d in zip(primals, tangents)])
+    with torch.random.fork_rng():
+        minus = f(*[p - h * d for p, d in zip(primals, tangents)])
+    return (plus - minus) / (2 * h)
+
+
+# --- Official configurations ----------------------------------------------------------------------------------
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_ddpmpp_cifar10_parameter_counts_and_keys():
+    """REFERENCE §6.1/§6.8: EDM's DDPM++ CIFAR-10 checkpoint layout."""
+    torch.manual_seed(0)
+    net = nets.SongUNet(augment_dim=9)
+    sd = net.state_dict()
+    assert n_params(net) == 55_733_891
+    assert len(sd) == 425  # 417 parameter tensors + 8 resample filters
+    assert sum("resample_filter" in k for k in sd) == 8
+    expected_shapes = {
+        "map_augment.weight": (128, 9), "map_layer0.weight": (512, 128), "map_layer1.weight": (512, 512),
+        "enc.32x32_conv.weight": (128, 3, 3, 3), "enc.32x32_block0.conv0.weight": (256, 128, 3, 3),
+        "enc.32x32_block0.skip.weight": (256, 128, 1, 1), "enc.16x16_down.conv0.resample_filter": (1, 1, 2, 2),
+        "enc.16x16_block0.qkv.weight": (768, 256, 1, 1), "dec.8x8_in0.proj.weight": (256, 256, 1, 1),
+        "dec.16x16_block4.norm2.weight": (256,), "dec.32x32_aux_norm.weight": (256,),
+        "dec.32x32_aux_conv.weight": (3, 256, 3, 3), "dec.32x32_up.skip.resample_filter": (1, 1, 2, 2),
+    }
+    for k, shape in expected_shapes.items():
+        assert tuple(sd[k].shape) == shape, k
+    attention_blocks = [n for n, m in net.named_modules() if isinstance(m, nets.UNetBlock) and m.num_heads]
+    assert sorted(attention_blocks) == sorted(
+        ["enc.16x16_block0", "enc.16x16_block1", "enc.16x16_block2", "enc.16x16_block3", "dec.16x16_block4", "dec.8x8_in0"])
+
+
+@pytest.mark.parametrize("kwargs, count", [
+    (dict(augment_dim=9, logvar=True), 55_734_020),      # CM/sCM/TCM student with log-variance head
+    (dict(augment_dim=9, label_dim=10), 55_735_299),     # conditional
+    (dict(augment_dim=0), 55_732_739),                   # no augment mapping
+    (dict(augment_dim=6, use_r=True), 55_799_811),       # MeanFlow CIFAR-10
+])
+def test_ddpmpp_variant_parameter_counts(kwargs, count):
+    assert n_params(nets.SongUNet(**kwargs)) == count
+
+
+# --- JVP correctness -------------------------------------------------------------------------------------------
+
+DIRECTIONS = dict(x=(1, 0, 0), t=(0, 1, 0), r=(0, 0, 1), all=(1, 1, 1))
+
+
+@pytest.mark.parametrize("kind", ["ddpmpp", "mlp"])
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_jvp_matches_central_difference(kind, direction):
+    """torch.func.jvp and the fused tangent path both equal a float64 central difference, in train mode with
+    dropout (masks replayed), along tangents in x, t, r and all three."""
+    net, shape = tiny_net(kind)
+    net.train()
+    x, t, r, y = inputs(shape)
+    g = torch.Generator().manual_seed(2)
+    cx, ct, cr = DIRECTIONS[direction]
+    dx = cx * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dt = ct * (0.5 + torch.rand(t.shape, generator=g, dtype=torch.float64))
+    dr = cr * (0.5 + torch.rand(r.shape, generator=g, dtype=torch.float64))
+
+    def f(x_, t_, r_):
+        return net(x_, t_, r_, y)
+
+    fd = central_difference(f, (x, t, r), (dx, dt, dr))
+    with torch.random.fork_rng():
+        out_func, d_func = jvp(f, (x, t, r), (dx, dt, dr))
+    with torch.random.fork_rng():
+        out_fused, d_fused = net(x, t, r, y, tangents=(dx, dt, dr))
+    scale = fd.abs().max().item()
+    assert scale > 1e-3, "derivative too small for a meaningful test"
+    torch.testing.assert_close(d_func, fd, rtol=0, atol=1e-7 * scale)
+    torch.testing.assert_close(d_fused, d_func, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(out_fused, out_func, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["ddpmpp", "mlp"])
+def test_fused_path_contract(kind):
+    """Fused pass: primal identical to a plain forward (same masks), its gradient identical to the plain
+    forward's, and the tangent carries no autograd graph."""
+    net, shape = tiny_net(kind)
+    net.train()
+    x, t, r, y = inputs(shape)
+    with torch.random.fork_rng():
+        plain = net(x, t, r, y)
+    grads_plain = torch.autograd.grad(plain.square().sum(), list(net.parameters()))
+    tangents = (torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype), torch.ones_like(t), torch.zeros_like(r))
+    with torch.random.fork_rng():
+        out, d_out = net(x, t, r, y, tangents=tangents)
+    assert torch.equal(out, plain)
+    assert out.requires_grad and not d_out.requires_grad and d_out.grad_fn is None
+    grads_fused = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    for a, b in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_dropout_masks_differ_without_replay():
+    """Guards the test above: without RNG replay the two passes really would differ."""
+    net, shape = tiny_net("mlp", dropout=0.5)
+    net.train()
+    x, t, r, y = inputs(shape)
+    assert not torch.allclose(net(x, t, r, y), net(x, t, r, y))
+
+
+def test_fused_tangent_is_fp32_under_bf16_autocast():
+    """Under bf16 autocast the primal runs in bf16 but the tangent stays fp32 and close to an fp32 JVP."""
+    torch.manual_seed(0)
+    net = randomize_(nets.build_net("ddpmpp-tiny", (3, 16, 16), use_r=True, dropout=0.0)).eval()
+    x, t, r, _ = (a.float() for a in inputs((3, 16, 16)))
+    dx = torch.randn_like(x)
+    _, d_ref = jvp(lambda x_: net(x_, t, r), (x,), (dx,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, d_out = net(x, t, r, tangents=(dx, None, None))
+    assert out.dtype == torch.bfloat16 and d_out.dtype == torch.float32
+    assert (d_out - d_ref).norm() / d_ref.norm() < 0.05  # linearised around a bf16 primal
+
+
+def test_float64_forward_and_logvar():
+    torch.manual_seed(0)
+    net = nets.build_net("ddpmpp-tiny", (3, 16, 16), logvar=True).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    out, logvar = net(x, torch.tensor([0.1, -0.5], dtype=torch.float64), return_logvar=True)
+    assert out.dtype == torch.float64 and out.shape == x.shape and logvar.shape == (2,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="nope", shape=(2,)), "unknown net"),
+    (dict(name="mlp", shape=(3, 8, 8)), "point data"),
+    (dict(name="ddpmpp-tiny", shape=(5,)), "square images"),
+])
+def test_build_net_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nets.build_net(**kwargs)
+
+
+def test_r_input_must_match_construction():
+    net = nets.build_net("mlp", (2,), use_r=False)
+    with pytest.raises(ValueError, match="use_r"):
+        net(torch.randn(2, 2), torch.rand(2), torch.rand(2))
