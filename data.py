@@ -103,6 +103,7 @@ def load_points(path):
         raise DataError(f"{path}: the array contains NaN or Inf")
     return torch.from_numpy(a)
 
+
 def save_picture(path, samples, ds):
     """Samples as a PNG: images (N, C, H, W) in [-1, 1] as a grid; points as a 512 px scatter of the first two
     dimensions, samples in blue over 2048 points of the dataset `ds` in grey."""

@@ -44,7 +44,7 @@ class Config:
     P_std_t: float = 1.6
     P_mean_r: float = -4.0
     P_std_r: float = 1.6
-    t_max: float = 0.999  # reference cap on t; also the sampler's start
+    t_max: float = 0.999  # reference cap on t and r (the sampler's start is sample_ts[0])
     ratio_r_neq_t: float = 0.75  # fraction of samples with r != t (CIFAR 0.75, DiT 0.25)
     # Loss (§5.5): w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2
     norm_p: float = 0.75
@@ -83,15 +83,20 @@ def logit_normal(n, P_mean, P_std, t_max, gen, device):
     return t_max * torch.sigmoid(P_mean + P_std * n_)
 
 
+def front(n, fraction, gen, device):
+    """(n,) bool, True for the first k samples, k ~ Binomial(n, fraction). The reference puts the r = t samples
+    and the label-dropped samples at the front of the batch on purpose, so they overlap (REFERENCE §5.3)."""
+    k = (torch.rand(n, generator=gen, device=device) < fraction).sum()
+    return torch.arange(n, device=device) < k
+
+
 def sample_t_r(n, cfg, gen, device):
-    """(t, r), float64, shape (n,). The first n_eq samples get r = t (flow-matching samples); the reference
-    puts them at the front of the batch on purpose, overlapping the label-dropped samples."""
+    """(t, r), float64, shape (n,); the first ~(1 - ratio_r_neq_t) n samples get r = t (flow-matching samples)."""
     t_ = logit_normal(n, cfg.P_mean_t, cfg.P_std_t, cfg.t_max, gen, device)
     r_ = logit_normal(n, cfg.P_mean_r, cfg.P_std_r, cfg.t_max, gen, device)
     t = torch.maximum(t_, r_)
     r = torch.minimum(t_, r_)
-    n_eq = int((torch.rand(n, generator=gen, device=device) >= cfg.ratio_r_neq_t).sum())
-    r[:n_eq] = t[:n_eq]
+    r = torch.where(front(n, 1 - cfg.ratio_r_neq_t, gen, device), t, r)
     return t, r
 
 # --- Parameterization ----------------------------------------------------------------------------------------
@@ -116,8 +121,8 @@ def eval_mode(net):
 # --- Loss ------------------------------------------------------------------------------------------------------
 
 
-def target_velocity(net, z, t, v, y, y_mixed, n_drop, cfg, teacher=None):
-    """v~ under no grad (§5.3). y_mixed is y with its first n_drop rows set to the null label."""
+def target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher=None):
+    """v~ under no grad (§5.3). y_mixed is y with the rows where `dropped` (B,) is True set to the null label."""
     tt = t.to(z.dtype)
     on = bcast(((t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)).double(), z)  # guidance interval
     if teacher is not None:
@@ -129,16 +134,16 @@ def target_velocity(net, z, t, v, y, y_mixed, n_drop, cfg, teacher=None):
         return v_null + omega * (v_c - v_null)  # dropped rows: v_c = v_null, unguided
     if y is None or (cfg.cfg_omega == 1 and cfg.cfg_kappa == 0):
         return v
-    with eval_mode(net):
-        v_null = net(z, tt, tt, torch.zeros_like(y))
-        v_c = net(z, tt, tt, y)
+    bare = getattr(net, "module", net)  # no-grad passes bypass a DDP wrapper (see u_and_dudt)
+    with eval_mode(bare):
+        v_null = bare(z, tt, tt, torch.zeros_like(y))
+        v_c = bare(z, tt, tt, y)
     # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
     torch.clear_autocast_cache()
     omega = 1 + (cfg.cfg_omega - 1) * on
     kappa = cfg.cfg_kappa * on
     v_tgt = omega * v + (1 - omega - kappa) * v_null + kappa * v_c  # effective scale omega / (1 - kappa)
-    v_tgt[:n_drop] = v[:n_drop]  # label-dropped samples learn the unguided velocity
-    return v_tgt
+    return torch.where(bcast(dropped, z) > 0, v, v_tgt)  # label-dropped samples learn the unguided velocity
 
 
 def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
@@ -190,14 +195,13 @@ def loss(net, x, y, cfg, step, gen, teacher=None):
     z = bcast(1 - t, x) * x + bcast(t, x) * eps
     v = eps - x
 
-    # Label dropout: the first n_drop samples get the null label (§5.3; applied in distillation too).
-    y_mixed, n_drop = y, 0
+    # Label dropout: the first samples get the null label (§5.3; applied in distillation too).
+    y_mixed, dropped = y, torch.zeros(B, dtype=torch.bool, device=x.device)
     if y is not None and cfg.label_dropout > 0:
-        n_drop = int((torch.rand(B, generator=gen, device=x.device) < cfg.label_dropout).sum())
-        y_mixed = y.clone()
-        y_mixed[:n_drop] = 0
+        dropped = front(B, cfg.label_dropout, gen, x.device)
+        y_mixed = torch.where(dropped[:, None], torch.zeros_like(y), y)
     with torch.no_grad():
-        v_tgt = target_velocity(net, z, t, v, y, y_mixed, n_drop, cfg, teacher)
+        v_tgt = target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher)
 
     u, dudt = u_and_dudt(net, z, t, r, y_mixed, v_tgt, cfg)
     rho = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
@@ -208,6 +212,7 @@ def loss(net, x, y, cfg, step, gen, teacher=None):
     w = 1 / (L.detach() + cfg.norm_c) ** cfg.norm_p  # adaptive weight, sg(L)
     logs = dict(t=t, mse_v=(u.detach().double() - v.double()).flatten(1).square().mean(dim=1), L=L.detach())
     return w * L, logs
+
 
 def velocity(net, z, t, y=None):
     """Instantaneous velocity v(z, t) = u(z, t, t): how a trained MeanFlow net serves as a flow teacher."""
@@ -231,6 +236,7 @@ def sample(net, eps, cfg, y=None, ts=None, euler=False):
 
 # --- Presets ---------------------------------------------------------------------------------------------------
 # Config fields plus the training recipe train.py reads (net, batch, steps, optimizer, lr, ema, ...).
+
 
 PRESETS = {
     # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Deviation: EDM's augmentation pipeline

@@ -44,6 +44,10 @@ class Dual(NamedTuple):
     def shape(self):
         return self.p.shape
 
+    @property
+    def device(self):
+        return self.p.device
+
     def __add__(self, other):
         if isinstance(other, Dual):
             return Dual(self.p + other.p, self.d + other.d)
@@ -51,9 +55,7 @@ class Dual(NamedTuple):
 
     __radd__ = __add__
 
-    def __mul__(self, c):
-        if isinstance(c, Dual):
-            return Dual(self.p * c.p, self.d * _tan(c.p) + _tan(self.p) * c.d)
+    def __mul__(self, c):  # c: a constant (number or tensor without tangent)
         return Dual(self.p * c, self.d * (_tan(c) if torch.is_tensor(c) else c))
 
     __rmul__ = __mul__
@@ -116,8 +118,7 @@ def dropout(x, p, training):
     precisions (fp32 JVP, bf16 grad pass) consume the RNG identically and share the mask (REFERENCE §1.7)."""
     if not training or p == 0:
         return x
-    keep = torch.empty(x.shape, device=x[0].device if isinstance(x, Dual) else x.device, dtype=torch.float32)
-    keep = keep.bernoulli_(1 - p)
+    keep = torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1 - p)
     scale = keep / (1 - p)
     if isinstance(x, Dual):
         return Dual(x.p * scale.to(x.p.dtype), x.d * scale.to(x.d.dtype))
@@ -167,7 +168,8 @@ class Conv2d(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = f.outer(f)[None, None] / f.sum().square()  # (1, 1, k, k), sums to 1

@@ -150,7 +150,9 @@ def method_config(method, cfg):
 
 def setup_distributed(device_flag):
     ddp = "RANK" in os.environ
-    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) if ddp else (0, 1, 0)
+    rank, world, local = 0, 1, 0
+    if ddp:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available")
@@ -205,6 +207,7 @@ def learning_rate(cfg, step):
     if cfg["lr_warmup"] > 0:
         lr *= min(1.0, step / cfg["lr_warmup"])
     return lr
+
 
 class IntervalStats:
     """Per-example loss (overall and binned by the method's time), and the means of the method's logs, summed on
@@ -320,7 +323,8 @@ def main(argv=None):
     net = build_net(cfg["net"], ds.shape, label_dim, method.NET_NEEDS, overrides).to(device)
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
-    opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"], weight_decay=cfg["weight_decay"])
+    opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
+                  weight_decay=cfg["weight_decay"])
 
     teacher = None
     if args.teacher:

@@ -58,7 +58,7 @@ def test_shared_jpeg_zip_layout_if_present(tmp_path):
         for n in names:
             out.writestr(n, z.read(n))
         meta = json.loads(z.read("dataset.json"))
-        out.writestr("dataset.json", json.dumps({"labels": [l for l in meta["labels"] if l[0] in names]}))
+        out.writestr("dataset.json", json.dumps({"labels": [pair for pair in meta["labels"] if pair[0] in names]}))
     ds = data.load(str(tmp_path / "small.zip"), cache_dir=str(tmp_path))
     assert ds.x.shape == (20, 3, 32, 32) and ds.x.dtype == torch.uint8 and ds.labels.max() < 10
 

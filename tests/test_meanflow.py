@@ -1,6 +1,5 @@
 """meanflow.py against exact oracles (float64): a one-point dataset and Gaussian data, where the average
 velocity u(z, t, r) is known in closed form; guidance mixing; the (t, r) layout; samplers; 2-D quality."""
-import math
 
 import pytest
 import torch
@@ -149,6 +148,24 @@ def test_tangent_options_agree_on_a_real_net(tangent):
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
+def test_masks_shared_across_precisions_under_bf16():
+    """Under bf16 autocast the `jvp` tangent runs in fp32 and the differentiable pass in bf16. Their dropout masks
+    must still match: the loss then agrees with the fused path to bf16 rounding, while a different mask (another
+    seed) changes it by far more."""
+    torch.manual_seed(0)
+    net = randomize_(nets.build_net("mlp", (3,), use_r=True, dropout=0.3)).train()
+    x = torch.randn(256, 3)
+
+    def L(tangent, mask_seed):
+        torch.manual_seed(mask_seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return meanflow.loss(net, x, None, meanflow.Config(tangent=tangent), 1, torch.Generator().manual_seed(1))[1]["L"]
+    ref = L("fused", 5)
+    same = (L("jvp", 5) - ref).abs().mean() / ref.abs().mean()
+    other = (L("jvp", 6) - ref).abs().mean() / ref.abs().mean()
+    assert same < 0.05 and other > 4 * same
+
+
 # --- Guidance -------------------------------------------------------------------------------------------------------
 
 class LabelNet(nn.Module):
@@ -172,10 +189,10 @@ def test_training_time_cfg_mixing():
     t = torch.tensor([0.1, 0.2, 0.3, 0.5, 0.8, 0.9], dtype=torch.float64)
     v = torch.full((B, 2), 2.0, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.arange(B) % 3, 3).double()
-    y_mixed = y.clone()
-    y_mixed[:2] = 0
+    dropped = torch.arange(B) < 2
+    y_mixed = torch.where(dropped[:, None], 0.0, y)
     cfg = meanflow.Config(cfg_omega=1.5, cfg_kappa=0.25, cfg_t_min=0.0, cfg_t_max=0.75)
-    v_tgt = meanflow.target_velocity(net, z, t, v, y, y_mixed, 2, cfg)
+    v_tgt = meanflow.target_velocity(net, z, t, v, y, y_mixed, dropped, cfg)
     inside = 1.5 * 2 + (1 - 1.5 - 0.25) * 1 + 0.25 * 3
     expected = torch.tensor([2, 2, inside, inside, 2, 2], dtype=torch.float64)
     torch.testing.assert_close(v_tgt[:, 0], expected)
@@ -189,10 +206,10 @@ def test_teacher_guidance():
     z = torch.zeros(3, 1, dtype=torch.float64)
     t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
     y = torch.eye(3, dtype=torch.float64)
-    y_mixed = y.clone()
-    y_mixed[:1] = 0
+    dropped = torch.arange(3) < 1
+    y_mixed = torch.where(dropped[:, None], 0.0, y)
     cfg = meanflow.Config(guidance_scale=2.0, cfg_t_max=0.75)
-    v_tgt = meanflow.target_velocity(None, z, t, None, y, y_mixed, 1, cfg, teacher=teacher)
+    v_tgt = meanflow.target_velocity(None, z, t, None, y, y_mixed, dropped, cfg, teacher=teacher)
     torch.testing.assert_close(v_tgt[:, 0], torch.tensor([1.0, 1 + 2 * 2, 3.0], dtype=torch.float64))
 
 

@@ -119,7 +119,8 @@ def test_fused_path_contract(kind):
     with torch.random.fork_rng():
         plain = net(x, t, r, y)
     grads_plain = torch.autograd.grad(plain.square().sum(), list(net.parameters()))
-    tangents = (torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype), torch.ones_like(t), torch.zeros_like(r))
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    tangents = (dx, torch.ones_like(t), torch.zeros_like(r))
     with torch.random.fork_rng():
         out, d_out = net(x, t, r, y, tangents=tangents)
     assert torch.equal(out, plain)
@@ -172,3 +173,29 @@ def test_r_input_must_match_construction():
     net = nets.build_net("mlp", (2,), use_r=False)
     with pytest.raises(ValueError, match="use_r"):
         net(torch.randn(2, 2), torch.rand(2), torch.rand(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlp", "ddpmpp"])
+def test_torch_compile_matches_eager(kind):
+    """torch.compile (fullgraph, static shapes) traces the plain forward, the fused tangent path and
+    torch.func.jvp, and gives the eager values (REFERENCE §9.12: compiled transforms can silently drop rules)."""
+    torch.manual_seed(0)
+    name, shape = TINY[kind]
+    net = randomize_(nets.build_net(name, shape, use_r=True, dropout=0.0)).eval()
+    x, t, r, _ = (a.float() for a in inputs(shape))
+    v = torch.randn_like(x)
+
+    def fused(x, t, r, v):
+        return net(x, t, r, tangents=(v, torch.ones_like(t), torch.zeros_like(r)))
+
+    def func_jvp(x, t, r, v):
+        def u(x_, t_):
+            return net(x_, t_, r)
+        return jvp(u, (x, t), (v, torch.ones_like(t)))
+
+    for fn in (fused, func_jvp):
+        eager = fn(x, t, r, v)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)(x, t, r, v)
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -136,7 +136,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, tangent):
               "--dropout", "0.1", "--tangent", tangent, "--log-every", "3", "--num-samples", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *common, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+                        "train.py", *common, "--out", str(tmp_path / "ddp")],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "weights identical on all 2 ranks" in p.stdout
     assert "2 ranks x 1 rounds x 8" in p.stdout
