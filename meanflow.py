@@ -19,7 +19,7 @@ the instantaneous velocity v. Training uses the MeanFlow identity (Eq. 6):
 | du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r)             | (B, *D)    |
 | u_tgt      | u_tgt       | sg(v~ - (t - r) du/dt)                             | (B, *D)    |
 
-Network call: `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled), y one-hot
+Network call (student and teacher): `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled), y one-hot
 (B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
 `tangent="fused"` additionally needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py has it).
 
@@ -74,6 +74,7 @@ class Config:
 
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
+TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)
 
 # --- Time distribution --------------------------------------------------------------------------------------
 
@@ -127,9 +128,9 @@ def target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher=None):
     on = bcast(((t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)).double(), z)  # guidance interval
     if teacher is not None:
         if y_mixed is None:
-            return teacher(z, tt, None)
-        v_c = teacher(z, tt, y_mixed)
-        v_null = teacher(z, tt, torch.zeros_like(y_mixed))
+            return velocity(teacher, z, tt)
+        v_c = velocity(teacher, z, tt, y_mixed)
+        v_null = velocity(teacher, z, tt, torch.zeros_like(y_mixed))
         omega = 1 + (cfg.guidance_scale - 1) * on
         return v_null + omega * (v_c - v_null)  # dropped rows: v_c = v_null, unguided
     if y is None or (cfg.cfg_omega == 1 and cfg.cfg_kappa == 0):
@@ -188,7 +189,7 @@ def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
 def loss(net, x, y, cfg, step, gen, teacher=None):
     """Per-example MeanFlow loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None,
     step: 1-based optimizer step (tangent warm-up), gen: torch.Generator for eps, t, r and label dropout,
-    teacher: None, or a callable teacher(z, t, y) -> velocity for distillation."""
+    teacher: None, or a frozen MeanFlow-style net (eval mode) whose velocity u(z, t, t, y) is distilled."""
     B = x.shape[0]
     t, r = sample_t_r(B, cfg, gen, x.device)  # float64
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -215,7 +216,7 @@ def loss(net, x, y, cfg, step, gen, teacher=None):
 
 
 def velocity(net, z, t, y=None):
-    """Instantaneous velocity v(z, t) = u(z, t, t): how a trained MeanFlow net serves as a flow teacher."""
+    """Instantaneous velocity v(z, t) = u(z, t, t): how a MeanFlow net serves as a flow teacher."""
     return net(z, t, t, y)
 
 # --- Sampler -------------------------------------------------------------------------------------------------

@@ -319,8 +319,7 @@ def main(argv=None):
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed).
     torch.manual_seed(args.seed)
-    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
-    net = build_net(cfg["net"], ds.shape, label_dim, method.NET_NEEDS, overrides).to(device)
+    net = build_net(cfg, method, ds.shape, label_dim).to(device)
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
@@ -328,7 +327,7 @@ def main(argv=None):
 
     teacher = None
     if args.teacher:
-        teacher = load_teacher(args.teacher, ds, label_dim, device)
+        teacher = load_teacher(args.teacher, method, ds, label_dim, device)
 
     if args.resume and not args.out:
         args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
@@ -452,30 +451,28 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
     return torch.cat(out)
 
 
-def build_net(name, shape, label_dim, needs, overrides):
+def build_net(cfg, method, shape, label_dim):
+    """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
+    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
     try:
-        return nets.build_net(name, shape, label_dim=label_dim, **needs, **overrides)
+        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
     except ValueError as e:  # unknown net, or a net that does not fit the data
         raise UsageError(str(e)) from None
 
 
-def load_teacher(path, ds, label_dim, device):
-    """The EMA net of a checkpoint, as a velocity function teacher(z, t, y) in the method's time."""
+def load_teacher(path, method, ds, label_dim, device):
+    """The first EMA net of a checkpoint, frozen, in eval mode; its method must be one the student accepts."""
     state = load_checkpoint(path, device)
     tcfg = state["config"]
-    tmethod = importlib.import_module(tcfg["method"])
-    if not hasattr(tmethod, "velocity"):
-        raise UsageError(f"a {tcfg['method']} checkpoint cannot serve as a teacher")
-    tnet = build_net(tcfg["net"], ds.shape, label_dim if tcfg["cond"] else 0, tmethod.NET_NEEDS, {}).to(device)
+    if tcfg["method"] not in method.TEACHERS:
+        raise UsageError(f"{method.__name__} distils from {', '.join(method.TEACHERS)} checkpoints, "
+                         f"but {path} is a {tcfg['method']} run")
+    tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
     try:
         tnet.load_state_dict(state["ema"][0])
     except RuntimeError as e:
         raise UsageError(f"teacher {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
-    tnet.eval().requires_grad_(False)
-
-    def teacher(z, t, y):
-        return tmethod.velocity(tnet, z, t, y)
-    return teacher
+    return tnet.eval().requires_grad_(False)
 
 
 def cli(argv=None):
