@@ -7,7 +7,8 @@
     path/to/folder/        the same as a folder
 
 Images come out as float in [-1, 1] (uint8 / 127.5 - 1), shape (B, C, H, W); points as float32 (B, D).
-Every problem with the input raises DataError with a one-line message.
+Every problem with the input raises DataError with a one-line message. Also here: the sample order (a seeded
+permutation per epoch, indexed by global sample position) and sample pictures.
 """
 import hashlib
 import io
@@ -63,6 +64,37 @@ class Dataset:
 
     def one_hot(self, idx, device="cpu"):
         return torch.nn.functional.one_hot(self.labels[idx], self.label_dim).float().to(device)
+
+
+# --- Sample order ----------------------------------------------------------------------------------------------
+
+
+def mix_seed(*keys):
+    """A well-mixed 63-bit seed from integers (never numpy's global RNG)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochSampler:
+    """Dataset indices for global sample positions: a fresh permutation per epoch, seeded by (seed, epoch),
+    so position p always maps to the same sample whatever the world size or resume point."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.perm = n, seed, None, None
+
+    def __call__(self, start, count):
+        out = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1)))
+            take = min(count, self.n - offset)
+            out.append(self.perm[offset:offset + take])
+            start, count = start + take, count - take
+        return torch.cat(out)
+
+
+# --- Loading -------------------------------------------------------------------------------------------------------
 
 
 def load(spec, cache_dir):

@@ -75,6 +75,7 @@ class Config:
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
 TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)
+NEEDS_INIT = False  # trains from scratch
 
 # --- Time distribution --------------------------------------------------------------------------------------
 

@@ -33,13 +33,14 @@ import torch.distributed as dist
 import data
 import nets
 
-METHODS = ("meanflow",)
+METHODS = ("meanflow", "scm", "diffusion")
 
 # Training recipe: every key a preset may set besides the method's Config fields: (default, type, help).
 TRAIN = dict(
     net=("mlp", str, f"network: {', '.join(nets.NETS)}"),
     dropout=(None, float, "dropout probability (default: the net's)"),
     cond=(False, bool, "condition on class labels (needs a labelled dataset)"),
+    distill=(False, bool, "the recipe distils: --teacher is required"),
     xflip=(False, bool, "random horizontal flips (images)"),
     batch=(256, int, "global batch per optimizer step"),
     batch_gpu=(None, int, "micro-batch per rank and accumulation round (default: batch / ranks)"),
@@ -92,7 +93,8 @@ def build_parser(method=None):
     p.add_argument("--preset", help="method preset (default: toy for points, cifar10 for images)")
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>-NNN, new)")
     p.add_argument("--resume", help="checkpoint file or run folder to continue exactly")
-    p.add_argument("--teacher", help="checkpoint whose EMA net gives the target velocity (distillation)")
+    p.add_argument("--teacher", help="checkpoint whose EMA net is the frozen teacher (distillation)")
+    p.add_argument("--init", help="checkpoint whose EMA weights initialise the net (e.g. a diffusion model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
@@ -162,31 +164,6 @@ def setup_distributed(device_flag):
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return ddp, rank, world, device
-
-
-def micro_seed(*keys):
-    """A well-mixed 63-bit seed from integers (never numpy's global RNG)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-class EpochSampler:
-    """Dataset indices for global sample positions: a fresh permutation per epoch, seeded by (seed, epoch),
-    so position p always maps to the same sample whatever the world size or resume point."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.perm = n, seed, None, None
-
-    def __call__(self, start, count):
-        out = []
-        while count > 0:
-            epoch, offset = divmod(start, self.n)
-            if epoch != self.epoch:
-                self.epoch = epoch
-                self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(micro_seed(self.seed, epoch, 1)))
-            take = min(count, self.n - offset)
-            out.append(self.perm[offset:offset + take])
-            start, count = start + take, count - take
-        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -317,17 +294,22 @@ def main(argv=None):
         raise UsageError(f"--cond needs class labels, but {args.data} has none")
     label_dim = ds.label_dim if cfg["cond"] else 0
 
-    # Network, optimizer, EMAs (all ranks build the same initial weights from the seed).
+    # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
+    if cfg["distill"] and not args.teacher:
+        raise UsageError(f"preset {cfg['preset']} distils from a teacher: pass --teacher PATH")
+    if args.teacher and not method.TEACHERS:
+        raise UsageError(f"{args.method} does not distil from a teacher")
     torch.manual_seed(args.seed)
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
+    if args.init and not args.resume:
+        init_from(net, args.init, method, device, rank)
+    elif method.NEEDS_INIT and not args.resume and rank == 0:
+        print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"])
-
-    teacher = None
-    if args.teacher:
-        teacher = load_teacher(args.teacher, method, ds, label_dim, device)
+    teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
 
     if args.resume and not args.out:
         args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
@@ -360,7 +342,7 @@ def main(argv=None):
     model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
     gen = torch.Generator(device)
-    sampler = EpochSampler(len(ds), args.seed)
+    sampler = data.EpochSampler(len(ds), args.seed)
     if rank == 0:
         print(f"{args.method} on {args.data} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
@@ -374,10 +356,10 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         for a in range(accum):
             m = rank * accum + a  # global micro-batch index: what it draws depends only on (seed, step, m)
-            torch.manual_seed(micro_seed(args.seed, step, m, 0))  # dropout masks
-            gen.manual_seed(micro_seed(args.seed, step, m, 1))  # noise, times, label dropout
+            torch.manual_seed(data.mix_seed(args.seed, step, m, 0))  # dropout masks
+            gen.manual_seed(data.mix_seed(args.seed, step, m, 1))  # noise, times, label dropout
             idx = sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
-            flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(micro_seed(args.seed, step, m, 2))) < 0.5
+            flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 2))) < 0.5
             x = ds.get(idx, flip if cfg["xflip"] else None, device)
             y = ds.one_hot(idx, device) if label_dim else None
             with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
@@ -420,7 +402,7 @@ def main(argv=None):
         samples = samples.clamp(-1, 1) if ds.is_image else samples
         np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
         data.save_picture(os.path.join(out, "samples.png"), samples[:256] if ds.is_image else samples, ds)
-        print(f"done: {out}/samples.png, samples.npy ({n} one-step EMA samples), ckpt.pt")
+        print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -440,7 +422,8 @@ def check_ranks_identical(net, world):
 
 def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
     """1-step samples from `net` (an EMA copy, eval mode) with fixed noise and uniformly random labels."""
-    g = torch.Generator(device).manual_seed(micro_seed(seed, 2**31))
+    g = torch.Generator(device).manual_seed(data.mix_seed(seed, 2**31))
+    torch.manual_seed(data.mix_seed(seed, 2**31 + 1))  # re-noising in multi-step samplers
     eps = torch.randn((n, *ds.shape), generator=g, device=device)
     y = None
     if label_dim:
@@ -460,19 +443,40 @@ def build_net(cfg, method, shape, label_dim):
         raise UsageError(str(e)) from None
 
 
-def load_teacher(path, method, ds, label_dim, device):
-    """The first EMA net of a checkpoint, frozen, in eval mode; its method must be one the student accepts."""
+def load_compatible(path, method, device):
+    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
     state = load_checkpoint(path, device)
+    other = state["config"]["method"]
+    if other != method.__name__ and other not in method.TEACHERS:
+        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
+                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
+    return state
+
+
+def load_teacher(path, method, ds, label_dim, device):
+    """The first EMA net of a checkpoint, frozen, in eval mode."""
+    state = load_compatible(path, method, device)
     tcfg = state["config"]
-    if tcfg["method"] not in method.TEACHERS:
-        raise UsageError(f"{method.__name__} distils from {', '.join(method.TEACHERS)} checkpoints, "
-                         f"but {path} is a {tcfg['method']} run")
     tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
     try:
         tnet.load_state_dict(state["ema"][0])
     except RuntimeError as e:
         raise UsageError(f"teacher {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
     return tnet.eval().requires_grad_(False)
+
+
+def init_from(net, path, method, device, rank):
+    """Copy a checkpoint's first EMA into net. Only heads the checkpoint lacks (the log-variance head of a
+    diffusion model) may stay freshly initialised."""
+    state = load_compatible(path, method, device)
+    try:
+        missing, unexpected = net.load_state_dict(state["ema"][0], strict=False)
+    except RuntimeError as e:
+        raise UsageError(f"--init {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
+    if unexpected or any(not k.startswith("logvar") for k in missing):
+        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if rank == 0:
+        print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
 
 
 def cli(argv=None):

@@ -1,11 +1,14 @@
-"""Training-step time: plain flow matching (r = t) vs MeanFlow with each tangent option, same net, batch and precision.
+"""Training-step time of the JVP methods against the plain diffusion step, same net, batch and precision.
 
     python benchmarks/step_time.py                                   # DDPM++ CIFAR-10 config, batch 128 on CUDA
-    python benchmarks/step_time.py --device cpu --net ddpmpp --batch 2 --iters 3
-    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256
+    python benchmarks/step_time.py --precision bf16
+    python benchmarks/step_time.py --device cpu --net ddpmpp --batch 4 --iters 3 --warmup 1
+    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30
 
-Each step is forward + backward + Adam on random data. Prints the median ms per step, the ratio to the plain step
-measured in the same run and, on CUDA, peak memory. Not a test: numbers depend on the machine.
+Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
+time input r to the net and sCM a log-variance head (both negligible in size). sCD's teacher is a second copy of the
+net in eval mode. Prints the median ms per step, the ratio to the plain step measured in the same run and, on CUDA,
+peak memory. Not a test: the numbers depend on the machine.
 """
 import argparse
 import os
@@ -16,17 +19,28 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import diffusion  # noqa: E402
 import meanflow  # noqa: E402
 import nets  # noqa: E402
+import scm  # noqa: E402
+
+VARIANTS = ["plain"] + [f"{m}:{t}" for m in ("meanflow", "sct", "scd") for t in ("jvp", "fused", "fd")]
 
 
-def plain_step(net, x, gen):
-    """Flow matching with the same net and inputs: u(z_t, t, t) regressed on eps - x."""
-    t = torch.rand(x.shape[0], generator=gen, device=x.device)
-    eps = torch.randn(x.shape, generator=gen, device=x.device)
-    z = meanflow.bcast(1 - t, x) * x + meanflow.bcast(t, x) * eps
-    u = net(z, t, t)
-    return (u.float() - (eps - x)).square().flatten(1).sum(dim=1)
+def setup(variant, args, shape, device):
+    """(net, loss function of (x, gen), teacher or None) for a variant."""
+    torch.manual_seed(0)
+    name, _, tangent = variant.partition(":")
+    module = dict(plain=diffusion, meanflow=meanflow, sct=scm, scd=scm)[name]
+    net = nets.build_net(args.net, shape, dropout=args.dropout, **module.NET_NEEDS).to(device).train()
+    teacher = None
+    if name == "scd":
+        teacher = nets.build_net(args.net, shape).to(device).eval().requires_grad_(False)
+    cfg = module.Config(tangent=tangent) if tangent else module.Config()
+
+    def step_loss(x, gen):
+        return module.loss(net, x, None, cfg, 1, gen, teacher=teacher)[0]
+    return net, step_loss
 
 
 def main():
@@ -39,24 +53,22 @@ def main():
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default="plain,jvp,fused,fd")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = p.parse_args()
 
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.data_shape.split(","))
-    torch.manual_seed(0)
-    net = nets.build_net(args.net, shape, use_r=True, dropout=args.dropout).to(device).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x = torch.randn(args.batch, *shape, device=device).clamp(-1, 1)
-    gen = torch.Generator(device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     print(f"torch {torch.__version__} | {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-          f"({torch.get_num_threads()} threads) | net {args.net} {sum(q.numel() for q in net.parameters()) / 1e6:.1f}M "
-          f"| batch {args.batch} | {args.precision} | dropout {args.dropout}")
+          f"({torch.get_num_threads()} threads) | net {args.net} | batch {args.batch} | {args.precision} | "
+          f"dropout {args.dropout}")
 
     results = {}
     for variant in args.variants.split(","):
-        cfg = meanflow.Config(tangent=variant) if variant != "plain" else None
+        net, step_loss = setup(variant, args, shape, device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+        gen = torch.Generator(device).manual_seed(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -66,7 +78,7 @@ def main():
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             with autocast:
-                per_example = plain_step(net, x, gen) if cfg is None else meanflow.loss(net, x, None, cfg, 1, gen)[0]
+                per_example = step_loss(x, gen)
             per_example.mean().backward()
             opt.step()
             if device.type == "cuda":
@@ -75,13 +87,13 @@ def main():
                 times.append(time.perf_counter() - t0)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         results[variant] = (statistics.median(times) * 1e3, mem)
+        del net, opt
 
     base = results.get("plain", (None,))[0]
-    print(f"{'step':<16}{'ms/step':>10}{'img/s':>10}{'x plain':>9}{'peak GiB':>10}")
+    print(f"{'step':<18}{'ms/step':>10}{'img/s':>10}{'x plain':>9}{'peak GiB':>10}")
     for variant, (ms, mem) in results.items():
-        name = "plain (r = t)" if variant == "plain" else f"meanflow {variant}"
         ratio = f"{ms / base:.2f}" if base else "-"
-        print(f"{name:<16}{ms:>10.1f}{args.batch / ms * 1e3:>10.1f}{ratio:>9}{mem:>10.2f}")
+        print(f"{variant:<18}{ms:>10.1f}{args.batch / ms * 1e3:>10.1f}{ratio:>9}{mem:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """train.py end to end: smoke runs on every data kind, bad input, exact resume, and the 2-process (gloo) proof
 that gradients are synchronised with a JVP loss."""
+import importlib
 import json
 import os
 import subprocess
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import meanflow
 import train
 from conftest import ROOT
 from test_data import write_image_zip
@@ -18,8 +18,10 @@ FAST = ["--log-every", "5", "--num-samples", "50"]
 
 
 def run(tmp_path, *args, out="run"):
+    """train.py in-process; --method meanflow unless args name another."""
     out_dir = str(tmp_path / out)
-    train.cli(["--method", "meanflow", "--out", out_dir, *FAST, *args])
+    method = [] if "--method" in args else ["--method", "meanflow"]
+    train.cli([*method, "--out", out_dir, *FAST, *args])
     return out_dir
 
 
@@ -62,16 +64,24 @@ def test_image_zip_smoke_conditional(tmp_path):
     assert load(out)["net"]["map_label.weight"].shape[1] == 3  # conditioned on the 3 classes of dataset.json
 
 
-def test_help_lists_every_config_field():
-    text = train.build_parser(meanflow).format_help()
-    for name in list(meanflow.Config.__dataclass_fields__) + list(train.TRAIN):
-        assert "--" + name.replace("_", "-") in text, name
+@pytest.mark.parametrize("name", train.METHODS)
+def test_help_lists_every_config_field(name):
+    method = importlib.import_module(name)
+    text = train.build_parser(method).format_help()
+    for field in list(method.Config.__dataclass_fields__) + list(train.TRAIN):
+        assert "--" + field.replace("_", "-") in text, field
 
 
-def test_presets_only_use_known_keys():
-    known = set(meanflow.Config.__dataclass_fields__) | set(train.TRAIN)
-    for name, preset in meanflow.PRESETS.items():
-        assert set(preset) <= known, (name, set(preset) - known)
+@pytest.mark.parametrize("name", train.METHODS)
+def test_presets_are_valid_configs(name):
+    """Every preset uses only known keys and builds a valid Config; every method has a toy preset."""
+    method = importlib.import_module(name)
+    known = set(method.Config.__dataclass_fields__) | set(train.TRAIN)
+    assert "toy" in method.PRESETS
+    for preset_name, preset in method.PRESETS.items():
+        assert set(preset) <= known, (preset_name, set(preset) - known)
+        cfg = {**train.TRAIN_DEFAULTS, **{f: d.default for f, d in method.Config.__dataclass_fields__.items()}, **preset}
+        train.method_config(method, cfg)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -127,12 +137,12 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("tangent", ["jvp", "fused"])
-def test_two_gloo_ranks_match_one_process(tmp_path, tangent):
+@pytest.mark.parametrize("method, tangent", [("meanflow", "jvp"), ("meanflow", "fused"), ("scm", "jvp")])
+def test_two_gloo_ranks_match_one_process(tmp_path, method, tangent):
     """torchrun --nproc_per_node=2 (gloo): both ranks end bitwise identical (train.py all-gathers per-tensor sums
     and fails otherwise) and equal, up to float rounding, the 1-process run with the same global batch split
     into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward."""
-    common = ["--method", "meanflow", "--data", "toy", "--steps", "6", "--batch", "16", "--batch-gpu", "8",
+    common = ["--method", method, "--data", "toy", "--steps", "6", "--batch", "16", "--batch-gpu", "8",
               "--dropout", "0.1", "--tangent", tangent, "--log-every", "3", "--num-samples", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -173,3 +183,35 @@ def test_readme_quick_start(tmp_path):
     samples = torch.from_numpy(np.load(tmp_path / "run" / "samples.npy"))
     assert samples.shape == (2048, 2) and (tmp_path / "run" / "samples.png").exists()
     assert sliced_wasserstein(samples, data.toy_points(2048, seed=123)) < 0.15
+
+
+def test_diffusion_then_scm_init_and_teacher(tmp_path):
+    """The documented sCM path: a diffusion run, then sCT with --init and sCD with --init and --teacher; the new
+    log-variance head is the only freshly initialised part."""
+    teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "4", "--batch", "16", out="dif")
+    sct = run(tmp_path, "--method", "scm", "--data", "toy", "--steps", "3", "--batch", "16", "--init", teacher, out="sct")
+    scd = run(tmp_path, "--method", "scm", "--data", "toy", "--steps", "3", "--batch", "16", "--init", teacher,
+              "--teacher", teacher, "--tangent", "fd", out="scd")
+    t_state, s_state = load(teacher), load(scd)
+    assert "logvar_linear.weight" in s_state["net"] and "logvar_linear.weight" not in t_state["net"]
+    assert load(sct)["step"] == 3 and s_state["config"]["tangent"] == "fd"
+    # The student moved away from the teacher it started from; the EMA started as the initialised net.
+    k = "fc_in.weight"
+    assert not torch.equal(s_state["net"][k], t_state["ema"][0][k])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "scm", "--preset", "cifar10-scd", "--data", "toy"], "pass --teacher"),
+    (["--method", "diffusion", "--data", "toy", "--teacher", "TEACHER"], "does not distil"),
+    (["--method", "meanflow", "--data", "toy", "--teacher", "TEACHER"], "cannot use a diffusion checkpoint"),
+    (["--method", "scm", "--data", "toy", "--init", "TEACHER", "--net", "ddpmpp"], "square images"),
+])
+def test_teacher_and_init_errors(tmp_path, args, message):
+    teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "1", "--batch", "8", out="dif")
+    with pytest.raises(SystemExit, match=message):
+        train.cli([a.replace("TEACHER", teacher) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
+
+
+def test_scm_from_scratch_warns(tmp_path, capsys):
+    run(tmp_path, "--method", "scm", "--data", "toy", "--steps", "1", "--batch", "8")
+    assert "training from scratch" in capsys.readouterr().out
