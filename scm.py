@@ -23,8 +23,8 @@ tangent of c_noise along cos(t) sin(t) d/dt is exactly 1/4 (no division by sin t
 
 Network call: `F_raw = net(x_in, c_noise, y=y)` and `F_raw, logvar = net(x_in, c_noise, y=y, return_logvar=True)`,
 x_in = x_t / sigma_data, c_noise (B,), y one-hot or None. `tangent="fused"` additionally needs
-`net(..., tangents=(dx_in, dc_noise, None)) -> (F_raw, dF_raw)` (nets.py has it). The sCD teacher is any
-EDM-preconditioned net with the same call (a frozen diffusion.py checkpoint).
+`net(..., return_logvar=True, tangents=(dx_in, dc_noise, None)) -> ((F_raw, dF_raw), logvar)` (nets.py has it).
+The sCD teacher is any EDM-preconditioned net with the plain call (a frozen diffusion.py checkpoint).
 
 Implemented: sCT, sCD with CFG, three tangents (torch.func.jvp, fused, finite difference), tangent warm-up,
 RMS (reference) or Euclidean (paper) tangent normalisation, prior weight 1/sigma, learned adaptive weight,

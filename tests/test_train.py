@@ -137,13 +137,18 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("method, tangent", [("meanflow", "jvp"), ("meanflow", "fused"), ("scm", "jvp")])
+@pytest.mark.parametrize("method, tangent", [("meanflow", "jvp"), ("meanflow", "fused"), ("scm", "jvp"), ("scd", "fused")])
 def test_two_gloo_ranks_match_one_process(tmp_path, method, tangent):
     """torchrun --nproc_per_node=2 (gloo): both ranks end bitwise identical (train.py all-gathers per-tensor sums
     and fails otherwise) and equal, up to float rounding, the 1-process run with the same global batch split
-    into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward."""
+    into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward;
+    scd adds a teacher and --init."""
+    extra = []
+    if method == "scd":
+        teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", out="dif")
+        method, extra = "scm", ["--teacher", teacher, "--init", teacher]
     common = ["--method", method, "--data", "toy", "--steps", "6", "--batch", "16", "--batch-gpu", "8",
-              "--dropout", "0.1", "--tangent", tangent, "--log-every", "3", "--num-samples", "10"]
+              "--dropout", "0.1", "--tangent", tangent, "--log-every", "3", "--num-samples", "10", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *common, "--out", str(tmp_path / "ddp")],
