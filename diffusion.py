@@ -83,9 +83,9 @@ def denoise(net, x, sigma, y, sigma_data):
 # --- Loss ---------------------------------------------------------------------------------------------------------
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     """Per-example EDM loss (B,): lambda(sigma) * sum over dims of (D(x + sigma eps, sigma) - x)^2 (EDM sums over
-    pixels). step and teacher are unused (same signature as every method)."""
+    pixels). step, teacher and images are unused (the signature is the same in every method)."""
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     D = denoise(net, x + bcast(sigma, x) * eps, sigma, y, cfg.sigma_data)

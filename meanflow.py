@@ -187,10 +187,11 @@ def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
     return (outs[0] - outs[1]) / bcast((t_plus - t_minus).clamp_min(h), outs[0])
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     """Per-example MeanFlow loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None,
     step: 1-based optimizer step (tangent warm-up), gen: torch.Generator for eps, t, r and label dropout,
-    teacher: None, or a frozen MeanFlow-style net (eval mode) whose velocity u(z, t, t, y) is distilled."""
+    teacher: None, or a frozen MeanFlow-style net (eval mode) whose velocity u(z, t, t, y) is distilled.
+    images (training images seen) is unused: the signature is the same in every method."""
     B = x.shape[0]
     t, r = sample_t_r(B, cfg, gen, x.device)  # float64
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)

@@ -192,9 +192,9 @@ def tangent_g(F, dF, x_t, t, dxdt, cfg, step):
     return g / bcast(norm + cfg.tangent_norm_c, g)
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     """Per-example sCM loss (B,) and logs. sCD when `teacher` (a frozen EDM-preconditioned net, eval mode) is given,
-    sCT otherwise. step: 1-based optimizer step (tangent warm-up); gen: generator for sigma and noise.
+    sCT otherwise. step: 1-based optimizer step (tangent warm-up); gen: generator for sigma and noise; images: unused.
         loss_i = exp(-logvar_i) L_i / (sigma_i D) + logvar_i,   L_i = mean (rms) or sum (paper) of (F - sg(F) - g)^2
     (prior weight 1/sigma; the extra 1/D is the reference's, REFERENCE §3.3)."""
     sd = cfg.sigma_data

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import data
 import nets
 
-METHODS = ("meanflow", "scm", "diffusion")
+METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
 
 # Training recipe: every key a preset may set besides the method's Config fields: (default, type, help).
 TRAIN = dict(
@@ -41,6 +41,7 @@ TRAIN = dict(
     dropout=(None, float, "dropout probability (default: the net's)"),
     cond=(False, bool, "condition on class labels (needs a labelled dataset)"),
     distill=(False, bool, "the recipe distils: --teacher is required"),
+    stage1_weights=("online", str, "tcm --stage1: start from that run's online weights (reference) or its first ema"),
     xflip=(False, bool, "random horizontal flips (images)"),
     batch=(256, int, "global batch per optimizer step"),
     batch_gpu=(None, int, "micro-batch per rank and accumulation round (default: batch / ranks)"),
@@ -95,6 +96,7 @@ def build_parser(method=None):
     p.add_argument("--resume", help="checkpoint file or run folder to continue exactly")
     p.add_argument("--teacher", help="checkpoint whose EMA net is the frozen teacher (distillation)")
     p.add_argument("--init", help="checkpoint whose EMA weights initialise the net (e.g. a diffusion model)")
+    p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
@@ -280,6 +282,8 @@ def main(argv=None):
         raise UsageError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
     if cfg["optimizer"] not in ("adam", "radam"):
         raise UsageError(f"--optimizer must be adam or radam, got {cfg['optimizer']!r}")
+    if cfg["stage1_weights"] not in ("online", "ema"):
+        raise UsageError(f"--stage1-weights must be online or ema, got {cfg['stage1_weights']!r}")
     if cfg["net"] not in nets.NETS:
         raise UsageError(f"unknown net {cfg['net']!r}; choose from {', '.join(nets.NETS)}")
 
@@ -301,6 +305,11 @@ def main(argv=None):
         raise UsageError(f"{args.method} does not distil from a teacher")
     torch.manual_seed(args.seed)
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
+    teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
+    if getattr(method, "STAGE1", None):
+        teacher = load_stage1(args.stage1, method, net, device, cfg["stage1_weights"], init=not args.resume)
+    elif args.stage1:
+        raise UsageError(f"--stage1 is for tcm, not {args.method}")
     if args.init and not args.resume:
         init_from(net, args.init, method, device, rank)
     elif method.NEEDS_INIT and not args.resume and rank == 0:
@@ -309,7 +318,6 @@ def main(argv=None):
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"])
-    teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
 
     if args.resume and not args.out:
         args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
@@ -364,7 +372,8 @@ def main(argv=None):
             y = ds.one_hot(idx, device) if label_dim else None
             with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
                 with autocast:
-                    per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher)
+                    per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
+                                                    images=(step - 1) * cfg["batch"])
                 (per_example.mean() / accum).backward()
             stats.add(per_example, logs)
         grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
@@ -463,6 +472,25 @@ def load_teacher(path, method, ds, label_dim, device):
     except RuntimeError as e:
         raise UsageError(f"teacher {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
     return tnet.eval().requires_grad_(False)
+
+
+def load_stage1(path, method, net, device, which, init):
+    """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
+    student and, as copies of it, every EMA; a frozen copy in train mode (dropout on, as the reference) is returned."""
+    if not path:
+        raise UsageError(f"{method.__name__} needs --stage1 RUN, the stage-1 cm run it continues")
+    state = load_checkpoint(path, device)
+    if state["config"]["method"] not in method.STAGE1:
+        raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
+    weights = state["net"] if which == "online" else state["ema"][0]
+    stage1 = copy.deepcopy(net)
+    try:
+        stage1.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UsageError(f"--stage1 {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
+    if init:
+        net.load_state_dict(weights)
+    return stage1.train().requires_grad_(False)
 
 
 def init_from(net, path, method, device, rank):

@@ -6,8 +6,8 @@
     python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30
 
 Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
-time input r to the net and sCM a log-variance head (both negligible in size). sCD's teacher is a second copy of the
-net in eval mode. Prints the median ms per step, the ratio to the plain step measured in the same run and, on CUDA,
+time input r to the net and sCM a log-variance head (both negligible in size). CD's and sCD's teacher is a second
+copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its first ECT stage. Prints the median ms per step, the ratio to the plain step measured in the same run and, on CUDA,
 peak memory. Not a test: the numbers depend on the machine.
 """
 import argparse
@@ -19,27 +19,31 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cm  # noqa: E402
 import diffusion  # noqa: E402
 import meanflow  # noqa: E402
 import nets  # noqa: E402
 import scm  # noqa: E402
+import tcm  # noqa: E402
 
-VARIANTS = ["plain"] + [f"{m}:{t}" for m in ("meanflow", "sct", "scd") for t in ("jvp", "fused", "fd")]
+VARIANTS = ["plain", "ct", "cd", "tcm"] + [f"{m}:{t}" for m in ("meanflow", "sct", "scd") for t in ("jvp", "fused", "fd")]
 
 
 def setup(variant, args, shape, device):
     """(net, loss function of (x, gen), teacher or None) for a variant."""
     torch.manual_seed(0)
     name, _, tangent = variant.partition(":")
-    module = dict(plain=diffusion, meanflow=meanflow, sct=scm, scd=scm)[name]
+    module = dict(plain=diffusion, ct=cm, cd=cm, tcm=tcm, meanflow=meanflow, sct=scm, scd=scm)[name]
     net = nets.build_net(args.net, shape, dropout=args.dropout, **module.NET_NEEDS).to(device).train()
     teacher = None
-    if name == "scd":
+    if name in ("scd", "cd"):  # a frozen diffusion teacher in eval mode
         teacher = nets.build_net(args.net, shape).to(device).eval().requires_grad_(False)
+    if name == "tcm":  # the frozen stage-1 copy runs in train mode (dropout on)
+        teacher = nets.build_net(args.net, shape, dropout=args.dropout).to(device).train().requires_grad_(False)
     cfg = module.Config(tangent=tangent) if tangent else module.Config()
 
     def step_loss(x, gen):
-        return module.loss(net, x, None, cfg, 1, gen, teacher=teacher)[0]
+        return module.loss(net, x, None, cfg, 1, gen, teacher=teacher, images=0)[0]
     return net, step_loss
 
 

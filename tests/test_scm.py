@@ -9,7 +9,7 @@ from torch.func import jvp
 import diffusion
 import nets
 import scm
-from conftest import randomize_
+from conftest import randomize_, sliced_wasserstein, train_toy
 
 SD = 0.5  # sigma_data
 S = 0.3  # data std of the Gaussian oracle (S != SD, else the exact velocity is zero)
@@ -252,40 +252,11 @@ def test_sigma_distribution():
 
 # --- 2-D quality ------------------------------------------------------------------------------------------------
 
-def train_toy(method, cfg, net, steps, lr, teacher=None, betas=(0.9, 0.99)):
-    """Adam on the 8-Gaussian ring, batch 256, with an EMA (warm-up min(0.99, (1+k)/(10+k))) that is returned."""
-    import copy
-    import data
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=betas)
-    points = data.toy_points(100_000, seed=0)
-    gen = torch.Generator().manual_seed(0)
-    ema = copy.deepcopy(net).eval()
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(points), (256,), generator=gen)
-        per_example, _ = method.loss(net, points[idx], None, cfg, step, gen, teacher=teacher)
-        opt.zero_grad()
-        per_example.mean().backward()
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - min(0.99, (1 + step) / (10 + step)))
-    return ema
-
-
-def test_toy_sct_and_scd_beat_the_teachers_one_step_euler():
-    """A diffusion.py teacher (600 steps), sCD from it and sCT from scratch (600 steps each, lr 3e-4, 128-wide MLP).
-    Sliced W2 (256 projections) to 4096 held-out points; measured: teacher Heun 0.063, teacher 1-step Euler 0.70,
-    sCD 1-step 0.11, sCT 1-step 0.14. With the sign of g's dF term flipped, both diverge (> 100)."""
-    import data
-    from conftest import sliced_wasserstein
-    held_out = data.toy_points(4096, seed=123)
-    eps = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    teacher = train_toy(diffusion, diffusion.Config(), nets.build_net("mlp", (2,), width=128, depth=3), 600, 1e-3,
-                        betas=(0.9, 0.999))
-    dcfg = diffusion.Config(sample_steps=32)
-    d_heun = sliced_wasserstein(diffusion.sample(teacher, eps, dcfg), held_out)
-    d_euler = sliced_wasserstein(diffusion.sample(teacher, eps, dcfg, sigmas=(80.0, 0.0)), held_out)
+def test_toy_sct_and_scd_beat_the_teachers_one_step_euler(toy_teacher):
+    """A diffusion.py teacher (600 steps, conftest), sCD from it and sCT from scratch (600 steps each, lr 3e-4,
+    128-wide MLP). Sliced W2 (256 projections) to 4096 held-out points; measured: teacher Heun 0.063, teacher 1-step
+    Euler 0.70, sCD 1-step 0.11, sCT 1-step 0.14. With the sign of g's dF term flipped, both diverge (> 100)."""
+    teacher, d_heun, d_euler, held_out, eps = toy_teacher
     cfg = scm.Config(sigma_max=80.0, tangent="fused", tangent_warmup=150)
     student = nets.build_net("mlp", (2,), width=128, depth=3, logvar=True)
     student.load_state_dict(teacher.state_dict(), strict=False)  # sCD starts from the teacher

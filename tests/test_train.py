@@ -137,18 +137,21 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("method, tangent", [("meanflow", "jvp"), ("meanflow", "fused"), ("scm", "jvp"), ("scd", "fused")])
-def test_two_gloo_ranks_match_one_process(tmp_path, method, tangent):
+@pytest.mark.parametrize("case", ["meanflow-jvp", "meanflow-fused", "scm-jvp", "scd-fused", "cd", "tcm"])
+def test_two_gloo_ranks_match_one_process(tmp_path, case):
     """torchrun --nproc_per_node=2 (gloo): both ranks end bitwise identical (train.py all-gathers per-tensor sums
     and fails otherwise) and equal, up to float rounding, the 1-process run with the same global batch split
     into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward;
-    scd adds a teacher and --init."""
-    extra = []
-    if method == "scd":
+    scd and cd add a teacher and --init, tcm a frozen stage-1 net."""
+    method, _, tangent = case.partition("-")
+    extra = ["--tangent", tangent] if tangent else []
+    if case in ("scd-fused", "cd"):
         teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", out="dif")
-        method, extra = "scm", ["--teacher", teacher, "--init", teacher]
+        method, extra = ("scm" if method == "scd" else "cm"), [*extra, "--teacher", teacher, "--init", teacher]
+    if case == "tcm":
+        extra = ["--stage1", run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "3", "--batch", "16", out="cm")]
     common = ["--method", method, "--data", "toy", "--steps", "6", "--batch", "16", "--batch-gpu", "8",
-              "--dropout", "0.1", "--tangent", tangent, "--log-every", "3", "--num-samples", "10", *extra]
+              "--dropout", "0.1", "--log-every", "3", "--num-samples", "10", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *common, "--out", str(tmp_path / "ddp")],
@@ -220,3 +223,38 @@ def test_teacher_and_init_errors(tmp_path, args, message):
 def test_scm_from_scratch_warns(tmp_path, capsys):
     run(tmp_path, "--method", "scm", "--data", "toy", "--steps", "1", "--batch", "8")
     assert "training from scratch" in capsys.readouterr().out
+
+
+def test_ect_stage_counts_the_true_global_batch(tmp_path):
+    """CM's ratio comes from images = (step - 1) x global batch, here 16 = 8 per micro-batch x 2 accumulation rounds;
+    with 32-image stages: steps 1..5 are stages 0, 0, 1, 1, 2 -> a = 0.5, 0.5, 0.75, 0.75, 0.875."""
+    out = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "5", "--batch", "16", "--batch-gpu", "8",
+              "--kimg-per-stage", "0.032", "--log-every", "1")
+    ratios = [json.loads(line)["ratio"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert ratios == [0.5, 0.5, 0.75, 0.75, 0.875]
+
+
+@pytest.mark.parametrize("which", ["online", "ema"])
+def test_tcm_starts_from_the_stage1_run(tmp_path, which):
+    """--stage1: the student, its EMA and the frozen copy all start from the stage-1 run's online (or EMA) weights
+    (lr 0, so they must still be equal after a step)."""
+    stage1 = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "5", "--batch", "16", "--lr", "1e-3", out="cm")
+    out = run(tmp_path, "--method", "tcm", "--data", "toy", "--steps", "1", "--batch", "16", "--lr", "0",
+              "--stage1", stage1, "--stage1-weights", which, out="tcm")
+    src = load(stage1)["net" if which == "online" else "ema"]
+    src = src if which == "online" else src[0]
+    got = load(out)
+    for k in src:
+        assert torch.equal(got["net"][k], src[k]) and torch.equal(got["ema"][0][k], src[k]), k
+    assert not torch.equal(load(stage1)["net"]["fc_in.weight"], load(stage1)["ema"][0]["fc_in.weight"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "tcm", "--data", "toy"], "needs --stage1"),
+    (["--method", "cm", "--data", "toy", "--stage1", "RUN"], "--stage1 is for tcm"),
+    (["--method", "tcm", "--data", "toy", "--stage1", "RUN", "--stage1-weights", "best"], "online or ema"),
+])
+def test_stage1_errors(tmp_path, args, message):
+    stage1 = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "1", "--batch", "8", out="cm")
+    with pytest.raises(SystemExit, match=message):
+        train.cli([a.replace("RUN", stage1) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])

@@ -1,0 +1,241 @@
+"""Consistency models: consistency training (CT) and distillation (CD) with the ECT curriculum on the gap sigma - r.
+Song et al., "Consistency Models", arXiv:2303.01469v2; Geng et al., "Consistency Models Made Easy" (ECT),
+arXiv:2406.14548v2. Formulas and defaults follow the reference implementation (NVIDIA FastGen), REFERENCE §2.
+
+Convention: EDM noise level sigma, small = data, x_sigma = x + sigma eps. The consistency function is an
+EDM-preconditioned network, f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4), trained so that
+f(x_sigma, sigma) = f(x_r, r) for the less noisy partner r = r(sigma) < sigma on the same trajectory.
+
+| paper        | code        | meaning                                                        | shape   |
+|--------------|-------------|----------------------------------------------------------------|---------|
+| x, eps       | x, eps      | data, noise N(0, I)                                            | (B, *D) |
+| t (sigma)    | sigma       | noise level, truncated log-normal, float64                     | (B,)    |
+| r            | r           | partner level r(sigma) = max(sigma - Delta(sigma), r_min)      | (B,)    |
+| a            | ratio       | ECT ratio 1 - q^-(stage + 1), capped at ratio_limit            |         |
+| f_theta      | f           | consistency function (EDM preconditioning)                     | (B, *D) |
+| f_theta-     | target      | sg(f(x_r, r)) of the online net, same dropout masks            | (B, *D) |
+| d            | d           | ||f - target|| over all dimensions, float64                    | (B,)    |
+
+Network call: `F = net(x_in, c_noise, y=y)` with x_in = c_in x (B, *D), c_noise = ln(sigma) / 4 (B,), y one-hot or
+None (all-zero row: null label). The CD teacher is a frozen EDM-preconditioned net with the same call (a diffusion.py
+checkpoint). Any EDM net works unchanged; training usually starts from one (--init, "consistency tuning").
+
+Implemented: CT with shared noise and the online network as target (no EMA target), CD with one Euler or Heun step of
+the teacher's PF-ODE and CFG, the ECT r(sigma) map with its stage schedule in images seen, pseudo-Huber loss with the
+reference's weightings, optional boundary-condition parameterisation, 1-step and multi-step samplers.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+# --- Config ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # sigma ~ truncated log-normal on [sigma_min, sigma_max] (REFERENCE §2.5, CIFAR-10)
+    P_mean: float = -1.1
+    P_std: float = 2.0
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    # ECT curriculum (REFERENCE §2.1): the ratio a steps up every kimg_per_stage thousand images (global batch)
+    q: float = 2.0
+    kimg_per_stage: float = 6400.0
+    ratio_limit: float = 0.999
+    r_min: float = 0.002  # floor of r: 0.002 = the reference (target = net at 0.002); 0 = ECT (target = data at r = 0)
+    # Loss: pseudo-Huber sqrt(d^2 + c^2) - c of the per-sample L2 distance, times a weight (REFERENCE §2.2)
+    huber_c: float = 1e-8  # ~plain L2 norm (CIFAR-10); 0.06 on ImageNet-64
+    weighting: str = "inv_gap"  # inv_gap 1/(sigma - r) | inv_sqrt_gap | inv_c_out_sq | inv_c_out | inv_sigma_sq | one
+    boundary: bool = False  # True: CM boundary form, f(x, sigma_min) = x exactly (ECT's evaluation form); the
+    # reference and EDM initialisations use plain EDM coefficients (False), where f(x, 0.002) = x only approximately
+    # Distillation (--teacher): x_r from one step of the teacher's PF-ODE
+    teacher_solver: str = "euler"  # "euler" (the reference) | "heun"
+    guidance_scale: float = 1.0  # CFG on the teacher, D + (w - 1)(D - D_null)
+    # Sampler: the sigma list (REFERENCE §1.4): the reference's 1-step default starts at sigma_998 = 79.5638
+    sample_sigmas: tuple = (79.5638, 0.0)
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if self.teacher_solver not in ("euler", "heun"):
+            raise ValueError(f"unknown teacher_solver {self.teacher_solver!r}; choose euler or heun")
+        if not (0 < self.sigma_min < self.sigma_max and 0 <= self.r_min < self.sigma_max and 0 < self.ratio_limit < 1):
+            raise ValueError("need 0 < sigma_min < sigma_max, 0 <= r_min < sigma_max and 0 < ratio_limit < 1")
+        s = tuple(self.sample_sigmas)
+        if len(s) < 2 or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
+            raise ValueError(f"sample_sigmas must decrease to 0 with at least two entries, got {s}")
+
+
+WEIGHTINGS = ("inv_gap", "inv_sqrt_gap", "inv_c_out_sq", "inv_c_out", "inv_sigma_sq", "one")
+TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
+NET_NEEDS = dict()  # a plain EDM net
+TEACHERS = ("diffusion", "cm", "tcm", "scm")  # EDM-preconditioned checkpoints: CD teachers and --init sources
+NEEDS_INIT = True  # ECT tunes a pretrained diffusion model (--init)
+
+# --- Time distribution -------------------------------------------------------------------------------------------
+
+
+# Copied from diffusion.py: sample_sigma
+def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
+    """Truncated log-normal, float64 (n,): ln(sigma) ~ N(P_mean, P_std^2) restricted to [sigma_lo, sigma_hi],
+    by inverse CDF (REFERENCE §1.3)."""
+    a = torch.special.ndtr(torch.tensor((math.log(sigma_lo) - P_mean) / P_std, dtype=torch.float64))
+    b = torch.special.ndtr(torch.tensor((math.log(sigma_hi) - P_mean) / P_std, dtype=torch.float64))
+    u = a + (b - a) * torch.rand(n, generator=gen, device=device, dtype=torch.float64)
+    return torch.exp(P_mean + P_std * torch.special.ndtri(u)).clamp(sigma_lo, sigma_hi)
+
+
+def ect_ratio(images, cfg):
+    """a = min(1 - q^-(stage + 1), ratio_limit), stage = floor(images / (1000 kimg_per_stage)). `images` counts the
+    training images seen before this step with the true global batch (REFERENCE §2.1, §9.7)."""
+    stage = math.floor(images / (1000 * cfg.kimg_per_stage))
+    return min(1 - cfg.q ** -(stage + 1), cfg.ratio_limit)
+
+
+def partner_sigma(sigma, ratio, cfg):
+    """(sigma, r): r = max(sigma - Delta, r_min), Delta = sigma (1 - a)(1 + 8 sigmoid(-sigma)) (ECT); where the floor
+    leaves r >= sigma - 1e-6, sigma moves to r + 1e-6 (the reference's safety). float64."""
+    delta = sigma * (1 - ratio) * (1 + 8 * torch.sigmoid(-sigma))
+    r = (sigma - delta).clamp_min(cfg.r_min)
+    sigma = torch.where(r >= sigma - 1e-6, r + 1e-6, sigma)
+    return sigma, r
+
+# --- Parameterization --------------------------------------------------------------------------------------------
+
+
+# Copied from diffusion.py: bcast
+def bcast(a, x):
+    """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return a.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+
+
+# Copied from diffusion.py: denoise
+def denoise(net, x, sigma, y, sigma_data):
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, y), EDM Table 1; coefficients in float64."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    c_noise = sigma.clamp_min(1e-6).log() / 4  # the reference clamps before the log
+    F = net(bcast(c_in, x) * x, c_noise.to(x.dtype), y=y)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
+
+
+def consistency_fn(net, x, sigma, y, cfg):
+    """f(x, sigma). Plain EDM coefficients (the reference), or with cfg.boundary the CM form (CM paper App. C)
+    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2)."""
+    if not cfg.boundary:
+        return denoise(net, x, sigma, y, cfg.sigma_data)
+    sd, shifted = cfg.sigma_data, sigma - cfg.sigma_min
+    c_skip = sd**2 / (shifted**2 + sd**2)
+    c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
+    c_in = 1 / (sigma**2 + sd**2).sqrt()
+    F = net(bcast(c_in, x) * x, (sigma.clamp_min(1e-6).log() / 4).to(x.dtype), y=y)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
+
+
+def loss_weight(sigma, r, cfg):
+    """Per-sample weight (REFERENCE §2.2), float64."""
+    gap = sigma - r
+    c_out = sigma * cfg.sigma_data / (sigma**2 + cfg.sigma_data**2).sqrt()
+    weights = dict(inv_gap=1 / gap, inv_sqrt_gap=gap.rsqrt(), inv_c_out_sq=c_out**-2, inv_c_out=1 / c_out,
+                   inv_sigma_sq=sigma**-2, one=torch.ones_like(sigma))
+    return weights[cfg.weighting]
+
+# --- Loss --------------------------------------------------------------------------------------------------------
+
+
+def teacher_step(teacher, x_sigma, sigma, r, y, cfg):
+    """x_r from one step of the teacher's PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma, with CFG on D (equivalently on
+    the velocity, REFERENCE §2.3). Euler (the reference) or Heun; no grad."""
+    def guided_D(x, s):
+        D = denoise(teacher, x, s, y, cfg.sigma_data)
+        if cfg.guidance_scale != 1 and y is not None:
+            D = D + (cfg.guidance_scale - 1) * (D - denoise(teacher, x, s, torch.zeros_like(y), cfg.sigma_data))
+        return D
+    step = bcast(r - sigma, x_sigma)
+    d = (x_sigma - guided_D(x_sigma, sigma)) / bcast(sigma, x_sigma)
+    x_r = x_sigma + step * d
+    if cfg.teacher_solver == "heun":
+        r_safe = r.clamp_min(1e-12)  # at r = 0 the Euler result is kept
+        d_r = (x_r - guided_D(x_r, r_safe)) / bcast(r_safe, x_r)
+        x_r = torch.where(bcast(r, x_r) > 0, x_sigma + step * (d + d_r) / 2, x_r)
+    return x_r
+
+
+def distance_loss(f, target, sigma, r, cfg):
+    """Per-example weighted pseudo-Huber loss, float64: w(sigma, r) (sqrt(d^2 + c^2) - c), d = ||f - target||."""
+    d = (f.double() - target.double()).flatten(1).norm(dim=1)
+    return loss_weight(sigma, r, cfg) * ((d**2 + cfg.huber_c**2).sqrt() - cfg.huber_c), d
+
+
+def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+    """Per-example CM loss (B,) and logs. CT when teacher is None (x_r = x + r eps with the same eps), CD with a frozen
+    EDM-preconditioned teacher (eval mode). images: training images seen before this step (global), for the ECT stage.
+    The target is the online net under no grad, with the same dropout masks as the gradient pass; `net` may be
+    DDP-wrapped (the no-grad target pass uses the bare module)."""
+    sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
+    ratio = ect_ratio(images, cfg)
+    sigma, r = partner_sigma(sigma, ratio, cfg)
+    eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    x_sigma = x + bcast(sigma, x) * eps
+    with torch.no_grad():
+        x_r = x + bcast(r, x) * eps if teacher is None else teacher_step(teacher, x_sigma, sigma, r, y, cfg)
+        target = target_fn(getattr(net, "module", net), x, x_r, r, y, cfg)
+    f = consistency_fn(net, x_sigma, sigma, y, cfg)
+    per_example, d = distance_loss(f, target, sigma, r, cfg)
+    return per_example, dict(t=sigma, gap=sigma - r, d=d.detach(), ratio=torch.full_like(sigma, ratio))
+
+
+def target_fn(net, x, x_r, r, y, cfg):
+    """sg(f(x_r, r)) in train mode with the dropout masks the gradient pass will draw (RNG replayed); the data where
+    r = 0 (ECT's floor); NaN-safe (REFERENCE §2.2, §9.6)."""
+    devices = [x_r.device] if x_r.device.type == "cuda" else []
+    with torch.random.fork_rng(devices):
+        target = consistency_fn(net, x_r, r.clamp_min(1e-12), y, cfg)
+    target = torch.where(bcast(r, x) > 0, target, x)
+    return torch.nan_to_num(target)
+
+# --- Sampler -----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
+    """Consistency sampling (REFERENCE §1.4): x = sigma_0 eps; x0 = f(x, sigma_i); re-noise x = x0 + sigma_{i+1} eps_i
+    with fresh noise while sigma_{i+1} > 0. Call with the EMA net in eval mode."""
+    sigmas = cfg.sample_sigmas if sigmas is None else sigmas
+    x = sigmas[0] * eps
+    ones = torch.ones(eps.shape[0], dtype=torch.float64, device=eps.device)
+    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x0 = consistency_fn(net, x, s_cur * ones, y, cfg)
+        if s_next > 0:
+            x = x0 + s_next * torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    return x0
+
+# --- Presets -----------------------------------------------------------------------------------------------------
+# Config fields plus the training recipe train.py reads. ECT tunes a diffusion model: pass --init RUN.
+
+
+EMA3 = (0.9999, 0.99995, 0.9996)
+PRESETS = {
+    # Reference ECT CIFAR-10 (REFERENCE §2.5): 1-step FID 2.92 from EDM's unconditional VP checkpoint.
+    # 2-step list recommended there: 80, 0.821, 0.
+    "cifar10": dict(
+        net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
+        betas=(0.9, 0.999), ema=EMA3,
+    ),
+    # Reference ECT ImageNet-64 with EDM2-S (the EDM2 net is not in this release; dropout 0.4 at 16x16 and 8x8 only
+    # there). Deviation: constant EMAs instead of the power-function EMA (sigma_rel 0.01 / 0.05 / 0.10).
+    "imagenet64": dict(
+        net="edm2-s", dropout=0.4, cond=True, batch=1024, steps=150_000, optimizer="adam", lr=1e-3, betas=(0.9, 0.99),
+        lr_ref_steps=2000, ema=EMA3, P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0, ratio_limit=0.9961,
+        huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0),
+    ),
+    # 2-D points on CPU (--init a diffusion toy run, or from scratch): stages of 50 kimg, so the ratio reaches its
+    # limit after 9 x 50 kimg = 1760 steps of 256.
+    "toy": dict(
+        net="mlp", cond=False, batch=256, steps=2000, optimizer="adam", lr=1e-4, betas=(0.9, 0.999), lr_warmup=100,
+        ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0,
+    ),
+}

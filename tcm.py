@@ -1,0 +1,177 @@
+"""TCM: truncated consistency models, stage 2 (stage 1 is an ordinary CM run of cm.py).
+Lee et al., "Truncated Consistency Models", arXiv:2410.14895v2. Defaults follow the reference implementation
+(NVIDIA FastGen), REFERENCE §4.
+
+Convention: EDM noise level sigma, as cm.py. The student only learns sigma >= transition_sigma; below it, targets come
+from a frozen copy of the stage-1 CM. Per sample:
+    route(x, sigma) = f_student(x, sigma) if sigma >= transition_sigma else f_stage1(x, sigma)
+    sigma ~ truncated log-Student-t on [transition_sigma, sigma_max];  boundary samples sit at transition_sigma
+    r = r(sigma) with the ECT ratio at its limit from the start;  target = sg(route(x_r, r))
+    loss = mean over non-boundary samples of w l  +  boundary_weight * mean over boundary samples of w l
+
+| paper        | code            | meaning                                                        | shape   |
+|--------------|-----------------|----------------------------------------------------------------|---------|
+| t' (sigma_tr)| transition_sigma| where the student takes over from the stage-1 model            |         |
+| B (boundary) | boundary        | samples put at sigma_tr (exactly floor(boundary_prob B))       | (B,)    |
+| f_theta      | f               | student consistency function (cm.consistency_fn)               | (B, *D) |
+| f_stage1     | teacher         | frozen stage-1 CM, TRAIN mode (dropout on), same masks         |         |
+
+Network call: as cm.py. `teacher` is the frozen stage-1 network; train.py builds it from `--stage1 RUN` (that run's
+online weights, which also initialise the student and every EMA; REFERENCE §4.1, quirk 11).
+
+What TCM reuses from cm.py (imported below, unchanged): the consistency function, r(sigma), the pseudo-Huber loss
+and its weights, the sampler. What is new here: the log-Student-t time distribution, the boundary set, routing.
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+import cm
+from cm import WEIGHTINGS, bcast, consistency_fn, distance_loss, partner_sigma
+
+# --- Config ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # sigma ~ log-Student-t: ln(sigma) = mu + s T_nu, truncated to [transition_sigma, sigma_max] (REFERENCE §4.1)
+    student_t_nu: float = 0.01
+    student_t_mu: float = 0.0
+    student_t_scale: float = 0.2
+    transition_sigma: float = 1.0
+    sigma_max: float = 80.0
+    boundary_prob: float = 0.25  # exactly floor(boundary_prob * B) samples per micro-batch sit at transition_sigma
+    boundary_weight: float = 0.1
+    # As in cm.py (same names, read by cm's functions); the ECT ratio stays at its limit
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002  # only used by the boundary parameterisation (boundary=True)
+    ratio_limit: float = 0.999
+    r_min: float = 0.002
+    huber_c: float = 1e-8
+    weighting: str = "inv_gap"
+    boundary: bool = False
+    sample_sigmas: tuple = (79.5638, 0.0)  # the student's EMA alone; 2 steps: 80, 1.0, 0 (CIFAR-10)
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if not (0 < self.transition_sigma < self.sigma_max and 0 <= self.boundary_prob < 1 and self.student_t_nu > 0):
+            raise ValueError("need 0 < transition_sigma < sigma_max, 0 <= boundary_prob < 1 and student_t_nu > 0")
+        s = tuple(self.sample_sigmas)
+        if len(s) < 2 or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
+            raise ValueError(f"sample_sigmas must decrease to 0 with at least two entries, got {s}")
+
+
+TIME_BINS = (0.0, 1.0, 1.1, 1.5, 3.0, 10.0, 1000.0)  # edges in sigma: the distribution is concentrated just above 1
+NET_NEEDS = dict()
+TEACHERS = ()  # no --teacher; the frozen network comes from --stage1
+STAGE1 = ("cm", "tcm")  # --stage1 checkpoints: their online weights start everything
+NEEDS_INIT = False  # --stage1 is required instead (train.py fails without it)
+
+# --- Time distribution -------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _student_t_table(nu, lo, hi, n=200_001):
+    """Grid x on [lo, hi] (denser near lo, where the mass is) and the normalised CDF of the density
+    (1 + x^2 / nu)^-(nu + 1)/2 by the trapezoid rule; float64, CPU."""
+    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    x = lo + (hi - lo) * u**3
+    density = (1 + x**2 / nu) ** (-(nu + 1) / 2)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((density[1:] + density[:-1]) / 2 * x.diff(), 0)])
+    return x, cdf / cdf[-1]
+
+
+def sample_sigma_student_t(n, cfg, gen, device):
+    """sigma with ln(sigma) = mu + s T_nu truncated to [transition_sigma, sigma_max], by inverse CDF on a tabulated grid
+    (torch generator, not numpy's global RNG; REFERENCE §1.3). float64 (n,)."""
+    lo = (math.log(cfg.transition_sigma) - cfg.student_t_mu) / cfg.student_t_scale
+    hi = (math.log(cfg.sigma_max) - cfg.student_t_mu) / cfg.student_t_scale
+    x, cdf = _student_t_table(cfg.student_t_nu, lo, hi)
+    u = torch.rand(n, generator=gen, device=device, dtype=torch.float64).cpu()
+    i = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
+    frac = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-300)
+    t = x[i - 1] + frac * (x[i] - x[i - 1])
+    return torch.exp(cfg.student_t_mu + cfg.student_t_scale * t).clamp(cfg.transition_sigma, cfg.sigma_max).to(device)
+
+
+def boundary_mask(n, cfg, gen, device):
+    """(n,) bool: exactly floor(boundary_prob n) random samples, or Bernoulli(boundary_prob) each when that is 0."""
+    k = math.floor(cfg.boundary_prob * n)
+    if k == 0:
+        return torch.rand(n, generator=gen, device=device) < cfg.boundary_prob
+    chosen = torch.randperm(n, generator=gen, device=device)[:k]
+    return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, chosen, True)
+
+# --- Parameterization --------------------------------------------------------------------------------------------
+
+
+def route(student, stage1, x, sigma, y, cfg):
+    """f_student(x, sigma) where sigma >= transition_sigma, f_stage1(x, sigma) elsewhere, per sample. Both passes start
+    from the same RNG state, so they draw the same dropout masks (the nets share an architecture)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices):
+        low = consistency_fn(stage1, x, sigma, y, cfg)
+    if not (sigma >= cfg.transition_sigma).any():
+        return low
+    with torch.random.fork_rng(devices):
+        high = consistency_fn(student, x, sigma, y, cfg)
+    student_rows = (sigma >= cfg.transition_sigma).reshape(-1, *[1] * (x.ndim - 1))
+    return torch.where(student_rows, high, low)
+
+# --- Loss --------------------------------------------------------------------------------------------------------
+
+
+def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+    """Per-example TCM loss (B,) whose batch mean is mean_non-boundary(w l) + boundary_weight mean_boundary(w l).
+    teacher: the frozen stage-1 net (train mode); `net` may be DDP-wrapped (no-grad passes use the bare module)."""
+    if teacher is None:
+        raise ValueError("tcm needs the frozen stage-1 network (train.py: --stage1 RUN)")
+    B = x.shape[0]
+    sigma = sample_sigma_student_t(B, cfg, gen, x.device)
+    on_boundary = boundary_mask(B, cfg, gen, x.device)
+    sigma = torch.where(on_boundary, torch.full_like(sigma, cfg.transition_sigma + 1e-8), sigma)
+    sigma, r = partner_sigma(sigma, cfg.ratio_limit, cfg)
+    eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    x_sigma = x + bcast(sigma, x) * eps
+    x_r = x + bcast(r, x) * eps
+    with torch.no_grad():
+        target = torch.nan_to_num(route(getattr(net, "module", net), teacher, x_r, r, y, cfg))
+    f = consistency_fn(net, x_sigma, sigma, y, cfg)  # sigma >= transition: always the student
+    per_example, d = distance_loss(f, target, sigma, r, cfg)
+    n_b = on_boundary.sum().double().clamp_min(1)
+    n_nb = (~on_boundary).sum().double().clamp_min(1)
+    scale = torch.where(on_boundary, cfg.boundary_weight * B / n_b, B / n_nb)  # mean of per_example = the TCM loss
+    return scale * per_example, dict(t=sigma, gap=sigma - r, d=d.detach(), boundary=on_boundary.double())
+
+# --- Sampler -----------------------------------------------------------------------------------------------------
+
+sample = cm.sample  # the student's EMA alone, no routing (REFERENCE §4.2)
+
+# --- Presets -----------------------------------------------------------------------------------------------------
+# Config fields plus the training recipe train.py reads. Pass --stage1 CM_RUN.
+
+
+PRESETS = {
+    # Reference TCM CIFAR-10 (REFERENCE §4.3): 1-step FID 2.70, stage 1 = the cm.py cifar10 run.
+    "cifar10": dict(
+        net="ddpmpp", dropout=0.2, cond=False, batch=1024, steps=300_000, optimizer="radam", lr=5e-5,
+        betas=(0.9, 0.999), ema=(0.9999, 0.99995, 0.9996),
+    ),
+    # Reference TCM ImageNet-64 EDM2-S (the EDM2 net is not in this release). Deviation: constant EMAs.
+    "imagenet64": dict(
+        net="edm2-s", dropout=0.4, cond=True, batch=1024, steps=400_000, optimizer="adam", lr=5e-4, betas=(0.9, 0.99),
+        lr_ref_steps=8000, ema=(0.9999, 0.99995, 0.9996), ratio_limit=0.9961, huber_c=0.06,
+        weighting="inv_c_out_sq",
+    ),
+    # 2-D points on CPU, on top of the cm.py toy run. Two changes for a 1000-step run: the ratio limit is 0.99, not
+    # 0.999 (with 0.999 consistency crawls from sigma = 1 up to 80 through ~4000 tiny gaps and the 1-step sample first
+    # gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything
+    # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05).
+    "toy": dict(
+        net="mlp", cond=False, batch=256, steps=1000, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
+        ema_warmup=True, ratio_limit=0.99, stage1_weights="ema",
+    ),
+}

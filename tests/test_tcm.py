@@ -1,0 +1,106 @@
+"""tcm.py: the truncated log-Student-t distribution, the exact boundary set, routing between the frozen stage-1 net
+and the student (with shared dropout masks), the loss mix, and 2-D quality on top of a CM run."""
+import math
+
+import pytest
+import torch
+
+import cm
+import nets
+import tcm
+from conftest import randomize_, sliced_wasserstein, train_toy
+
+
+def test_log_student_t_quantiles_match_the_reference():
+    """REFERENCE §1.3: for nu = 0.01, mu = 0, s = 0.2 on [1, 80] the 10/25/50/75/90 % quantiles are
+    1.013 / 1.043 / 1.22 / 2.53 / 10.5 (computed there with scipy)."""
+    s = tcm.sample_sigma_student_t(200_000, tcm.Config(), torch.Generator().manual_seed(0), "cpu")
+    assert s.dtype == torch.float64 and s.min() >= 1 and s.max() <= 80
+    q = torch.quantile(s[:100_000], torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
+    for got, want in zip(q, [1.013, 1.043, 1.22, 2.53, 10.5]):
+        assert abs(got - want) / want < 0.02, (got, want)
+
+
+@pytest.mark.parametrize("n, exact", [(16, 4), (128, 32), (7, 1)])
+def test_boundary_set_size_is_exact(n, exact):
+    for seed in range(5):
+        mask = tcm.boundary_mask(n, tcm.Config(), torch.Generator().manual_seed(seed), "cpu")
+        assert int(mask.sum()) == exact == math.floor(0.25 * n)
+
+
+def test_boundary_set_falls_back_to_bernoulli_for_tiny_batches():
+    g = torch.Generator().manual_seed(0)
+    counts = [int(tcm.boundary_mask(3, tcm.Config(), g, "cpu").sum()) for _ in range(2000)]
+    assert abs(sum(counts) / (3 * 2000) - 0.25) < 0.02
+
+
+def two_nets(dropout=0.5):
+    torch.manual_seed(0)
+    student = randomize_(nets.build_net("mlp", (3,), dropout=dropout).double(), seed=1).train()
+    stage1 = randomize_(nets.build_net("mlp", (3,), dropout=dropout).double(), seed=2).train()
+    return student, stage1
+
+
+def test_routing_below_and_above_the_transition():
+    """Rows with sigma < transition_sigma come from the frozen stage-1 net, the others from the student; both passes
+    use the masks the next (gradient) pass will draw."""
+    student, stage1 = two_nets()
+    cfg = tcm.Config()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 0.99, 1.0, 1.5, 0.2, 3.0, 80.0, 0.999999], dtype=torch.float64)
+    torch.manual_seed(7)
+    routed = tcm.route(student, stage1, x, sigma, None, cfg)
+    torch.manual_seed(7)
+    with torch.random.fork_rng():
+        low = cm.consistency_fn(stage1, x, sigma, None, cfg)
+    high = cm.consistency_fn(student, x, sigma, None, cfg)  # consumes the RNG like the gradient pass would
+    is_student = sigma >= 1.0
+    assert torch.equal(routed[is_student], high[is_student]) and torch.equal(routed[~is_student], low[~is_student])
+    assert not torch.equal(low, high)
+    torch.manual_seed(7)
+    all_low = tcm.route(student, stage1, x, sigma * 0 + 0.5, None, cfg)  # nothing above: the student is not run
+    torch.manual_seed(7)
+    assert torch.equal(all_low, cm.consistency_fn(stage1, x, sigma * 0 + 0.5, None, cfg))
+
+
+def test_loss_mixes_boundary_and_interior_means():
+    """mean(per_example) = mean over interior samples of w l + boundary_weight * mean over boundary samples; boundary
+    samples sit at transition_sigma and take their target from the stage-1 net."""
+    student, stage1 = two_nets(dropout=0.0)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    losses = {}
+    for w_b in (0.0, 0.1, 1.0):
+        per_example, logs = tcm.loss(student, x, None, tcm.Config(boundary_weight=w_b), 1, torch.Generator().manual_seed(3),
+                                     teacher=stage1)
+        losses[w_b] = per_example.mean().item()
+    on_b = logs["boundary"] > 0
+    assert int(on_b.sum()) == 16
+    assert torch.allclose(logs["t"][on_b], torch.tensor(1.0 + 1e-8, dtype=torch.float64))
+    assert (logs["t"][~on_b] >= 1.0).all() and ((logs["t"] - logs["gap"])[on_b] < 1.0).all()
+    interior, boundary = losses[0.0], losses[1.0] - losses[0.0]
+    assert abs(losses[0.1] - (interior + 0.1 * boundary)) < 1e-9 * losses[1.0]
+
+
+def test_needs_the_stage1_net():
+    student, _ = two_nets()
+    with pytest.raises(ValueError, match="stage-1"):
+        tcm.loss(student, torch.randn(4, 3, dtype=torch.float64), None, tcm.Config(), 1, torch.Generator())
+
+
+def test_toy_tcm_is_at_least_as_good_as_its_stage1(toy_teacher):
+    """Stage 1: CM from scratch (600 steps as in test_cm). Stage 2: TCM from its weights (300 steps, lr 1.5e-4, ratio
+    limit 0.99 as the toy preset). Measured (sliced W2, 4096 held-out points): CM 0.087, TCM 0.080. Tolerance 0.01."""
+    _, _, _, held_out, eps = toy_teacher
+    ccfg = cm.Config(kimg_per_stage=15.0)
+    torch.manual_seed(0)
+    stage1 = train_toy(cm, ccfg, nets.build_net("mlp", (2,), width=128, depth=3), 600, 3e-4)
+    d_cm = sliced_wasserstein(cm.sample(stage1, eps, ccfg), held_out)
+    tcfg = tcm.Config(ratio_limit=0.99)
+    student = nets.build_net("mlp", (2,), width=128, depth=3)
+    student.load_state_dict(stage1.state_dict())
+    frozen = nets.build_net("mlp", (2,), width=128, depth=3)
+    frozen.load_state_dict(stage1.state_dict())
+    frozen.requires_grad_(False).train()
+    d_tcm = sliced_wasserstein(tcm.sample(train_toy(tcm, tcfg, student, 300, 1.5e-4, teacher=frozen), eps, tcfg), held_out)
+    print(f"SW2: cm {d_cm:.3f}, tcm {d_tcm:.3f}")
+    assert d_tcm <= d_cm + 0.01
