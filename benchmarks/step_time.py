@@ -7,8 +7,9 @@
 
 Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
 time input r to the net and sCM a log-variance head (both negligible in size). CD's and sCD's teacher is a second
-copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its first ECT stage. Prints the median ms per step, the ratio to the plain step measured in the same run and, on CUDA,
-peak memory. Not a test: the numbers depend on the machine.
+copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its first ECT stage. Prints the
+median ms per step, the ratio to the plain step measured in the same run and, on CUDA, peak memory. Not a test: the
+numbers depend on the machine.
 """
 import argparse
 import os

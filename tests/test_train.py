@@ -210,14 +210,20 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "scm", "--preset", "cifar10-scd", "--data", "toy"], "pass --teacher"),
-    (["--method", "diffusion", "--data", "toy", "--teacher", "TEACHER"], "does not distil"),
-    (["--method", "meanflow", "--data", "toy", "--teacher", "TEACHER"], "cannot use a diffusion checkpoint"),
-    (["--method", "scm", "--data", "toy", "--init", "TEACHER", "--net", "ddpmpp"], "square images"),
+    (["--method", "diffusion", "--data", "toy", "--teacher", "DIF"], "does not distil"),
+    (["--method", "meanflow", "--data", "toy", "--teacher", "DIF"], "cannot use a diffusion checkpoint"),
+    (["--method", "scm", "--data", "toy", "--init", "DIF", "--net", "ddpmpp"], "square images"),
+    (["--method", "tcm", "--data", "toy"], "needs --stage1"),
+    (["--method", "tcm", "--data", "toy", "--stage1", "DIF"], "must be a cm or tcm run"),
+    (["--method", "cm", "--data", "toy", "--stage1", "CM"], "--stage1 is for tcm"),
+    (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--stage1-weights", "best"], "online or ema"),
 ])
-def test_teacher_and_init_errors(tmp_path, args, message):
-    teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "1", "--batch", "8", out="dif")
+def test_teacher_init_and_stage1_errors(tmp_path, args, message):
+    """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error."""
+    paths = {name: run(tmp_path, "--method", method, "--data", "toy", "--steps", "1", "--batch", "8", out=method)
+             for name, method in (("DIF", "diffusion"), ("CM", "cm")) if name in args}
     with pytest.raises(SystemExit, match=message):
-        train.cli([a.replace("TEACHER", teacher) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
+        train.cli([paths.get(a, a) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
 
 
 def test_scm_from_scratch_warns(tmp_path, capsys):
@@ -247,14 +253,3 @@ def test_tcm_starts_from_the_stage1_run(tmp_path, which):
     for k in src:
         assert torch.equal(got["net"][k], src[k]) and torch.equal(got["ema"][0][k], src[k]), k
     assert not torch.equal(load(stage1)["net"]["fc_in.weight"], load(stage1)["ema"][0]["fc_in.weight"])
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--method", "tcm", "--data", "toy"], "needs --stage1"),
-    (["--method", "cm", "--data", "toy", "--stage1", "RUN"], "--stage1 is for tcm"),
-    (["--method", "tcm", "--data", "toy", "--stage1", "RUN", "--stage1-weights", "best"], "online or ema"),
-])
-def test_stage1_errors(tmp_path, args, message):
-    stage1 = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "1", "--batch", "8", out="cm")
-    with pytest.raises(SystemExit, match=message):
-        train.cli([a.replace("RUN", stage1) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
