@@ -75,3 +75,15 @@ def toy_teacher():
     d_heun = sliced_wasserstein(diffusion.sample(teacher, eps, cfg), held_out)
     d_euler = sliced_wasserstein(diffusion.sample(teacher, eps, cfg, sigmas=(80.0, 0.0)), held_out)
     return teacher, d_heun, d_euler, held_out, eps
+
+
+
+@pytest.fixture(scope="session")
+def toy_ct():
+    """CT from scratch on the 8-Gaussian ring (cm.py, 600 steps, lr 3e-4, 15-kimg ECT stages, 128-wide MLP): the CM
+    run of test_cm and the stage 1 of test_tcm. Returns (EMA net, cm.Config)."""
+    import cm
+    import nets
+    cfg = cm.Config(kimg_per_stage=15.0)
+    torch.manual_seed(0)
+    return train_toy(cm, cfg, nets.build_net("mlp", (2,), width=128, depth=3), 600, 3e-4), cfg
