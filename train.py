@@ -59,6 +59,8 @@ TRAIN = dict(
     precision=("fp32", str, "fp32 or bf16 (autocast; JVPs stay fp32)"),
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
+CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
+               stage1_weights=("online", "ema"))
 
 
 class UsageError(Exception):
@@ -139,6 +141,16 @@ def resolve_config(argv):
             cfg[k] = getattr(args, k)
     for k in ("method", "data", "seed"):
         cfg[k] = getattr(args, k)
+    for k, allowed in CHOICES.items():
+        if cfg[k] not in allowed:
+            raise UsageError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
+    if cfg["distill"] and not args.teacher:
+        raise UsageError(f"preset {preset_name} distils from a teacher: pass --teacher PATH")
+    if args.teacher and not method.TEACHERS:
+        raise UsageError(f"{args.method} does not distil from a teacher")
+    if bool(args.stage1) != hasattr(method, "STAGE1"):
+        raise UsageError(f"{args.method} needs --stage1 RUN, the stage-1 cm run it continues" if args.stage1 is None
+                         else f"--stage1 is for tcm, not {args.method}")
     return args, json.loads(json.dumps(cfg)), method
 
 
@@ -265,6 +277,96 @@ def format_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+# --- Nets, teachers, samples --------------------------------------------------------------------------------------
+
+
+def check_ranks_identical(net, world):
+    """Per-tensor sums and sums of squares, all-gathered and compared bitwise: ranks whose gradients were not
+    synchronised would have drifted apart."""
+    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in net.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("ranks ended with different weights: gradients were not synchronised")
+    if dist.get_rank() == 0:
+        print(f"weights identical on all {world} ranks")
+
+
+def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
+    """1-step samples from `net` (an EMA copy, eval mode) with fixed noise and uniformly random labels."""
+    g = torch.Generator(device).manual_seed(data.mix_seed(seed, 2**31))
+    torch.manual_seed(data.mix_seed(seed, 2**31 + 1))  # re-noising in multi-step samplers
+    eps = torch.randn((n, *ds.shape), generator=g, device=device)
+    y = None
+    if label_dim:
+        y = torch.nn.functional.one_hot(torch.randint(label_dim, (n,), generator=g, device=device), label_dim).float()
+    out = []
+    for i in range(0, n, chunk):
+        out.append(method.sample(net, eps[i:i + chunk], mcfg, y=None if y is None else y[i:i + chunk]))
+    return torch.cat(out)
+
+
+def build_net(cfg, method, shape, label_dim):
+    """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
+    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    try:
+        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
+    except ValueError as e:  # unknown net, or a net that does not fit the data
+        raise UsageError(str(e)) from None
+
+
+def load_compatible(path, method, device):
+    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
+    state = load_checkpoint(path, device)
+    other = state["config"]["method"]
+    if other != method.__name__ and other not in method.TEACHERS:
+        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
+                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
+    return state
+
+
+def load_weights(module, weights, what, strict=True):
+    """load_state_dict, with a one-line error naming the checkpoint when the shapes or keys do not fit."""
+    try:
+        return module.load_state_dict(weights, strict=strict)
+    except RuntimeError as e:
+        raise UsageError(f"{what} does not fit this data/net: {str(e).splitlines()[0]}") from None
+
+
+def load_teacher(path, method, ds, label_dim, device):
+    """The first EMA net of a checkpoint, frozen, in eval mode."""
+    state = load_compatible(path, method, device)
+    tcfg = state["config"]
+    tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
+    load_weights(tnet, state["ema"][0], f"teacher {path}")
+    return tnet.eval().requires_grad_(False)
+
+
+def load_stage1(path, method, net, device, which, init):
+    """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
+    student and, as copies of it, every EMA; a frozen copy in train mode (dropout on, as the reference) is returned."""
+    state = load_checkpoint(path, device)
+    if state["config"]["method"] not in method.STAGE1:
+        raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
+    weights = state["net"] if which == "online" else state["ema"][0]
+    stage1 = copy.deepcopy(net)
+    load_weights(stage1, weights, f"--stage1 {path}")
+    if init:
+        net.load_state_dict(weights)
+    return stage1.train().requires_grad_(False)
+
+
+def init_from(net, path, method, device, rank):
+    """Copy a checkpoint's first EMA into net. Only heads the checkpoint lacks (the log-variance head of a
+    diffusion model) may stay freshly initialised."""
+    state = load_compatible(path, method, device)
+    missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
+    if unexpected or any(not k.startswith("logvar") for k in missing):
+        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if rank == 0:
+        print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
+
+
 # --- Main ------------------------------------------------------------------------------------------------------
 
 
@@ -278,14 +380,6 @@ def main(argv=None):
     if batch_gpu <= 0 or cfg["batch"] % (batch_gpu * world):
         raise UsageError(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {batch_gpu} x {world} ranks")
     accum = cfg["batch"] // (batch_gpu * world)
-    if cfg["precision"] not in ("fp32", "bf16"):
-        raise UsageError(f"--precision must be fp32 or bf16, got {cfg['precision']!r}")
-    if cfg["optimizer"] not in ("adam", "radam"):
-        raise UsageError(f"--optimizer must be adam or radam, got {cfg['optimizer']!r}")
-    if cfg["stage1_weights"] not in ("online", "ema"):
-        raise UsageError(f"--stage1-weights must be online or ema, got {cfg['stage1_weights']!r}")
-    if cfg["net"] not in nets.NETS:
-        raise UsageError(f"unknown net {cfg['net']!r}; choose from {', '.join(nets.NETS)}")
 
     # Data: rank 0 first (it may download), then the others.
     if rank == 0:
@@ -299,17 +393,11 @@ def main(argv=None):
     label_dim = ds.label_dim if cfg["cond"] else 0
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
-    if cfg["distill"] and not args.teacher:
-        raise UsageError(f"preset {cfg['preset']} distils from a teacher: pass --teacher PATH")
-    if args.teacher and not method.TEACHERS:
-        raise UsageError(f"{args.method} does not distil from a teacher")
     torch.manual_seed(args.seed)
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
     teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
-    if getattr(method, "STAGE1", None):
+    if args.stage1:
         teacher = load_stage1(args.stage1, method, net, device, cfg["stage1_weights"], init=not args.resume)
-    elif args.stage1:
-        raise UsageError(f"--stage1 is for tcm, not {args.method}")
     if args.init and not args.resume:
         init_from(net, args.init, method, device, rank)
     elif method.NEEDS_INIT and not args.resume and rank == 0:
@@ -415,96 +503,6 @@ def main(argv=None):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def check_ranks_identical(net, world):
-    """Per-tensor sums and sums of squares, all-gathered and compared bitwise: ranks whose gradients were not
-    synchronised would have drifted apart."""
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in net.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError("ranks ended with different weights: gradients were not synchronised")
-    if dist.get_rank() == 0:
-        print(f"weights identical on all {world} ranks")
-
-
-def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
-    """1-step samples from `net` (an EMA copy, eval mode) with fixed noise and uniformly random labels."""
-    g = torch.Generator(device).manual_seed(data.mix_seed(seed, 2**31))
-    torch.manual_seed(data.mix_seed(seed, 2**31 + 1))  # re-noising in multi-step samplers
-    eps = torch.randn((n, *ds.shape), generator=g, device=device)
-    y = None
-    if label_dim:
-        y = torch.nn.functional.one_hot(torch.randint(label_dim, (n,), generator=g, device=device), label_dim).float()
-    out = []
-    for i in range(0, n, chunk):
-        out.append(method.sample(net, eps[i:i + chunk], mcfg, y=None if y is None else y[i:i + chunk]))
-    return torch.cat(out)
-
-
-def build_net(cfg, method, shape, label_dim):
-    """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
-    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
-    try:
-        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
-    except ValueError as e:  # unknown net, or a net that does not fit the data
-        raise UsageError(str(e)) from None
-
-
-def load_compatible(path, method, device):
-    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
-    state = load_checkpoint(path, device)
-    other = state["config"]["method"]
-    if other != method.__name__ and other not in method.TEACHERS:
-        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
-                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
-    return state
-
-
-def load_teacher(path, method, ds, label_dim, device):
-    """The first EMA net of a checkpoint, frozen, in eval mode."""
-    state = load_compatible(path, method, device)
-    tcfg = state["config"]
-    tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
-    try:
-        tnet.load_state_dict(state["ema"][0])
-    except RuntimeError as e:
-        raise UsageError(f"teacher {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
-    return tnet.eval().requires_grad_(False)
-
-
-def load_stage1(path, method, net, device, which, init):
-    """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
-    student and, as copies of it, every EMA; a frozen copy in train mode (dropout on, as the reference) is returned."""
-    if not path:
-        raise UsageError(f"{method.__name__} needs --stage1 RUN, the stage-1 cm run it continues")
-    state = load_checkpoint(path, device)
-    if state["config"]["method"] not in method.STAGE1:
-        raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
-    weights = state["net"] if which == "online" else state["ema"][0]
-    stage1 = copy.deepcopy(net)
-    try:
-        stage1.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UsageError(f"--stage1 {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
-    if init:
-        net.load_state_dict(weights)
-    return stage1.train().requires_grad_(False)
-
-
-def init_from(net, path, method, device, rank):
-    """Copy a checkpoint's first EMA into net. Only heads the checkpoint lacks (the log-variance head of a
-    diffusion model) may stay freshly initialised."""
-    state = load_compatible(path, method, device)
-    try:
-        missing, unexpected = net.load_state_dict(state["ema"][0], strict=False)
-    except RuntimeError as e:
-        raise UsageError(f"--init {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
-    if unexpected or any(not k.startswith("logvar") for k in missing):
-        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if rank == 0:
-        print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
 
 
 def cli(argv=None):

@@ -88,11 +88,11 @@ def test_presets_are_valid_configs(name):
     (["--method", "nope"], "unknown method"),
     (["--method", "meanflow", "--data", "missing/file.zip"], "no such dataset"),
     (["--method", "meanflow", "--data", "toy", "--batch", "10", "--batch-gpu", "4"], "not a multiple"),
-    (["--method", "meanflow", "--data", "toy", "--net", "resnet9000"], "unknown net"),
+    (["--method", "meanflow", "--data", "toy", "--net", "resnet9000"], "--net must be one of ddpmpp"),
     (["--method", "meanflow", "--data", "toy", "--net", "ddpmpp"], "square images"),
     (["--method", "meanflow", "--data", "toy", "--cond"], "needs class labels"),
     (["--method", "meanflow", "--data", "toy", "--preset", "imagenet64"], "unknown preset"),
-    (["--method", "meanflow", "--data", "toy", "--preset", "imagenet256"], "unknown net 'dit-b2'"),
+    (["--method", "meanflow", "--data", "toy", "--preset", "imagenet256"], "got 'dit-b2'"),
     (["--method", "meanflow", "--data", "toy", "--precision", "fp8"], "precision"),
     (["--method", "meanflow", "--data", "toy", "--resume", "nowhere"], "no checkpoint"),
     (["--method", "meanflow", "--data", "toy", "--tangent", "magic", "--steps", "1"], "unknown tangent"),
@@ -216,7 +216,7 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
     (["--method", "tcm", "--data", "toy"], "needs --stage1"),
     (["--method", "tcm", "--data", "toy", "--stage1", "DIF"], "must be a cm or tcm run"),
     (["--method", "cm", "--data", "toy", "--stage1", "CM"], "--stage1 is for tcm"),
-    (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--stage1-weights", "best"], "online or ema"),
+    (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--stage1-weights", "best"], "must be one of online, ema"),
 ])
 def test_teacher_init_and_stage1_errors(tmp_path, args, message):
     """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error."""
