@@ -53,12 +53,8 @@ class Dual(NamedTuple):
             return Dual(self.p + other.p, self.d + other.d)
         return Dual(self.p + other, self.d)
 
-    __radd__ = __add__
-
     def __mul__(self, c):  # c: a constant (number or tensor without tangent)
         return Dual(self.p * c, self.d * (_tan(c) if torch.is_tensor(c) else c))
-
-    __rmul__ = __mul__
 
     def reshape(self, *shape):
         return Dual(self.p.reshape(*shape), self.d.reshape(*shape))
