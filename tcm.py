@@ -74,13 +74,14 @@ NEEDS_INIT = False  # --stage1 is required instead (train.py fails without it)
 
 
 @functools.lru_cache(maxsize=8)
-def _student_t_table(nu, lo, hi, n=200_001):
+def _student_t_table(nu, lo, hi, device, n=200_001):
     """Grid x on [lo, hi] (denser near lo, where the mass is) and the normalised CDF of the density
-    (1 + x^2 / nu)^-(nu + 1)/2 by the trapezoid rule; float64, CPU."""
-    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    (1 + x^2 / nu)^-(nu + 1)/2 by the trapezoid rule; float64, built once per device."""
+    u = torch.linspace(0, 1, n, dtype=torch.float64, device=device)
     x = lo + (hi - lo) * u**3
     density = (1 + x**2 / nu) ** (-(nu + 1) / 2)
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((density[1:] + density[:-1]) / 2 * x.diff(), 0)])
+    steps = (density[1:] + density[:-1]) / 2 * x.diff()
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), torch.cumsum(steps, 0)])
     return x, cdf / cdf[-1]
 
 
@@ -89,12 +90,12 @@ def sample_sigma_student_t(n, cfg, gen, device):
     (torch generator, not numpy's global RNG; REFERENCE §1.3). float64 (n,)."""
     lo = (math.log(cfg.transition_sigma) - cfg.student_t_mu) / cfg.student_t_scale
     hi = (math.log(cfg.sigma_max) - cfg.student_t_mu) / cfg.student_t_scale
-    x, cdf = _student_t_table(cfg.student_t_nu, lo, hi)
-    u = torch.rand(n, generator=gen, device=device, dtype=torch.float64).cpu()
+    x, cdf = _student_t_table(cfg.student_t_nu, lo, hi, str(device))
+    u = torch.rand(n, generator=gen, device=device, dtype=torch.float64)
     i = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
     frac = (u - cdf[i - 1]) / (cdf[i] - cdf[i - 1]).clamp_min(1e-300)
     t = x[i - 1] + frac * (x[i] - x[i - 1])
-    return torch.exp(cfg.student_t_mu + cfg.student_t_scale * t).clamp(cfg.transition_sigma, cfg.sigma_max).to(device)
+    return torch.exp(cfg.student_t_mu + cfg.student_t_scale * t).clamp(cfg.transition_sigma, cfg.sigma_max)
 
 
 def boundary_mask(n, cfg, gen, device):
