@@ -391,6 +391,7 @@ def main(argv=None):
     if cfg["cond"] and ds.labels is None:
         raise UsageError(f"--cond needs class labels, but {args.data} has none")
     label_dim = ds.label_dim if cfg["cond"] else 0
+    cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
     torch.manual_seed(args.seed)
