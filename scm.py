@@ -247,7 +247,8 @@ PRESETS = {
         net="ddpmpp", dropout=0.0, cond=False, distill=True, batch=512, steps=500_000, optimizer="radam", lr=1e-4,
         betas=(0.9, 0.99), ema=EMA3, sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent="fused",
     ),
-    # Reference sCD ImageNet-64 with EDM's ADM (the ADM net is not in this release): bf16 with an fp32 JVP.
+    # Reference sCD ImageNet-64 with EDM's ADM (teacher: convert.py on edm-imagenet-64x64-cond-adm.pkl): bf16 with an
+    # fp32 JVP.
     "imagenet64-scd": dict(
         net="adm", dropout=0.0, cond=True, distill=True, batch=1024, steps=600_000, optimizer="adam", lr=7e-5,
         betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000, grad_clip=10.0, precision="bf16", ema=EMA3,

@@ -54,13 +54,14 @@ TRAIN = dict(
     lr_warmup=(0, int, "linear LR warm-up steps (0: none)"),
     lr_ref_steps=(0, int, "inverse-sqrt decay lr * min(1, sqrt(ref / step)) (0: constant)"),
     grad_clip=(0.0, float, "max gradient norm (0: off)"),
-    ema=((0.9999,), tuple, "EMA decays, comma-separated; the first is the one sampled"),
-    ema_warmup=(False, bool, "use EMA decay min(beta, (1 + step) / (10 + step)) for short runs"),
+    ema=((0.9999,), tuple, "EMA decays (const) or relative widths sigma_rel (power), comma-separated; the first is sampled"),
+    ema_kind=("const", str, "const: fixed decays; power: EDM2's power-function EMA with --ema as sigma_rel"),
+    ema_warmup=(False, bool, "const EMA: use decay min(beta, (1 + step) / (10 + step)) for short runs"),
     precision=("fp32", str, "fp32 or bf16 (autocast; JVPs stay fp32)"),
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
 CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
-               stage1_weights=("online", "ema"))
+               stage1_weights=("online", "ema"), ema_kind=("const", "power"))
 
 
 class UsageError(Exception):
@@ -144,6 +145,9 @@ def resolve_config(argv):
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             raise UsageError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
+    lo, hi = (0, 1) if cfg["ema_kind"] == "const" else (0, 0.28)
+    if not cfg["ema"] or not all(lo < e < hi for e in cfg["ema"]):
+        raise UsageError(f"--ema with --ema-kind {cfg['ema_kind']} needs values in ({lo}, {hi}), got {cfg['ema']}")
     if cfg["distill"] and not args.teacher:
         raise UsageError(f"preset {preset_name} distils from a teacher: pass --teacher PATH")
     if args.teacher and not method.TEACHERS:
@@ -180,12 +184,25 @@ def setup_distributed(device_flag):
     return ddp, rank, world, device
 
 
+def power_gamma(sigma_rel):
+    """Exponent of EDM2's power-function EMA (Karras et al. 2024, Eq. 3) for a relative width sigma_rel:
+    sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), i.e. the largest real root of g^3 + 7 g^2 + (16 - s) g + 12 - s, s = sigma_rel^-2."""
+    s = sigma_rel ** -2
+    roots = np.roots([1, 7, 16 - s, 12 - s])
+    return float(roots[np.isreal(roots)].real.max())
+
+
+def ema_decays(cfg, k):
+    """EMA decay per EMA after optimizer step k (REFERENCE §1.5). Power: beta_k = (1 - 1/k)^(gamma + 1), so step 1 copies."""
+    if cfg["ema_kind"] == "power":
+        return [(1 - 1 / k) ** (power_gamma(w) + 1) for w in cfg["ema"]]
+    return [min(b, (1 + k) / (10 + k)) if cfg["ema_warmup"] else b for b in cfg["ema"]]
+
+
 @torch.no_grad()
-def update_ema(emas, decays, net, step, warmup):
+def update_ema(emas, decays, net):
     params = [p.detach() for p in net.parameters()]
     for ema, beta in zip(emas, decays):
-        if warmup:
-            beta = min(beta, (1 + step) / (10 + step))
         torch._foreach_lerp_(list(ema.parameters()), params, 1 - beta)
         for be, b in zip(ema.buffers(), net.buffers()):
             be.copy_(b)
@@ -344,7 +361,8 @@ def load_teacher(path, method, ds, label_dim, device):
 
 def load_stage1(path, method, net, device, which, init):
     """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
-    student and, as copies of it, every EMA; a frozen copy in train mode (dropout on, as the reference) is returned."""
+    student and, as copies of it, every EMA. Returns a frozen copy in train mode (dropout on, as the reference) and the
+    stage-1 step count, from which a power-function EMA's step counter continues (REFERENCE §1.5)."""
     state = load_checkpoint(path, device)
     if state["config"]["method"] not in method.STAGE1:
         raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
@@ -353,7 +371,7 @@ def load_stage1(path, method, net, device, which, init):
     load_weights(stage1, weights, f"--stage1 {path}")
     if init:
         net.load_state_dict(weights)
-    return stage1.train().requires_grad_(False)
+    return stage1.train().requires_grad_(False), state["step"]
 
 
 def init_from(net, path, method, device, rank):
@@ -397,12 +415,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
     teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
+    ema_offset = 0
     if args.stage1:
-        teacher = load_stage1(args.stage1, method, net, device, cfg["stage1_weights"], init=not args.resume)
+        teacher, stage1_step = load_stage1(args.stage1, method, net, device, cfg["stage1_weights"], init=not args.resume)
+        ema_offset = stage1_step if cfg["ema_kind"] == "power" else 0
     if args.init and not args.resume:
         init_from(net, args.init, method, device, rank)
     elif method.NEEDS_INIT and not args.resume and rank == 0:
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
+    normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step
+    if normalize_weights is not None and not args.resume:
+        normalize_weights()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
@@ -468,7 +491,9 @@ def main(argv=None):
         grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
         nonfinite += bad
         opt.step()
-        update_ema(emas, cfg["ema"], net, step, cfg["ema_warmup"])
+        if normalize_weights is not None:
+            normalize_weights()  # EDM2's forced weight normalisation, moved out of forward (REFERENCE §9.8)
+        update_ema(emas, ema_decays(cfg, step + ema_offset), net)
 
         if step % args.log_every == 0 or step == cfg["steps"]:
             rec = stats.reduce(ddp)

@@ -2,6 +2,7 @@
 that gradients are synchronised with a JVP loss."""
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -253,3 +254,41 @@ def test_tcm_starts_from_the_stage1_run(tmp_path, which):
     for k in src:
         assert torch.equal(got["net"][k], src[k]) and torch.equal(got["ema"][0][k], src[k]), k
     assert not torch.equal(load(stage1)["net"]["fc_in.weight"], load(stage1)["ema"][0]["fc_in.weight"])
+
+
+@pytest.mark.parametrize("sigma_rel, gamma", [(0.010, 96.99), (0.050, 16.97), (0.100, 6.94)])
+def test_power_ema_exponent(sigma_rel, gamma):
+    """EDM2's gamma for each sigma_rel (REFERENCE §1.5), and the defining relation solved back in float64."""
+    g = train.power_gamma(sigma_rel)
+    assert abs(g - gamma) < 0.005
+    assert abs(math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel) < 1e-12
+
+
+def test_power_ema_decays():
+    cfg = dict(train.TRAIN_DEFAULTS, ema=(0.05, 0.1), ema_kind="power")
+    assert train.ema_decays(cfg, 1) == [0.0, 0.0]  # the first step copies the net
+    k = 1000
+    assert train.ema_decays(cfg, k)[0] == pytest.approx((1 - 1 / k) ** (train.power_gamma(0.05) + 1), rel=1e-15)
+    assert train.ema_decays(cfg, k)[0] < train.ema_decays(cfg, k)[1]  # narrower width: the average covers less of the run
+    cfg = dict(train.TRAIN_DEFAULTS, ema=(0.999,), ema_warmup=True)
+    assert train.ema_decays(cfg, 5) == [6 / 15] and train.ema_decays(dict(cfg, ema_warmup=False), 5) == [0.999]
+
+
+def test_power_ema_end_to_end(tmp_path):
+    """--ema-kind power: after one step the EMA equals the net; after two it is (1 - 1/2)^(gamma + 1) of the way back."""
+    one = load(run(tmp_path, "--data", "toy", "--steps", "1", "--batch", "16", "--ema-kind", "power", "--ema", "0.1",
+                   out="one"))
+    assert all(torch.equal(one["ema"][0][k], one["net"][k]) for k in one["net"])
+    two = load(run(tmp_path, "--data", "toy", "--steps", "2", "--batch", "16", "--ema-kind", "power", "--ema", "0.1",
+                   out="two"))
+    beta = 0.5 ** (train.power_gamma(0.1) + 1)
+    for k in one["net"]:
+        expect = beta * one["net"][k].double() + (1 - beta) * two["net"][k].double()
+        torch.testing.assert_close(two["ema"][0][k].double(), expect, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("args", [["--ema-kind", "power", "--ema", "0.9999"], ["--ema", "1.5"], ["--ema-kind", "box"]])
+def test_bad_ema_is_one_line_error(tmp_path, args):
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--method", "meanflow", "--data", "toy", "--out", str(tmp_path / "o"), *args])
+    assert "ema" in e.value.code and "\n" not in e.value.code
