@@ -1,21 +1,32 @@
-"""Datasets for train.py, all held in memory (CIFAR-10 is 150 MB as uint8).
+"""Datasets for train.py.
 
     toy                    built-in 2-D mixture of 8 Gaussians on a ring (no download)
     path/to/points.npy     any N x D float array of points
     cifar10                the official CIFAR-10 python tarball, downloaded once into the cache (md5 checked)
     path/to/dataset.zip    EDM dataset_tool layout: images (png/jpg) + optional dataset.json with labels;
-    path/to/folder/        the same as a folder
+    path/to/folder/        the same as a folder (e.g. ImageNet-64 made by EDM's or EDM2's dataset tool)
+    path/to/latents/       pre-encoded SD-VAE latents (ImageNet-256, REFERENCE §8), made by `encode-latents` below
 
-Images come out as float in [-1, 1] (uint8 / 127.5 - 1), shape (B, C, H, W); points as float32 (B, D).
-Every problem with the input raises DataError with a one-line message. Also here: the sample order (a seeded
-permutation per epoch, indexed by global sample position) and sample pictures.
+Images come out as float in [-1, 1] (uint8 / 127.5 - 1), shape (B, C, H, W); points as float32 (B, D); latents as
+0.18215 (mean + std eps), (B, 4, 32, 32). Small datasets are held in memory (CIFAR-10 is 150 MB as uint8). Image sets
+larger than MMAP_BYTES (ImageNet-64: 1.28 M x 3 x 64 x 64 = 15.7 GB) are decoded once into a uint8 .npy file in the
+cache folder and memory-mapped, so the ranks of one machine share one copy in the page cache (train.py lets rank 0
+load first). Latents are memory-mapped too. Every problem with the input raises DataError with a one-line message.
+Also here: the sample order (a seeded permutation per epoch, indexed by global sample position), sample pictures,
+and the encoding step:
+
+    python data.py encode-latents --src imagenet.zip --out latents/ [--vae stabilityai/sd-vae-ft-mse] [--device cuda]
 """
+import argparse
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
 import pickle
+import re
+import sys
 import tarfile
 import urllib.request
 import zipfile
@@ -28,6 +39,9 @@ from PIL import Image
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MMAP_BYTES = 2**30  # decoded image sets above this size are cached as .npy and memory-mapped
+SD_VAE_SCALE = 0.18215  # Stable Diffusion's latent scale factor (REFERENCE §8)
+IMAGENET_CLASSES = 1000
 
 
 class DataError(Exception):
@@ -52,8 +66,9 @@ class Dataset:
     def __len__(self):
         return self.x.shape[0]
 
-    def get(self, idx, flip=None, device="cpu"):
-        """Samples idx (B,) as floats on device; flip (B,) bool mirrors images horizontally."""
+    def get(self, idx, flip=None, device="cpu", generator=None):
+        """Samples idx (B,) as floats on device; flip (B,) bool mirrors images horizontally. `generator` is
+        unused (the data are fixed; LatentDataset.get draws its noise from it)."""
         x = self.x[idx].to(device)
         if not self.is_image:
             return x
@@ -109,9 +124,21 @@ def load(spec, cache_dir):
     name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
     if spec.endswith(".npy"):
         return Dataset(load_points(spec), None, 0, name)
-    x, labels = load_image_dataset(spec)
-    label_dim = int(labels.max()) + 1 if labels is not None else 0
+    if os.path.isfile(os.path.join(spec, LATENTS_JSON)):
+        return LatentDataset(spec)
+    x, labels, label_dim = load_image_dataset(spec, cache_dir)
     return Dataset(x, labels, label_dim, name)
+
+
+def peek_resolution(path):
+    """Height of the first image of a zip or folder, without loading the rest (train.py picks a preset with it);
+    None if there is none to read (data.load then says why)."""
+    try:
+        with _members(path) as (names, read):
+            first = next(n for n in names if n.lower().endswith(IMAGE_EXTS))
+            return Image.open(io.BytesIO(read(first))).size[1]
+    except (DataError, StopIteration, OSError):
+        return None
 
 
 def toy_points(n, seed=0):
@@ -138,7 +165,12 @@ def load_points(path):
 
 def save_picture(path, samples, ds):
     """Samples as a PNG: images (N, C, H, W) in [-1, 1] as a grid; points as a 512 px scatter of the first two
-    dimensions, samples in blue over 2048 points of the dataset `ds` in grey."""
+    dimensions, samples in blue over 2048 points of the dataset `ds` in grey. Latents (no decoder here): a false-colour
+    grid of latent channels 0-2 as RGB, each divided by 3x its standard deviation over the grid (a preview of spatial
+    structure, not the image; decode with the VAE for that)."""
+    if isinstance(ds, LatentDataset):
+        rgb = samples[:, :3].double()
+        samples = rgb / (3 * rgb.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8))
     if samples.ndim == 4:
         n, C, H, W = samples.shape
         cols = math.ceil(math.sqrt(n))
@@ -162,8 +194,9 @@ def save_picture(path, samples, ds):
 # --- Image folders and zips (EDM dataset_tool layout) ---------------------------------------------------------
 
 
-def load_image_dataset(path):
-    """(N, C, H, W) uint8 and (N,) int64 labels or None, from a zip or folder in EDM's dataset_tool layout."""
+@contextlib.contextmanager
+def _members(path):
+    """(sorted member names, read(name) -> bytes) of a zip or folder."""
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                        for root, _, files in os.walk(path) for f in files)
@@ -171,42 +204,225 @@ def load_image_dataset(path):
         def read(name):
             with open(os.path.join(path, name), "rb") as f:
                 return f.read()
-        return _decode_images(path, names, read)
+        yield names, read
+        return
     try:
-        with zipfile.ZipFile(path) as z:
-            return _decode_images(path, sorted(z.namelist()), z.read)
+        z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"cannot read {path} as a zip file ({e})") from None
+    with z:
+        yield sorted(z.namelist()), z.read
 
 
-def _decode_images(path, names, read):
-    images = [n for n in names if n.lower().endswith(IMAGE_EXTS)]
-    if not images:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) found")
-    arrays = []
-    for n in images:
+def load_image_dataset(path, cache_dir=None):
+    """(N, C, H, W) uint8, (N,) int64 labels or None, and label_dim, from a zip or folder in EDM's dataset_tool
+    layout. Above MMAP_BYTES (and with a cache_dir) the images come memory-mapped from a decoded .npy cache."""
+    with _members(path) as (names, read):
+        images = [n for n in names if n.lower().endswith(IMAGE_EXTS)]
+        if not images:
+            raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) found")
+        labels, label_dim = _read_labels(path, names, images, read)
+        first = _decode(path, images[0], read)
+        if cache_dir is None or len(images) * first.size <= MMAP_BYTES:
+            arrays = [first] + [_decode(path, n, read, first.shape, images[0]) for n in images[1:]]
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+        else:
+            x = torch.from_numpy(_decoded_cache(path, images, read, first, cache_dir))
+    return x, labels, label_dim
+
+
+def _decode(path, name, read, shape=None, first_name=None):
+    try:
+        img = np.array(Image.open(io.BytesIO(read(name))))
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode {name} ({e})") from None
+    img = img[:, :, None] if img.ndim == 2 else img  # (H, W, C)
+    if shape is not None and img.shape != shape:
+        raise DataError(f"{path}: {name} has shape {img.shape}, but {first_name} has {shape}; all must match")
+    return img
+
+
+def _decoded_cache(path, images, read, first, cache_dir):
+    """All images as a (N, C, H, W) uint8 array memory-mapped from cache_dir, decoded on first use (one process
+    writes, under a temporary name, then renames). The key covers the source's path, sizes and mtimes."""
+    h = hashlib.sha256(os.path.abspath(path).encode())
+    if os.path.isdir(path):
+        for n in images:
+            st = os.stat(os.path.join(path, n))
+            h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+    else:
+        st = os.stat(path)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    file = os.path.join(cache_dir, f"{name}-{h.hexdigest()[:16]}.npy")
+    if not os.path.exists(file):
+        print(f"decoding {len(images)} images of {path} once into {file}", flush=True)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{file}.{os.getpid()}.tmp"
+        H, W, C = first.shape
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), C, H, W))
+        for i, n in enumerate(images):
+            out[i] = (first if i == 0 else _decode(path, n, read, first.shape, images[0])).transpose(2, 0, 1)
+        out.flush()
+        del out
+        os.replace(tmp, file)
+    return np.load(file, mmap_mode="c")  # copy-on-write map: pages shared, nothing written back
+
+
+def _read_labels(path, names, images, read):
+    """Labels from dataset.json, and the label dimension: dataset.json's "label_dim" if given, else 1000 when the
+    dataset's name contains "imagenet" (a subset may lack the top classes, but nets must keep ImageNet's 1000
+    outputs), else the largest label + 1."""
+    if "dataset.json" not in names:
+        return None, 0
+    try:
+        meta = json.loads(read("dataset.json"))
+        table = dict(meta["labels"]) if meta.get("labels") is not None else None
+    except Exception as e:
+        raise DataError(f"{path}: cannot parse dataset.json ({e})") from None
+    if table is None:
+        return None, 0
+    missing = [n for n in images if n not in table]
+    if missing:
+        raise DataError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} missing)")
+    labels = torch.tensor([int(table[n]) for n in images], dtype=torch.int64)
+    label_dim = meta.get("label_dim") or (IMAGENET_CLASSES if "imagenet" in os.path.basename(os.path.normpath(path)).lower()
+                                          else int(labels.max()) + 1)
+    if labels.min() < 0 or labels.max() >= label_dim:
+        raise DataError(f"{path}: labels must lie in [0, {label_dim}), got [{int(labels.min())}, {int(labels.max())}]")
+    return labels, int(label_dim)
+
+# --- Latents (ImageNet-256 through the SD-VAE, REFERENCE §8) ------------------------------------------------
+# A folder with mean.npy and std.npy (float16, (N, 4, 32, 32): the VAE posterior per image), labels.npy ((N,) int64,
+# or absent) and latents.json {"format", "count", "shape", "label_dim", "scale", "vae", "resolution", "crop"}.
+
+LATENTS_JSON = "latents.json"
+LATENTS_FORMAT = "sd-vae-posterior-v1"
+
+
+class LatentDataset:
+    """Pre-encoded latents, memory-mapped. Each draw is a fresh posterior sample scale (mean + std eps)."""
+
+    is_image = False  # not pixels: train.py must not clamp samples to [-1, 1]
+
+    def __init__(self, path):
         try:
-            img = np.array(Image.open(io.BytesIO(read(n))))
-        except Exception as e:
-            raise DataError(f"{path}: cannot decode {n} ({e})") from None
-        img = img[:, :, None] if img.ndim == 2 else img
-        if arrays and img.shape != arrays[0].shape:
-            raise DataError(f"{path}: {n} has shape {img.shape}, but {images[0]} has {arrays[0].shape}; all must match")
-        arrays.append(img)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-    labels = None
-    if "dataset.json" in names:
-        try:
-            meta = json.loads(read("dataset.json"))
-            table = dict(meta["labels"]) if meta.get("labels") is not None else None
-        except Exception as e:
-            raise DataError(f"{path}: cannot parse dataset.json ({e})") from None
-        if table is not None:
-            missing = [n for n in images if n not in table]
-            if missing:
-                raise DataError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} missing)")
-            labels = torch.tensor([int(table[n]) for n in images], dtype=torch.int64)
-    return x, labels
+            with open(os.path.join(path, LATENTS_JSON)) as f:
+                meta = json.load(f)
+            self.mean = np.load(os.path.join(path, "mean.npy"), mmap_mode="r")
+            self.std = np.load(os.path.join(path, "std.npy"), mmap_mode="r")
+            has_labels = os.path.exists(os.path.join(path, "labels.npy"))
+            labels = np.load(os.path.join(path, "labels.npy")) if has_labels else None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the latent dataset ({type(e).__name__}: {e})") from None
+        if meta.get("format") != LATENTS_FORMAT or self.mean.shape != self.std.shape or len(self.mean) != meta.get("count"):
+            raise DataError(f"{path}: {LATENTS_JSON} does not describe mean.npy/std.npy ({LATENTS_FORMAT}, same shapes)")
+        self.labels = None if labels is None else torch.from_numpy(labels.astype(np.int64))
+        self.label_dim = int(meta.get("label_dim") or 0) if labels is not None else 0
+        self.scale, self.meta = float(meta["scale"]), meta
+        self.name = os.path.basename(os.path.normpath(path))
+
+    @property
+    def shape(self):
+        return tuple(self.mean.shape[1:])
+
+    def __len__(self):
+        return self.mean.shape[0]
+
+    def get(self, idx, flip=None, device="cpu", generator=None):
+        """scale (mean + std eps) for samples idx (B,), eps = torch.randn((B, *shape), generator=generator) drawn on
+        the generator's device (global RNG without one), so a per-micro-batch generator makes draws reproducible.
+        No x-flips: a flipped image's latent is not the flipped latent."""
+        if flip is not None:
+            raise DataError("x-flips are not supported for latents (flip the images before encoding instead)")
+        i = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx)
+        mean = torch.from_numpy(self.mean[i].astype(np.float32))  # (B, 4, 32, 32)
+        std = torch.from_numpy(self.std[i].astype(np.float32))
+        rng_device = generator.device if generator is not None else "cpu"
+        eps = torch.randn(mean.shape, generator=generator, device=rng_device)
+        return ((mean.to(rng_device) + std.to(rng_device) * eps) * self.scale).to(device)
+
+    def one_hot(self, idx, device="cpu"):
+        return torch.nn.functional.one_hot(self.labels[idx], self.label_dim).float().to(device)
+
+
+def center_crop_dhariwal(img, res):
+    """ADM's (guided-diffusion's) ImageNet crop, also EDM2's "center-crop-dhariwal": halve with a box filter while
+    the short side is at least 2 res, resize the short side to res (bicubic), then take the centre res x res."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((left, top, left + res, top + res))
+
+
+def sd_vae_encoder(name="stabilityai/sd-vae-ft-mse", device="cuda"):
+    """images (B, 3, H, W) in [-1, 1] -> (posterior mean, posterior std), each (B, 4, H/8, W/8), by diffusers'
+    AutoencoderKL (an optional dependency, needed only here)."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise DataError("encode-latents needs the diffusers package: pip install diffusers") from None
+    vae = AutoencoderKL.from_pretrained(name).to(device).eval()
+
+    @torch.no_grad()
+    def encode(images):
+        dist = vae.encode(images.to(device)).latent_dist
+        return dist.mean, dist.std
+    return encode
+
+
+def _image_labels(path, names, images, read):
+    """dataset.json labels if present; otherwise ImageNet class folders (n01440764/...), numbered in sorted order
+    (ADM's rule); otherwise none."""
+    labels, label_dim = _read_labels(path, names, images, read)
+    if labels is not None:
+        return labels.numpy(), label_dim
+    synsets = [n.split("/")[-2] if "/" in n else "" for n in images]
+    if all(re.fullmatch(r"n\d{8}", s) for s in synsets):
+        classes = sorted(set(synsets))
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[s] for s in synsets], np.int64), max(len(classes), IMAGENET_CLASSES)
+    return None, 0
+
+
+def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
+    """Encode every image of src (zip or folder) after center_crop_dhariwal(resolution) and x = uint8 / 127.5 - 1
+    with `encoder(x) -> (mean, std)`; writes the latent folder `out` (latents.json last, so a crash leaves no
+    dataset that loads)."""
+    with _members(src) as (names, read):
+        images = [n for n in names if n.lower().endswith(IMAGE_EXTS)]
+        if not images:
+            raise DataError(f"{src}: no images ({', '.join(IMAGE_EXTS)}) found")
+        labels, label_dim = _image_labels(src, names, images, read)
+        os.makedirs(out, exist_ok=True)
+        files = None
+        for start in range(0, len(images), batch):
+            chunk = []
+            for n in images[start:start + batch]:
+                try:
+                    img = Image.open(io.BytesIO(read(n))).convert("RGB")
+                except Exception as e:
+                    raise DataError(f"{src}: cannot decode {n} ({e})") from None
+                chunk.append(np.asarray(center_crop_dhariwal(img, resolution)))
+            x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, res, res)
+            mean, std = encoder(x)
+            if files is None:
+                files = [np.lib.format.open_memmap(os.path.join(out, f), mode="w+", dtype=np.float16,
+                                                   shape=(len(images), *mean.shape[1:])) for f in ("mean.npy", "std.npy")]
+            for f, a in zip(files, (mean, std)):
+                f[start:start + len(chunk)] = a.float().cpu().numpy().astype(np.float16)
+            print(f"encoded {start + len(chunk)}/{len(images)}", flush=True)
+        for f in files:
+            f.flush()
+        if labels is not None:
+            np.save(os.path.join(out, "labels.npy"), labels)
+    meta = dict(format=LATENTS_FORMAT, count=len(images), shape=list(files[0].shape[1:]), label_dim=label_dim,
+                scale=SD_VAE_SCALE, vae=vae_name, resolution=resolution, crop="center-crop-dhariwal", source=os.path.basename(src))
+    with open(os.path.join(out, LATENTS_JSON), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
 
 # --- CIFAR-10 ------------------------------------------------------------------------------------------------
 
@@ -262,3 +478,28 @@ class _NumpyUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
         return super().find_class(module, name)
+
+# --- Command line --------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Dataset tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("encode-latents", help="encode an image zip/folder into SD-VAE latents (ImageNet-256)")
+    e.add_argument("--src", required=True, help="image zip or folder (dataset.json labels, or n0xxxxxxx class folders)")
+    e.add_argument("--out", required=True, help="output folder for mean.npy, std.npy, labels.npy, latents.json")
+    e.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or path")
+    e.add_argument("--batch", type=int, default=64)
+    e.add_argument("--resolution", type=int, default=256)
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        encoder = sd_vae_encoder(args.vae, args.device)
+        meta = encode_latents(args.src, args.out, encoder, args.batch, args.resolution, vae_name=args.vae)
+    except DataError as err:
+        sys.exit(f"data.py: error: {err}")
+    print(f"{args.out}: {meta['count']} latents of shape {meta['shape']}, label_dim {meta['label_dim']}")
+
+
+if __name__ == "__main__":
+    main()

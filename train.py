@@ -128,10 +128,10 @@ def resolve_config(argv):
             raise UsageError(f"unknown method {known.method!r}; choose from {', '.join(METHODS)}")
         method = importlib.import_module(known.method)
     args = build_parser(method).parse_args(argv)
-    is_points = args.data == "toy" or args.data.endswith(".npy")
-    preset_name = args.preset or ("toy" if is_points else "cifar10")
+    preset_name = args.preset or default_preset(args.data)
     if preset_name not in method.PRESETS:
-        raise UsageError(f"unknown preset {preset_name!r} for {args.method}; choose from {', '.join(method.PRESETS)}")
+        why = "" if args.preset else f" (the default for --data {args.data}; pass --preset)"
+        raise UsageError(f"unknown preset {preset_name!r} for {args.method}{why}; choose from {', '.join(method.PRESETS)}")
     cfg_fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
     preset = method.PRESETS[preset_name]
     unknown = set(preset) - set(cfg_fields) - set(TRAIN_DEFAULTS)
@@ -156,6 +156,17 @@ def resolve_config(argv):
         raise UsageError(f"{args.method} needs --stage1 RUN, the stage-1 cm run it continues" if args.stage1 is None
                          else f"--stage1 is for tcm, not {args.method}")
     return args, json.loads(json.dumps(cfg)), method
+
+
+def default_preset(spec):
+    """toy for points, imagenet256 for latents, imagenet64 for 64x64 images, cifar10 for other images."""
+    if spec == "toy" or spec.endswith(".npy"):
+        return "toy"
+    if os.path.isfile(os.path.join(spec, data.LATENTS_JSON)):
+        return "imagenet256"
+    if spec != "cifar10" and data.peek_resolution(spec) == 64:
+        return "imagenet64"
+    return "cifar10"
 
 
 def method_config(method, cfg):
@@ -326,6 +337,7 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
 def build_net(cfg, method, shape, label_dim):
     """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
     overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
         return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
     except ValueError as e:  # unknown net, or a net that does not fit the data
@@ -355,7 +367,8 @@ def load_teacher(path, method, ds, label_dim, device):
     state = load_compatible(path, method, device)
     tcfg = state["config"]
     tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
-    load_weights(tnet, state["ema"][0], f"teacher {path}")
+    weights = {k: v for k, v in state["ema"][0].items() if not k.startswith("logvar") or k in tnet.state_dict()}
+    load_weights(tnet, weights, f"teacher {path}")  # a log-variance head (EDM2) is unused by teachers
     return tnet.eval().requires_grad_(False)
 
 
@@ -375,11 +388,11 @@ def load_stage1(path, method, net, device, which, init):
 
 
 def init_from(net, path, method, device, rank):
-    """Copy a checkpoint's first EMA into net. Only heads the checkpoint lacks (the log-variance head of a
-    diffusion model) may stay freshly initialised."""
+    """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
+    one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
     state = load_compatible(path, method, device)
     missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
-    if unexpected or any(not k.startswith("logvar") for k in missing):
+    if any(not k.startswith("logvar") for k in missing + unexpected):
         raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if rank == 0:
         print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
@@ -480,7 +493,8 @@ def main(argv=None):
             gen.manual_seed(data.mix_seed(args.seed, step, m, 1))  # noise, times, label dropout
             idx = sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
             flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 2))) < 0.5
-            x = ds.get(idx, flip if cfg["xflip"] else None, device)
+            noise = torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 3))  # latents: posterior samples
+            x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
             y = ds.one_hot(idx, device) if label_dim else None
             with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
                 with autocast:
@@ -520,11 +534,12 @@ def main(argv=None):
     if ddp:
         check_ranks_identical(net, world)
     if rank == 0:
-        n = args.num_samples or (64 if ds.is_image else 2048)
+        grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
+        n = args.num_samples or (64 if grid else 2048)
         samples = draw_samples(method, mcfg, emas[0], ds, label_dim, n, args.seed, device)
         samples = samples.clamp(-1, 1) if ds.is_image else samples
         np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
-        data.save_picture(os.path.join(out, "samples.png"), samples[:256] if ds.is_image else samples, ds)
+        data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
         print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
     if ddp:
         dist.barrier()

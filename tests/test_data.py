@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 import zipfile
 
@@ -15,8 +16,8 @@ from PIL import Image
 import data
 
 
-def write_image_zip(path, n=12, res=16, labels=True, seed=0):
-    """A tiny dataset in EDM dataset_tool layout: 00000/img00000000.png ... + dataset.json."""
+def write_image_zip(path, n=12, res=16, labels=True, seed=0, meta=None):
+    """A tiny dataset in EDM dataset_tool layout: 00000/img00000000.png ... + dataset.json (+ `meta` entries)."""
     rng = np.random.default_rng(seed)
     arrays = rng.integers(0, 256, size=(n, res, res, 3), dtype=np.uint8)
     names = [f"00000/img{i:08d}.png" for i in range(n)]
@@ -26,7 +27,7 @@ def write_image_zip(path, n=12, res=16, labels=True, seed=0):
             Image.fromarray(a).save(buf, format="png")
             z.writestr(name, buf.getvalue())
         if labels:
-            z.writestr("dataset.json", json.dumps({"labels": [[name, i % 3] for i, name in enumerate(names)]}))
+            z.writestr("dataset.json", json.dumps({"labels": [[name, i % 3] for i, name in enumerate(names)], **(meta or {})}))
     return arrays
 
 
@@ -151,3 +152,159 @@ def test_cifar10_unpickler_refuses_code(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="refusing to load global"):
         data.load_cifar10(str(tmp_path), md5=md5)
     assert not (tmp_path / "pwned").exists()
+
+
+# --- Large image sets: decoded once, memory-mapped ---------------------------------------------------------------
+
+def test_large_image_sets_are_decoded_once_and_memory_mapped(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MMAP_BYTES", 0)  # every set counts as large
+    arrays = write_image_zip(tmp_path / "d.zip", n=6, res=8)
+    decoded = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a, **k: decoded.append(a[1]) or real_decode(*a, **k))
+    ds = data.load(str(tmp_path / "d.zip"), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(ds.x, torch.from_numpy(arrays).permute(0, 3, 1, 2)) and ds.label_dim == 3
+    cached = os.listdir(tmp_path / "cache")
+    assert len(cached) == 1 and cached[0].startswith("d-") and cached[0].endswith(".npy") and len(decoded) == 6
+    assert isinstance(np.load(tmp_path / "cache" / cached[0], mmap_mode="r"), np.memmap)
+    decoded.clear()
+    ds2 = data.load(str(tmp_path / "d.zip"), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(ds2.x, ds.x) and len(decoded) == 1  # only the first image, for the size check
+    assert torch.equal(ds2.get(torch.arange(2)), ds.x[:2].float() / 127.5 - 1)
+    st = os.stat(tmp_path / "d.zip")
+    os.utime(tmp_path / "d.zip", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed source gets a new cache
+    data.load(str(tmp_path / "d.zip"), cache_dir=str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
+@pytest.mark.parametrize("name, extra, label_dim", [
+    ("small.zip", {}, 3),  # largest label + 1
+    ("imagenet64-subset.zip", {}, 1000),  # ImageNet keeps 1000 classes even if a subset lacks some
+    ("small.zip", {"label_dim": 7}, 7),  # dataset.json says so
+])
+def test_label_dim_rule(tmp_path, name, extra, label_dim):
+    write_image_zip(tmp_path / name, n=6, res=8, meta=extra)
+    ds = data.load(str(tmp_path / name), cache_dir=str(tmp_path))
+    assert ds.label_dim == label_dim and ds.one_hot(torch.arange(2)).shape == (2, label_dim)
+
+
+def test_labels_beyond_label_dim_are_an_error(tmp_path):
+    write_image_zip(tmp_path / "d.zip", n=6, res=8, meta={"label_dim": 2})
+    with pytest.raises(data.DataError, match=r"labels must lie in \[0, 2\)"):
+        data.load(str(tmp_path / "d.zip"), cache_dir=str(tmp_path))
+
+
+# --- Latents ----------------------------------------------------------------------------------------------------
+
+class StandInEncoder:
+    """A fixed stand-in for the SD-VAE: 8x8 average pooling, then fixed linear maps 3 -> 4 channels for the
+    posterior mean and (through a softplus) the std. Counts the images it sees."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.A, self.B = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+        self.seen = []
+
+    def __call__(self, images):
+        self.seen.append(images.clone())
+        pooled = torch.nn.functional.avg_pool2d(images, 8)  # (B, 3, H/8, W/8)
+        mean = torch.einsum("oc,bchw->bohw", self.A, pooled)
+        std = 0.05 + torch.nn.functional.softplus(torch.einsum("oc,bchw->bohw", self.B, pooled))
+        return mean, std
+
+
+def write_photo_zip(path, sizes, labels):
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as z:
+        names = []
+        for i, (w, h) in enumerate(sizes):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="png")
+            names.append(f"00000/img{i:08d}.png")
+            z.writestr(names[-1], buf.getvalue())
+        z.writestr("dataset.json", json.dumps({"labels": [[n, y] for n, y in zip(names, labels)]}))
+
+
+def test_center_crop_dhariwal():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))  # W 100, H 60
+    out = data.center_crop_dhariwal(img, 16)
+    assert out.size == (16, 16)
+    # By hand: 100x60 -> box-halved once to 50x30 (30 < 32), bicubic to 27x16, centre crop from x = 5.
+    expect = img.resize((50, 30), Image.BOX).resize((27, 16), Image.BICUBIC).crop((5, 0, 21, 16))
+    assert np.array_equal(np.asarray(out), np.asarray(expect))
+    square = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(data.center_crop_dhariwal(square, 16)), np.asarray(square))
+
+
+@pytest.fixture
+def latents(tmp_path):
+    write_photo_zip(tmp_path / "photos.zip", [(40, 32), (32, 48), (32, 32), (64, 40), (33, 35)], [0, 2, 1, 2, 0])
+    enc = StandInEncoder()
+    data.encode_latents(str(tmp_path / "photos.zip"), str(tmp_path / "lat"), enc, batch=2, resolution=32)
+    return str(tmp_path / "lat"), enc
+
+
+def test_encode_latents_writes_posterior_mean_std_and_labels(latents, tmp_path):
+    out, enc = latents
+    meta = json.load(open(os.path.join(out, "latents.json")))
+    assert meta["count"] == 5 and meta["shape"] == [4, 4, 4] and meta["scale"] == 0.18215 and meta["label_dim"] == 3
+    assert meta["crop"] == "center-crop-dhariwal" and meta["resolution"] == 32
+    mean, std = np.load(os.path.join(out, "mean.npy")), np.load(os.path.join(out, "std.npy"))
+    assert mean.dtype == std.dtype == np.float16 and mean.shape == std.shape == (5, 4, 4, 4)
+    assert np.load(os.path.join(out, "labels.npy")).tolist() == [0, 2, 1, 2, 0]
+    # The encoder saw the cropped images in [-1, 1], in batches of 2.
+    assert [len(x) for x in enc.seen] == [2, 2, 1]
+    with zipfile.ZipFile(tmp_path / "photos.zip") as z:
+        img = Image.open(io.BytesIO(z.read("00000/img00000003.png"))).convert("RGB")
+    x = torch.from_numpy(np.array(data.center_crop_dhariwal(img, 32))).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(enc.seen[1][1], x)
+    m, s = StandInEncoder()(x[None])
+    np.testing.assert_array_equal(mean[3], m[0].numpy().astype(np.float16))
+    np.testing.assert_array_equal(std[3], s[0].numpy().astype(np.float16))
+
+
+def test_latent_dataset_draws_scaled_posterior_samples(latents):
+    out, _ = latents
+    ds = data.load(out, cache_dir=out)
+    assert isinstance(ds, data.LatentDataset) and ds.shape == (4, 4, 4) and len(ds) == 5 and not ds.is_image
+    assert ds.label_dim == 3 and ds.one_hot(torch.tensor([1])).tolist() == [[0.0, 0.0, 1.0]]
+    mean = torch.from_numpy(np.load(os.path.join(out, "mean.npy"))).double()
+    std = torch.from_numpy(np.load(os.path.join(out, "std.npy"))).double()
+    idx = torch.tensor([3, 0, 3])
+    # Exact: x = 0.18215 (mean + std eps) with eps = randn((B, 4, 4, 4), generator) ...
+    x = ds.get(idx, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(7)).double()
+    torch.testing.assert_close(x.double(), 0.18215 * (mean[idx] + std[idx] * eps), rtol=1e-6, atol=1e-6)
+    # ... so the same seed gives the same draw and another seed another one.
+    assert torch.equal(ds.get(idx, generator=torch.Generator().manual_seed(7)), x)
+    assert not torch.allclose(ds.get(idx, generator=torch.Generator().manual_seed(8)), x)
+    # Statistics over 4000 draws of sample 3 (float64): mean within 5 standard errors, std within 10%.
+    n = 4000
+    draws = ds.get(torch.full((n,), 3), generator=torch.Generator().manual_seed(0)).double()
+    err = (draws.mean(0) - 0.18215 * mean[3]).abs() / (0.18215 * std[3] / n**0.5)
+    assert err.max() < 5
+    torch.testing.assert_close(draws.std(0), 0.18215 * std[3], rtol=0.1, atol=0)
+    with pytest.raises(data.DataError, match="x-flips are not supported"):
+        ds.get(idx, flip=torch.tensor([True, False, True]))
+
+
+def test_latent_folder_trains_and_previews(latents, tmp_path):
+    """train.py loads the latent folder through data.load (choosing the imagenet256 preset) and writes a false-colour
+    preview of latent samples."""
+    import train
+    out, _ = latents
+    run = str(tmp_path / "run")
+    train.cli(["--method", "meanflow", "--data", out, "--net", "ddpmpp-tiny", "--steps", "1", "--batch", "2",
+               "--log-every", "1", "--num-samples", "4", "--out", run])  # the imagenet256 preset: cond, bf16
+    assert np.load(os.path.join(run, "samples.npy")).shape == (4, 4, 4, 4)
+    assert Image.open(os.path.join(run, "samples.png")).size == (8, 8)  # a 2 x 2 grid of 4 x 4 latents, RGB
+    assert Image.open(os.path.join(run, "samples.png")).mode == "RGB"
+    assert json.load(open(os.path.join(run, "config.json")))["label_dim"] == 3
+
+
+def test_encode_latents_without_diffusers_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    write_image_zip(tmp_path / "d.zip", n=2, res=8)
+    with pytest.raises(SystemExit, match="pip install diffusers"):
+        data.main(["encode-latents", "--src", str(tmp_path / "d.zip"), "--out", str(tmp_path / "lat"), "--device", "cpu"])

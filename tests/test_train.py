@@ -93,7 +93,7 @@ def test_presets_are_valid_configs(name):
     (["--method", "meanflow", "--data", "toy", "--net", "ddpmpp"], "square images"),
     (["--method", "meanflow", "--data", "toy", "--cond"], "needs class labels"),
     (["--method", "meanflow", "--data", "toy", "--preset", "imagenet64"], "unknown preset"),
-    (["--method", "meanflow", "--data", "toy", "--preset", "imagenet256"], "got 'dit-b2'"),
+    (["--method", "meanflow", "--data", "toy", "--net", "dit-tiny"], "got samples of shape (2,)"),
     (["--method", "meanflow", "--data", "toy", "--precision", "fp8"], "precision"),
     (["--method", "meanflow", "--data", "toy", "--resume", "nowhere"], "no checkpoint"),
     (["--method", "meanflow", "--data", "toy", "--tangent", "magic", "--steps", "1"], "unknown tangent"),
@@ -292,3 +292,20 @@ def test_bad_ema_is_one_line_error(tmp_path, args):
     with pytest.raises(SystemExit) as e:
         train.cli(["--method", "meanflow", "--data", "toy", "--out", str(tmp_path / "o"), *args])
     assert "ema" in e.value.code and "\n" not in e.value.code
+
+
+def test_default_preset_follows_the_data(tmp_path):
+    """toy for points, cifar10 for 32x32 images, imagenet64 for 64x64 images (the issue's `--data imagenet64.zip`),
+    imagenet256 for a latent folder; a method without that preset says so in one line."""
+    write_image_zip(tmp_path / "in64.zip", n=2, res=64)
+    write_image_zip(tmp_path / "c32.zip", n=2, res=32)
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "latents.json").write_text("{}")
+    expect = {"toy": "toy", str(tmp_path / "c32.zip"): "cifar10", str(tmp_path / "in64.zip"): "imagenet64",
+              str(tmp_path / "lat"): "imagenet256"}
+    for spec, preset in expect.items():
+        assert train.default_preset(spec) == preset
+    _, cfg, _ = train.resolve_config(["--method", "cm", "--data", str(tmp_path / "in64.zip")])
+    assert (cfg["preset"], cfg["net"], cfg["ema_kind"]) == ("imagenet64", "edm2-s", "power")
+    with pytest.raises(train.UsageError, match="default for --data"):
+        train.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])

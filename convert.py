@@ -1,0 +1,326 @@
+"""Convert official pretrained diffusion checkpoints into this repository's checkpoint format.
+
+    python convert.py edm-cifar10-32x32-uncond-vp.pkl ckpt/edm-cifar10-uncond-vp.pt
+    python convert.py edm2-img64-s-1073741-0.075.pkl ckpt/edm2-img64-s.pt --sha256 HEX   # verify the download
+    python convert.py DiT-XL-2-256x256.pt ckpt/dit-xl2.pt
+    python train.py --method cm --data cifar10 --init ckpt/edm-cifar10-uncond-vp.pt       # then use it
+
+Supported files (REFERENCE §6.8):
+
+| file | URL | our net | licence of the weights |
+|---|---|---|---|
+| EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
+| EDM `edm-imagenet-64x64-cond-adm.pkl` | same folder | adm | CC BY-NC-SA 4.0 |
+| EDM2 `edm2-img64-{s,m,l,xl}-*.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/ | edm2-s ... edm2-xl | CC BY-NC-SA 4.0 |
+| DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
+
+Licences as stated by the NVlabs/edm and NVlabs/edm2 READMEs ("All material, including source code and pre-trained
+models") and the facebookresearch/DiT README ("code and model weights"): non-commercial use only, and the converted
+file is a derivative of the weights under the same terms.
+
+The output is `{net: state_dict, ema: [state_dict], step: 0, config: {...}}`, tensors and plain data only, so
+`torch.load(weights_only=True)` reads it and train.py's --init and --teacher take it as a "diffusion" checkpoint.
+The NVIDIA pickles are read by a restricted unpickler that never runs the source code they embed (§6.9); still, pickle
+calls the allowed rebuild functions, so convert only files you trust. Every failure is one line and exit status 1.
+"""
+import argparse
+import collections
+import hashlib
+import inspect
+import io
+import json
+import os
+import pickle
+import sys
+import zipfile
+
+import torch
+
+import nets
+
+
+class ConvertError(Exception):
+    pass
+
+# --- Restricted unpickler (REFERENCE §6.9) -----------------------------------------------------------------
+
+
+class Persistent:
+    """An object pickled by NVIDIA's torch_utils.persistence. Keeps `meta` (type, version, module_src, class_name,
+    state); the original loader would exec meta['module_src'], we only read meta['state']."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    @property
+    def class_name(self):
+        return self.meta.get("class_name")
+
+    @property
+    def state(self):
+        return self.meta.get("state") or {}
+
+
+class Container:
+    """A torch.nn container (ModuleDict, ...) rebuilt without torch.nn: pickle creates it empty and hands it its
+    __dict__, which we keep as `state`."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _reconstruct_persistent(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or "state" not in meta:
+        raise pickle.UnpicklingError("persistent object without class metadata")
+    return Persistent(meta)
+
+
+def _storage_from_bytes(b):
+    # Deviation from torch.storage._load_from_bytes, which torch.load()s the embedded bytes with weights_only=False
+    # (any pickle inside would run): the embedded torch.save of one storage needs nothing beyond weights_only.
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+# Everything an EDM/EDM2 network pickle needs. A plain pickle.dump of a module stores each tensor as
+# _rebuild_tensor_v2(storage, ...) or _rebuild_parameter(tensor, ...), each storage as _load_from_bytes(torch.save
+# bytes) (the typed storage classes such as torch.FloatStorage / HalfStorage appear only inside those bytes, read
+# by torch's own weights_only loader), and module hook tables as OrderedDicts.
+ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent,
+    ("dnnlib.util", "EasyDict"): dict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch.nn.modules.container", name): Container
+       for name in ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not needed for network weights)")
+        return ALLOWED[(module, name)]
+
+
+def flatten(module, prefix=""):
+    """{dotted.name: tensor} from a Persistent/Container tree, as module.state_dict() would list them."""
+    state = module.state if isinstance(module, (Persistent, Container)) else {}
+    skip = state.get("_non_persistent_buffers_set") or set()
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if tensor is not None and not (group == "_buffers" and name in skip):
+                out[prefix + name] = tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(flatten(child, f"{prefix}{name}."))
+    return out
+
+# --- Reading the sources ----------------------------------------------------------------------------------------
+
+# Constructor defaults of the official classes: `_init_kwargs` records only the arguments that were passed.
+# channels_per_head is fixed to 64 inside EDM's DhariwalUNet and a block default (overridable) in EDM2.
+EDM_DEFAULTS = {
+    "SongUNet": dict(augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+                     attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type="positional",
+                     channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1]),
+    "DhariwalUNet": dict(augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+                         attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0, channels_per_head=64),
+    "UNet": dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_noise=None, channel_mult_emb=None,
+                 num_blocks=3, attn_resolutions=[16, 8], label_balance=0.5, concat_balance=0.5, channels_per_head=64),
+}
+# Design choices our nets hard-code; a checkpoint with other values (e.g. EDM's NCSN++ "-ve" nets) has no match here.
+FIXED = {"SongUNet": dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                          decoder_type="standard", resample_filter=[1, 1])}
+OUR_CLASS = {"SongUNet": "SongUNet", "DhariwalUNet": "DhariwalUNet", "UNet": "EDM2UNet", "DiT": "DiT"}
+NOT_STRUCTURAL = {"dropout", "label_dropout", "img_resolution", "img_channels", "in_channels", "out_channels",
+                  "label_dim", "augment_dim", "use_r", "logvar", "learn_sigma", "dropout_res"}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_source(path):
+    """(weights {name: fp32 tensor}, source info dict) from an EDM/EDM2 pickle or a DiT .pt file."""
+    if zipfile.is_zipfile(path):
+        return read_dit(path)
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x80":  # every pickle of protocol 2 or later starts with the PROTO opcode
+            raise ConvertError(f"{path} is neither a pickle nor a torch .pt (zip) file")
+        f.seek(0)
+        try:
+            top = RestrictedUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as e:
+            raise ConvertError(f"cannot read {path}: {e}") from None
+    if not isinstance(top, dict) or not isinstance(top.get("ema"), Persistent):
+        raise ConvertError(f"{path}: expected an EDM/EDM2 network pickle (a dict with an 'ema' network)")
+    ema = top["ema"]
+    modules = ema.state.get("_modules") or {}
+    if isinstance(modules.get("model"), Persistent):  # EDM: EDMPrecond / VPPrecond(model=SongUNet | DhariwalUNet)
+        inner, prefix = modules["model"], "model."
+    elif isinstance(modules.get("unet"), Persistent):  # EDM2: Precond(unet=UNet, logvar_fourier, logvar_linear)
+        inner, prefix = modules["unet"], "unet."
+    else:
+        raise ConvertError(f"{path}: unknown network class {ema.class_name!r} (expected EDM or EDM2 preconditioning)")
+    if inner.class_name not in EDM_DEFAULTS:
+        raise ConvertError(f"{path}: unknown network class {inner.class_name!r}; supported: {', '.join(EDM_DEFAULTS)}")
+    weights = {k.removeprefix(prefix): v.float() if v.is_floating_point() else v for k, v in flatten(ema).items()}
+    kwargs = {**EDM_DEFAULTS[inner.class_name], **dict(inner.state.get("_init_kwargs") or {})}
+    info = dict(format="edm2-pkl" if prefix == "unet." else "edm-pkl", precond=ema.class_name,
+                precond_kwargs=dict(ema.state.get("_init_kwargs") or {}), net_class=inner.class_name, net_kwargs=kwargs)
+    return weights, info
+
+
+def read_dit(path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConvertError(f"cannot read {path} as a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):  # a DiT training checkpoint {model, ema, opt, args}
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ConvertError(f"{path}: expected a DiT state dict or a training checkpoint with an 'ema' state dict")
+    if "x_embedder.proj.weight" not in obj:
+        raise ConvertError(f"{path}: unknown network class (no x_embedder.proj.weight: not a DiT state dict)")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
+    # DiT files record no config: read it from the shapes (num_heads cannot be read; the registry entry decides).
+    hidden_size, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
+    tokens = weights["pos_embed"].shape[-2]
+    kwargs = dict(img_resolution=int(round(tokens**0.5)) * patch, in_channels=in_channels,
+                  label_dim=weights["y_embedder.embedding_table.weight"].shape[0] - 1,  # last row: the null label
+                  learn_sigma=weights["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch**2,
+                  hidden_size=hidden_size, patch_size=patch, depth=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+                  mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size)
+    return weights, dict(format="dit-pt", precond=None, precond_kwargs={}, net_class="DiT", net_kwargs=kwargs)
+
+# --- Mapping to our nets --------------------------------------------------------------------------------------
+
+
+def _plain(v):
+    """JSON-comparable form (tuples as lists, numbers as floats)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def mismatches(name, source_kwargs, net_class):
+    """The recorded constructor arguments that differ from registry entry `name` (our defaults filled in)."""
+    cls, registry_kwargs = nets.NETS[name]
+    ours = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+    ours.update(registry_kwargs)
+    ours.update(FIXED.get(net_class, {}))
+    return [f"{k}={source_kwargs[k]!r} (ours: {ours[k]!r})" for k in sorted(set(ours) & set(source_kwargs))
+            if k not in NOT_STRUCTURAL and _plain(source_kwargs[k]) != _plain(ours[k])]
+
+
+def match_net(info, net_name=None):
+    """The registry name whose config matches the source's recorded kwargs, or a ConvertError saying what differs."""
+    cls_name = OUR_CLASS[info["net_class"]]
+    candidates = [n for n, (cls, _) in nets.NETS.items() if cls.__name__ == cls_name]
+    if not candidates:
+        raise ConvertError(f"nets.py has no {cls_name} for this {info['net_class']} checkpoint")
+    if net_name is not None:
+        if net_name not in candidates:
+            raise ConvertError(f"--net {net_name} is not a {cls_name}; choose from {', '.join(candidates)}")
+        candidates = [net_name]
+    found = {n: mismatches(n, info["net_kwargs"], info["net_class"]) for n in candidates}
+    good = [n for n, bad in found.items() if not bad]
+    if not good:
+        raise ConvertError("config mismatch: " + "; ".join(f"{n}: {', '.join(bad)}" for n, bad in found.items()))
+    return good[0]
+
+
+def to_our_net(weights, info, net_name=None):
+    """(state_dict, config) for our net, checked by a strict load into the net built from that config."""
+    kw, notes, dropped = info["net_kwargs"], [], []
+    if info["format"] == "dit-pt":
+        shape, label_dim = [kw["in_channels"], kw["img_resolution"], kw["img_resolution"]], kw["label_dim"]
+        net_kwargs = {} if kw["learn_sigma"] else dict(learn_sigma=False)  # official DiT: learn_sigma, our default
+        notes.append("DiT is a DDPM epsilon/variance-prediction model (1000 discrete steps), not EDM-preconditioned")
+    else:
+        channels = kw.get("in_channels", kw.get("img_channels", info["precond_kwargs"].get("img_channels")))
+        res = kw.get("img_resolution", info["precond_kwargs"].get("img_resolution"))
+        shape, label_dim, net_kwargs = [channels, res, res], kw.get("label_dim", 0), {}
+    if kw.get("augment_dim"):
+        # map_augment is a bias-free linear map of the augmentation labels, which are zero at sampling and in our
+        # training (no augmentation pipeline): dropping it changes no output.
+        dropped = [k for k in weights if k.startswith("map_augment.")]
+        weights = {k: v for k, v in weights.items() if k not in dropped}
+    if info["precond"] == "VPPrecond":
+        notes.append("trained with VP preconditioning; as an EDM-preconditioned net it is an initialisation for "
+                     "consistency tuning (as in ECT), not an accurate EDM denoiser")
+    if info["net_class"] in ("DhariwalUNet", "UNet"):
+        notes.append(f"{info['net_class']} was trained with dropout; use it in eval mode as a teacher (train.py does)")
+    name = match_net(info, net_name)
+    logvar = any(k.startswith("logvar") for k in weights)
+    with torch.device("meta"):  # shapes only, nothing allocated (EDM2-XL has 1.1 B parameters)
+        net = nets.build_net(name, shape, label_dim=label_dim, use_r=False, logvar=logvar, **net_kwargs)
+    try:
+        net.load_state_dict(weights, strict=True, assign=True)  # assign: no copy into meta tensors
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ConvertError(f"config mismatch: the weights do not fit {name}: {detail[:300]}") from None
+    source = dict(**{k: v for k, v in info.items() if k != "format"}, format=info["format"], dropped=dropped, notes=notes)
+    config = dict(method="diffusion", net=name, dropout=None, cond=label_dim > 0, label_dim=label_dim, shape=shape,
+                  seed=0, logvar=logvar, net_kwargs=net_kwargs, source=_jsonable(source))
+    return weights, config
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if v == v and abs(v) != float("inf") else str(v)  # strict JSON has no inf / nan
+    return repr(v)
+
+# --- Main ---------------------------------------------------------------------------------------------------------
+
+
+def convert(src, out, net_name=None, expect_sha256=None):
+    """Convert `src` into `out`; returns the config written."""
+    if not os.path.isfile(src):
+        raise ConvertError(f"no such file: {src}")
+    digest = sha256(src)
+    if expect_sha256 and digest != expect_sha256.lower():
+        raise ConvertError(f"{src} has sha256 {digest}, expected {expect_sha256}")
+    weights, info = read_source(src)
+    sd, config = to_our_net(weights, info, net_name)
+    config["source"].update(file=os.path.basename(src), sha256=digest)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    torch.save(dict(net=sd, ema=[sd], step=0, config=config), tmp)  # net and ema share storages: saved once
+    os.replace(tmp, out)
+    return config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert an official EDM / EDM2 / DiT checkpoint.")
+    p.add_argument("src", help="the official .pkl (EDM, EDM2) or .pt (DiT) file")
+    p.add_argument("out", help="output .pt in this repository's checkpoint format")
+    p.add_argument("--net", help="registry name to check against (default: the one whose config matches)")
+    p.add_argument("--sha256", help="expected SHA-256 of src")
+    args = p.parse_args(argv)
+    try:
+        config = convert(args.src, args.out, args.net, args.sha256)
+    except ConvertError as e:
+        sys.exit(f"convert.py: error: {e}")
+    src = config["source"]
+    print(f"{args.out}: net {config['net']}, shape {config['shape']}, label_dim {config['label_dim']}, logvar head "
+          f"{config['logvar']}, from {src['precond'] or src['net_class']}; sha256 {src['sha256']}")
+    for note in src["notes"] + [f"dropped {', '.join(src['dropped'])} (zero augmentation labels)"] * bool(src["dropped"]):
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
