@@ -106,7 +106,11 @@ def build_parser(method=None):
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures (0: end only)")
     p.add_argument("--num-samples", type=int, default=None, help="final samples.npy size (points 2048, images 64)")
-    p.add_argument("--cache", default=data.cache_dir_default(), help="download cache (CIFAR-10)")
+    p.add_argument("--cache", default=data.cache_dir_default(), help="download cache (CIFAR-10, FID detector)")
+    p.add_argument("--fid-every", type=int, default=0, help="steps between FIDs of the first EMA (fid.py protocol; 0: off)")
+    p.add_argument("--fid-ref", help="reference statistics for --fid-every (python fid.py ref --data ... --out REF.npz)")
+    p.add_argument("--fid-num", type=int, default=10_000, help="samples per --fid-every evaluation (FIDs compare only at equal N)")
+    p.add_argument("--fid-detector", help="Inception weights for --fid-every (default: fid.py's; path, URL or name)")
     g = p.add_argument_group("training recipe (defaults from the preset)")
     for k, (default, kind, help) in TRAIN.items():
         add_flag(g, k, kind, help)
@@ -148,6 +152,8 @@ def resolve_config(argv):
     lo, hi = (0, 1) if cfg["ema_kind"] == "const" else (0, 0.28)
     if not cfg["ema"] or not all(lo < e < hi for e in cfg["ema"]):
         raise UsageError(f"--ema with --ema-kind {cfg['ema_kind']} needs values in ({lo}, {hi}), got {cfg['ema']}")
+    if args.fid_every and not args.fid_ref:
+        raise UsageError("--fid-every needs --fid-ref REF.npz (make it with: python fid.py ref --data DATA --out REF.npz)")
     if cfg["distill"] and not args.teacher:
         raise UsageError(f"preset {preset_name} distils from a teacher: pass --teacher PATH")
     if args.teacher and not method.TEACHERS:
@@ -306,6 +312,23 @@ def format_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 # --- Nets, teachers, samples --------------------------------------------------------------------------------------
+
+
+def fid_evaluator(args, ds, label_dim, method, mcfg, rank, ddp, device):
+    """A function ema -> FID (fid.py's protocol, per-image seeds), to call on every rank; fid.py is imported only here."""
+    if not ds.is_image or ds.shape[0] != 3:
+        raise UsageError(f"--fid-every needs RGB images; {args.data} has samples of shape {ds.shape}")
+    import fid
+    ref = fid.load_ref(args.fid_ref)
+    spec = args.fid_detector or fid.DETECTOR_DEFAULT
+    if rank == 0:  # may download the weights once into the cache
+        detector, _ = fid.load_detector(spec, device, args.cache)
+    if ddp:
+        dist.barrier()
+    if rank != 0:
+        detector, _ = fid.load_detector(spec, device, args.cache)
+    return lambda ema: fid.compute_fid(ema, method, mcfg, ds.shape, label_dim, args.fid_num, ref, detector, device,
+                                       seed=args.seed)
 
 
 def check_ranks_identical(net, world):
@@ -481,6 +504,7 @@ def main(argv=None):
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
               f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | out {out}")
 
+    fid_of = fid_evaluator(args, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
     stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0
     for step in range(start + 1, cfg["steps"] + 1):
         lr = learning_rate(cfg, step)
@@ -525,6 +549,14 @@ def main(argv=None):
         if rank == 0 and args.sample_every and step % args.sample_every == 0:
             samples = draw_samples(method, mcfg, emas[0], ds, label_dim, 64, args.seed, device)
             data.save_picture(os.path.join(out, f"samples-{step:07d}.png"), samples, ds)
+        if fid_of is not None and (step % args.fid_every == 0 or step == cfg["steps"]):
+            fid_t0, value = time.time(), fid_of(emas[0])  # every rank generates its share
+            if rank == 0:
+                print(f"step {step:>7d} | FID {value:.3f} ({args.fid_num} samples, ema {cfg['ema'][0]}, "
+                      f"{time.time() - fid_t0:.0f} s)", flush=True)
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, kimg=step * cfg["batch"] / 1000, fid=value, fid_num=args.fid_num)) + "\n")
+            t0 = t0 + (time.time() - fid_t0)  # keep img/s a training rate
         if step % args.ckpt_every == 0 or step == cfg["steps"]:
             if rank == 0:
                 save_checkpoint(ckpt_path, net, emas, opt, step, cfg)
@@ -555,4 +587,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules["train"] = sys.modules[__name__]  # fid.py imports train: one module, one UsageError class
     cli()

@@ -1,0 +1,559 @@
+"""FID of a checkpoint against reference statistics, with one pinned protocol (REFERENCE §7).
+
+    python fid.py ref  --data cifar10 --out cifar10-ref.npz                        # statistics of the 50k train images
+    python fid.py calc --ckpt runs/cm-cifar10-000/ckpt.pt --steps 1 --num 50000 --ref cifar10-ref.npz
+    torchrun --nproc_per_node=8 fid.py calc --ckpt RUN/ckpt.pt --num-images 50000 --ref cifar10-ref.npz --json fid.json
+    python fid.py calc ... --steps 2 --sigmas 80,0.821,0                            # an explicit 2-step list
+
+Protocol (the same for `ref`, `calc` and train.py's compute_fid):
+  * Detector: Inception-v3 "2015-12-05" (the TF graph FID has always used), 2048-d pool3 features in float32 (TF32 off).
+    Weights: the torchvision-style state dict pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or its copy
+    weights-inception-2015-12-05-6726825d.pth (torch-fidelity); --detector takes a path, a URL or one of these names
+    (looked up in the cache, downloaded when a network exists). Checked by SHA-256: the 8 hex digits before .pth are
+    the hash's prefix (torch.hub convention); only 6726825d is the published detector. NVIDIA's TorchScript .pt /
+    pickle detector is refused: loading it runs code stored in the downloaded file.
+  * Images in [-1, 1] -> uint8 by clip(floor(127.5 x + 128), 0, 255) (EDM), even when nothing is written to disk.
+  * Resize to 299 x 299 with TF1 bilinear (source coordinate = destination * in / out, no half-pixel offset: NVIDIA's
+    detector and torch-fidelity), then (x - 128) / 128.
+  * Statistics: sums of f and f^T f in float64, all-reduced over ranks; mu = S1 / N, sigma = (S2 - N mu mu^T) / (N - 1).
+    Reference files are .npz with keys mu, sigma (EDM's format: its cifar10-32x32.npz works as --ref).
+  * FID = |mu1 - mu2|^2 + tr sigma1 + tr sigma2 - 2 tr sqrt(sigma1 sigma2), all in float64, the trace from the
+    eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1) (symmetric, clipped at 0).
+  * Samples: the first EMA (or --ema i), eval mode, the method's own sampler. Image i's noise and (for conditional
+    models, uniform) label come from a CPU generator seeded by data.mix_seed(seed, i), so the set does not depend on
+    the rank count, the batch size or the device. Images are made in chunks of --batch; chunk c goes to rank
+    c % world, and multi-step CM samplers (cm, scm, tcm) draw their re-noising from a generator seeded by
+    mix_seed(seed, c, 1): multi-step sets depend on --batch, never on the rank count. meanflow and diffusion
+    samplers are deterministic given the noise.
+  * --steps N: omitted = the checkpoint's own list. cm/scm/tcm: 1 = (sample_sigmas[0], 0); N > 1 = the reference's
+    default Karras-index list sigma_k, k = floor(linspace(998, 2, N + 1)), last set to 0 (REFERENCE §1.4), or
+    --sigmas. meanflow: 1 = (sample_ts[0], 0); N > 1 = linspace(1, 0, N + 1) with the first entry sample_ts[0]
+    (2 steps: 0.999, 0.5, 0), or --ts. diffusion: N Heun steps (2 N - 1 evaluations) on its Karras grid.
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import data
+import train
+from train import UsageError
+
+DETECTOR_URLS = {
+    "pt_inception-2015-12-05-6726825d.pth":
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    "weights-inception-2015-12-05-6726825d.pth":
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+}
+DETECTOR_DEFAULT = "pt_inception-2015-12-05-6726825d.pth"
+PUBLISHED_SHA256_PREFIX = "6726825d"
+PROTOCOL = "inception-2015-12-05 pool3; uint8 floor(127.5x+128); TF1 bilinear to 299; (x-128)/128; float64 stats"
+FETCH_HINT = f"fetch {' or '.join(DETECTOR_URLS.values())} and pass --detector PATH"
+
+# --- Detector: Inception-v3 "2015-12-05" ----------------------------------------------------------------------
+# torchvision's Inception-v3 module names (so the published state dicts load strictly), with the TF graph's
+# differences: 1008 logits, avg-pool branches that do not count the zero padding (A, C, first E block), a max-pool
+# branch in the last E block (Mixed_7c), BN eps 1e-3. No auxiliary head. fc is loaded but FID never uses it.
+
+
+class Conv(nn.Module):
+    """conv (no bias) + BN + ReLU, named like torchvision's BasicConv2d."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)  # TF's BN epsilon
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def chain(x, *layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def tf_avg_pool(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF averages over real pixels only
+
+
+class BlockA(nn.Module):  # Mixed_5b, 5c, 5d (35 x 35)
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = Conv(c_in, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = Conv(c_in, 48, 1), Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 64, 1), Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
+        self.branch_pool = Conv(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), chain(x, self.branch5x5_1, self.branch5x5_2),
+                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class BlockB(nn.Module):  # Mixed_6a (35 -> 17)
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = Conv(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 64, 1), Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class BlockC(nn.Module):  # Mixed_6b..6e (17 x 17), factorised 7 x 7
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = Conv(c_in, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = Conv(c_in, c7, 1), Conv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = Conv(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(c_in, c7, 1), Conv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = Conv(c_in, 192, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
+                          chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                                self.branch7x7dbl_5),
+                          self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class BlockD(nn.Module):  # Mixed_7a (17 -> 8)
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = Conv(c_in, 192, 1), Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(c_in, 192, 1), Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, (7, 1), padding=(3, 0)), Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2),
+                          chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class BlockE(nn.Module):  # Mixed_7b (avg-pool branch), Mixed_7c (max-pool branch: the TF graph's, not the paper's)
+    def __init__(self, c_in, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = Conv(c_in, 320, 1)
+        self.branch3x3_1 = Conv(c_in, 384, 1)
+        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 448, 1), Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = Conv(c_in, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pooled = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pooled)], 1)
+
+
+class InceptionV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = BlockA(192, 32), BlockA(256, 64), BlockA(288, 64)
+        self.Mixed_6a = BlockB(288)
+        self.Mixed_6b, self.Mixed_6c = BlockC(768, 128), BlockC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = BlockC(768, 160), BlockC(768, 192)
+        self.Mixed_7a = BlockD(768)
+        self.Mixed_7b, self.Mixed_7c = BlockE(1280, "avg"), BlockE(2048, "max")
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        """x: (B, 3, 299, 299) normalised to about [-1, 1] -> pool3 features (B, 2048)."""
+        x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (B, 64, 147, 147)
+        x = chain(F.max_pool2d(x, 3, stride=2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # (B, 192, 71, 71)
+        x = chain(F.max_pool2d(x, 3, stride=2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # (B, 288, 35, 35)
+        x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)  # (B, 768, 17, 17)
+        x = chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3))  # (B, 2048): pool3, the 8 x 8 average
+
+# --- Detector weights ---------------------------------------------------------------------------------------------
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path, name):
+    """Full SHA-256 of the file; it must start with the hex digits after the last '-' of `name` (torch.hub)."""
+    m = re.search(r"-([0-9a-f]{8,64})\.pth$", name)
+    if not m:
+        raise UsageError(f"detector file {name} must be named NAME-<first 8 hex digits of its SHA-256>.pth "
+                         f"(torch.hub convention) so it can be verified; {FETCH_HINT}")
+    digest = sha256(path)
+    if not digest.startswith(m.group(1)):
+        raise UsageError(f"{path} has SHA-256 {digest[:16]}..., but its name promises {m.group(1)}: the file is "
+                         f"corrupt or incomplete; delete it and {FETCH_HINT}")
+    return digest
+
+
+def fetch_detector(spec, cache_dir):
+    """A verified local detector file for a path, a URL or a known file name. Returns (path, sha256)."""
+    if spec.endswith((".pt", ".pkl")):
+        raise UsageError(f"{spec}: NVIDIA's TorchScript/pickle detector is not supported (loading it would run code "
+                         f"stored in the file); {FETCH_HINT}")
+    if os.path.isfile(spec):
+        return spec, check_sha256(spec, os.path.basename(spec))
+    name = os.path.basename(spec.split("?")[0])
+    url = spec if spec.startswith(("http://", "https://")) else DETECTOR_URLS.get(spec)
+    if url is None:
+        raise UsageError(f"no detector file {spec}; {FETCH_HINT}")
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        return path, check_sha256(path, name)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        digest = check_sha256(tmp, name)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"cannot download the detector from {url} ({type(e).__name__}); {FETCH_HINT}") from None
+    os.replace(tmp, path)  # a crash never leaves a half file under the final name
+    return path, digest
+
+
+def load_detector(spec, device, cache_dir=None):
+    """(InceptionV3 in eval mode on device, sha256 of the weights)."""
+    path, digest = fetch_detector(spec, cache_dir or data.cache_dir_default())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot load {path} as a state dict ({type(e).__name__})") from None
+    net = InceptionV3()
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} does not hold a state dict")
+    # BN's num_batches_tracked counters are bookkeeping the published files may or may not carry: ours are used.
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    state.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
+    train.load_weights(net, state, f"detector {path}")
+    if not digest.startswith(PUBLISHED_SHA256_PREFIX) and not (dist.is_initialized() and dist.get_rank() > 0):
+        print(f"warning: {path} is not the published 2015-12-05 detector (SHA-256 {digest[:8]}...): "
+              "FIDs are not comparable with published ones", file=sys.stderr)
+    return net.eval().requires_grad_(False).to(device), digest
+
+# --- Protocol: quantise, resize, normalise -----------------------------------------------------------------------
+
+
+def quantize(x):
+    """[-1, 1] floats -> uint8, round half up of 127.5 (x + 1) (EDM); non-finite values become 128."""
+    x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.floor(127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+
+
+def resize_tf1(x, size):
+    """TF1 bilinear (align_corners=False, half_pixel_centers=False): source = dst * in / out, the top/left
+    neighbour floor(source), the other one clamped at the edge. x (B, C, H, W) float -> (B, C, size, size).
+    Deviation from torch's F.interpolate(align_corners=False), which uses source = (dst + 0.5) in / out - 0.5."""
+    for dim in (3, 2):  # width first, then height, as TF
+        n_in = x.shape[dim]
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
+        i0 = src.floor().long()
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        frac = (src - i0).to(x.dtype).reshape([-1] + [1] * (3 - dim))
+        a, b = x.index_select(dim, i0), x.index_select(dim, i1)
+        x = a + (b - a) * frac
+    return x
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Features in true float32: TF32 convolutions/matmuls (cuDNN's default on Ampere+) would change them."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@torch.no_grad()
+def features(detector, images):
+    """uint8 RGB images (B, 3, H, W) -> float32 pool3 features (B, 2048)."""
+    device = next(detector.parameters()).device
+    x = resize_tf1(images.to(device).float(), 299)
+    with full_fp32():
+        return detector((x - 128) / 128)
+
+# --- Statistics and distance ----------------------------------------------------------------------------------
+
+
+class FeatureStats:
+    """Sums of f, f^T f and the count (plus non-finite samples) in float64; reduced across ranks at the end."""
+
+    def __init__(self, device, dim=2048):
+        self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(2, dtype=torch.float64, device=device)  # images, non-finite samples
+
+    def add(self, f, nonfinite=0):
+        f = f.double()
+        self.s1 += f.sum(0)
+        self.s2 += f.T @ f
+        self.counts += torch.tensor([len(f), nonfinite], dtype=torch.float64, device=f.device)
+
+    def result(self):
+        """(mu, sigma, N, non-finite count) over all ranks, float64 on the CPU."""
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.s1, self.s2, self.counts):
+                dist.all_reduce(t)
+        n, bad = self.counts.tolist()
+        if n < 2:
+            raise UsageError(f"need at least 2 images for a covariance, got {int(n)}")
+        mu = self.s1 / n
+        sigma = (self.s2 - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu(), sigma.cpu(), int(n), int(bad)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), float64. S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is
+    symmetric PSD: its eigenvalues (eigvalsh, clipped at 0 against rounding) give the trace without sqrtm."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
+    w, V = torch.linalg.eigh(sigma1)
+    root1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T  # sqrt(S1)
+    M = root1 @ sigma2 @ root1
+    tr_sqrt = torch.linalg.eigvalsh((M + M.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
+
+
+def load_ref(path):
+    """(mu, sigma) float64 numpy arrays from an .npz with keys mu, sigma (EDM's fid-refs format)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, KeyError, ValueError) as e:
+        raise UsageError(f"cannot read reference statistics {path} (an .npz with mu and sigma): {e}") from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise UsageError(f"{path}: expected mu (2048,) and sigma (2048, 2048), got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+# --- Generation ----------------------------------------------------------------------------------------------------
+
+
+def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
+    """mcfg with the sampler --steps / --sigmas / --ts ask for (see the module docstring)."""
+    field = dict(meanflow="sample_ts", diffusion="sample_steps").get(method.__name__, "sample_sigmas")
+    given = dict(sample_sigmas=sigmas, sample_ts=ts).get(field)
+    if (sigmas and field != "sample_sigmas") or (ts and field != "sample_ts"):
+        raise UsageError(f"--sigmas is for cm, scm and tcm, --ts for meanflow; {method.__name__} takes --steps only")
+    if given:
+        if steps is not None and steps != len(given) - 1:
+            raise UsageError(f"--steps {steps} contradicts the {len(given) - 1}-step list {','.join(map(str, given))}")
+        value = tuple(given)
+    elif steps is None:
+        return mcfg
+    elif steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    elif field == "sample_steps":
+        value = steps
+    elif steps == 1:
+        value = (getattr(mcfg, field)[0], 0.0)
+    elif field == "sample_sigmas":  # Karras grid, rho 7, N = 1000, ascending on [0.002, 80] (REFERENCE §1.4)
+        k = np.floor(np.linspace(998, 2, steps + 1))
+        value = tuple(((0.002 ** (1 / 7) + k / 999 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7)[:-1].tolist()) + (0.0,)
+    else:
+        value = (mcfg.sample_ts[0],) + tuple(np.linspace(1, 0, steps + 1)[1:].tolist())
+    try:
+        return dataclasses.replace(mcfg, **{field: value})
+    except ValueError as e:
+        raise UsageError(f"sampler list: {e}") from None
+
+
+@torch.no_grad()
+def generate(net, method, mcfg, shape, label_dim, start, count, seed, chunk, device):
+    """uint8 images start .. start + count - 1 (one chunk) and their number of non-finite samples."""
+    eps, labels = [], []
+    for i in range(start, start + count):
+        g = torch.Generator().manual_seed(data.mix_seed(seed, i))  # per image, on the CPU: any device, any split
+        eps.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, (), generator=g))
+    eps = torch.stack(eps).to(device)
+    y = F.one_hot(torch.stack(labels), label_dim).float().to(device) if label_dim else None
+    extra = {}
+    if "gen" in inspect.signature(method.sample).parameters:  # re-noising of multi-step CM samplers
+        extra["gen"] = torch.Generator(device).manual_seed(data.mix_seed(seed, chunk, 1))
+    x = method.sample(net, eps, mcfg, y=y, **extra)
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    return quantize(x), bad
+
+
+def sample_stats(net, method, mcfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False):
+    """Feature statistics of `num` samples of `net` (an EMA copy in eval mode) on every rank: chunk c of `batch`
+    images goes to rank c % world. Returns (mu, sigma, non-finite count, all uint8 images on rank 0 or None)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    stats = FeatureStats(device)
+    kept = torch.zeros((num, *shape), dtype=torch.uint8, device=device) if keep else None
+    for c in range(rank, -(-num // batch), world):
+        start, count = c * batch, min(batch, num - c * batch)
+        images, bad = generate(net, method, mcfg, shape, label_dim, start, count, seed, c, device)
+        stats.add(features(detector, images), bad)
+        if keep:
+            kept[start:start + count] = images
+    if keep and world > 1:
+        dist.all_reduce(kept)  # each image is non-zero on one rank only
+    mu, sigma, _, bad = stats.result()
+    return mu, sigma, bad, (kept.cpu() if keep and rank == 0 else None)
+
+
+def compute_fid(net, method, mcfg, shape, label_dim, num, ref_stats, detector, device, seed=0, batch=250):
+    """FID of `num` samples against ref_stats = (mu, sigma); call on every rank (train.py --fid-every). NaN when
+    any sample is not finite."""
+    mu, sigma, bad, _ = sample_stats(net, method, mcfg, tuple(shape), label_dim, num, detector, device, seed, batch)
+    return float("nan") if bad else frechet_distance(mu, sigma, *ref_stats)
+
+# --- Command line --------------------------------------------------------------------------------------------------
+
+
+def run_ref(args, rank, world, device):
+    detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
+    if rank == 0:  # rank 0 first (it may download), then the others
+        ds = data.load(args.data, args.cache)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        ds = data.load(args.data, args.cache)
+    if not ds.is_image or ds.shape[0] != 3:
+        raise UsageError(f"{args.data} is not a set of RGB images (samples of shape {ds.shape})")
+    stats = FeatureStats(device)
+    for c in range(rank, -(-len(ds) // args.batch), world):
+        stats.add(features(detector, ds.x[c * args.batch:(c + 1) * args.batch]))
+    mu, sigma, n, _ = stats.result()
+    if rank == 0:
+        tmp = args.out + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
+        os.replace(tmp, args.out)
+        print(f"{args.out}: statistics of {n} images of {args.data} (detector {digest[:8]})")
+
+
+def run_calc(args, rank, world, device):
+    t0 = time.time()
+    state = train.load_checkpoint(args.ckpt, device)
+    cfg = state["config"]
+    shape = tuple(cfg.get("shape") or ())
+    if len(shape) != 3 or shape[0] != 3:
+        raise UsageError(f"{args.ckpt} was trained on data of shape {shape or 'unknown'}, not RGB images: "
+                         "FID is for 3-channel images")
+    if not 0 <= args.ema < len(state["ema"]):
+        raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
+    ref = load_ref(args.ref)
+    method = importlib.import_module(cfg["method"])
+    mcfg = sampler_config(method, train.method_config(method, cfg), args.steps, args.sigmas, args.ts)
+    net = train.build_net(cfg, method, shape, cfg["label_dim"]).to(device)
+    train.load_weights(net, state["ema"][args.ema], f"{args.ckpt} ema {args.ema}")
+    detector, digest = load_detector(args.detector, device, args.cache)
+    mu, sigma, bad, images = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
+                                          device, args.seed, args.batch, keep=bool(args.save_samples))
+    if bad:
+        raise UsageError(f"{bad} of {args.num} samples are not finite: the model diverged")
+    fid = frechet_distance(mu, sigma, *ref)
+    sampler = {k: getattr(mcfg, k) for k in ("sample_sigmas", "sample_ts", "sample_steps") if hasattr(mcfg, k)}
+    rec = dict(fid=fid, num=args.num, steps=args.steps, sampler=sampler, method=cfg["method"], ckpt=args.ckpt,
+               step=state["step"], ema=args.ema, seed=args.seed, batch=args.batch, ref=args.ref,
+               detector=args.detector, detector_sha256=digest, protocol=PROTOCOL, world_size=world,
+               seconds=round(time.time() - t0, 1))
+    if rank == 0:
+        print(f"FID {fid:.4f} | {args.num} samples of {args.ckpt} (step {state['step']}, ema {args.ema}, {sampler}) "
+              f"vs {args.ref} | {world} ranks | {rec['seconds']} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rec, f, indent=2)
+        if args.save_samples:
+            os.makedirs(args.save_samples, exist_ok=True)
+            data.save_picture(os.path.join(args.save_samples, "samples.png"), images[:256].float() / 127.5 - 1, None)
+            np.savez(os.path.join(args.save_samples, "samples.npz"), images=images.numpy())
+    return rec
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="FID with a pinned protocol (see the docstring).", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("ref", help="reference statistics of a dataset", allow_abbrev=False)
+    ref.add_argument("--data", required=True, help="cifar10, an image zip or folder (EDM layout)")
+    ref.add_argument("--out", required=True, help="output .npz (mu, sigma)")
+    calc = sub.add_parser("calc", help="FID of a checkpoint", allow_abbrev=False)
+    calc.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    calc.add_argument("--ref", required=True, help=".npz with mu and sigma (fid.py ref, or EDM's fid-refs)")
+    calc.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
+                      help="number of samples (write --num-images under torchrun, which reads --num as --numa-binding)")
+    calc.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's own list)")
+    calc.add_argument("--sigmas", type=train.parse_as(tuple), help="cm/scm/tcm: explicit sigma list ending in 0")
+    calc.add_argument("--ts", type=train.parse_as(tuple), help="meanflow: explicit t list ending in 0")
+    calc.add_argument("--seed", type=int, default=0, help="image i uses seed mix_seed(seed, i)")
+    calc.add_argument("--ema", type=int, default=0, help="which EMA of the checkpoint")
+    calc.add_argument("--save-samples", help="folder for samples.png and samples.npz (uint8 images)")
+    calc.add_argument("--json", help="write the result as JSON here")
+    for q in (ref, calc):
+        q.add_argument("--detector", default=DETECTOR_DEFAULT, help="Inception weights: path, URL or known file name")
+        q.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
+        q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        q.add_argument("--cache", default=data.cache_dir_default(), help="download cache")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch < 1 or (args.command == "calc" and args.num < 2):
+        raise UsageError("--batch must be >= 1 and --num >= 2")
+    ddp, rank, world, device = train.setup_distributed(args.device)
+    try:
+        if rank == 0:  # download the detector once, before the other ranks look for it
+            fetch_detector(args.detector, args.cache)
+        if ddp:
+            dist.barrier()
+        return (run_ref if args.command == "ref" else run_calc)(args, rank, world, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def cli(argv=None):
+    """main() with bad input reported as one line on stderr and exit status 1."""
+    try:
+        return main(argv)
+    except (UsageError, data.DataError) as e:
+        sys.exit(f"fid.py: error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

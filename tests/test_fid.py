@@ -1,0 +1,514 @@
+"""fid.py: the Frechet distance in float64, the Inception-v3 port's layout, the weight loader and its checks, the
+TF1 resize, and the ref/calc commands end to end (per-image seeds; 2 gloo ranks equal 1 process). The published
+detector weights cannot be fetched here: every test uses random weights saved under a hub-style file name."""
+import json
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fid
+import train
+from conftest import ROOT
+from test_data import write_image_zip
+
+# --- Frechet distance ------------------------------------------------------------------------------------------
+
+
+def random_cov(d, rank, g):
+    A = torch.randn(d, rank, generator=g, dtype=torch.float64)
+    return A @ A.T / rank
+
+
+def sqrtm_denman_beavers(A, iters=60):
+    """Principal square root by the Denman-Beavers iteration (Y -> A^1/2, Z -> A^-1/2), no eigendecomposition."""
+    Y, Z = A.clone(), torch.eye(len(A), dtype=A.dtype)
+    for _ in range(iters):
+        Y, Z = (Y + torch.linalg.inv(Z)) / 2, (Z + torch.linalg.inv(Y)) / 2
+    return Y
+
+
+def fid_direct(mu1, s1, mu2, s2, tr_sqrt):
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+def test_frechet_matches_two_direct_computations():
+    """Against tr sqrt(S1 S2) from the eigenvalues of the non-symmetric product, and from a Denman-Beavers square
+    root of S1 S2 (full-rank, well-conditioned: both oracles converge). Tolerance 1e-9 relative, float64."""
+    g = torch.Generator().manual_seed(0)
+    d = 24
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    s1, s2 = random_cov(d, 4 * d, g) + 0.1 * torch.eye(d), random_cov(d, 4 * d, g) + 0.1 * torch.eye(d)
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    eig = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    db = sqrtm_denman_beavers(s1 @ s2).trace()
+    assert got == pytest.approx(fid_direct(mu1, s1, mu2, s2, eig), rel=1e-9)
+    assert got == pytest.approx(fid_direct(mu1, s1, mu2, s2, db), rel=1e-9)
+    assert got > 1.0
+
+
+def test_frechet_closed_form_commuting_and_symmetry():
+    """Diagonal covariances commute: FID = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2; also rotated by one orthogonal
+    Q (still commuting), symmetric in its arguments, 0 for identical statistics."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    a, b = torch.rand(d, generator=g, dtype=torch.float64) * 3, torch.rand(d, generator=g, dtype=torch.float64) * 3
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    expected = float((mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum())
+    assert fid.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    s1, s2 = Q @ torch.diag(a) @ Q.T, Q @ torch.diag(b) @ Q.T
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-10)
+    s = random_cov(d, 3 * d, g)
+    assert abs(fid.frechet_distance(mu1, s, mu1, s)) < 1e-10 * float(s.trace())
+
+
+def test_frechet_singular_covariances_stay_finite():
+    """Rank-3 covariances in 512 dimensions (as FID on a handful of images): finite, >= 0 up to rounding, equal to
+    the closed form when they commute (diagonal with zeros)."""
+    g = torch.Generator().manual_seed(2)
+    d = 512
+    s1, s2 = random_cov(d, 3, g), random_cov(d, 3, g)
+    mu = torch.zeros(d, dtype=torch.float64)
+    value = fid.frechet_distance(mu, s1, mu, s2)
+    assert math.isfinite(value) and value > -1e-8
+    a, b = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    a[:3], b[1:4] = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 0.5, 2.0])
+    expected = float((a.sqrt() - b.sqrt()).square().sum())
+    assert fid.frechet_distance(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_feature_stats_match_numpy_for_any_batch_split():
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(37, 2048, generator=g) * 3 + 1  # float32 features, as the detector gives
+    ref_mu, ref_sigma = f.double().mean(0).numpy(), np.cov(f.double().numpy(), rowvar=False)
+    for split in ([37], [5, 30, 2], [1] * 37):
+        stats = fid.FeatureStats("cpu")
+        for part in torch.split(f, split):
+            stats.add(part)
+        mu, sigma, n, bad = stats.result()
+        assert n == 37 and bad == 0
+        np.testing.assert_allclose(mu.numpy(), ref_mu, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sigma.numpy(), ref_sigma, rtol=1e-9, atol=1e-11)
+
+# --- Protocol: quantisation and TF1 resize -----------------------------------------------------------------------
+
+
+def test_quantize_round_trips_the_data_convention():
+    """Data are u / 127.5 - 1; floor(127.5 x + 128) gives u back for all 256 values; clipping; NaN -> 128."""
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(fid.quantize(u.float() / 127.5 - 1), u)
+    x = torch.tensor([-5.0, -1.0, -0.999, 0.0, 0.999, 1.0, 7.0, float("nan"), float("inf")])
+    assert fid.quantize(x).tolist() == [0, 0, 0, 128, 255, 255, 255, 128, 128]
+
+
+def test_resize_tf1_hand_computed():
+    """Source coordinate = dst * in / out (no half-pixel offset): a 4-pixel ramp 0, 10, 20, 30 upsampled to 8 gives
+    0, 5, ..., 30, 30 (the last source 3.5 clamps its right neighbour); 4 -> 2 picks pixels 0 and 2; in == out is
+    the identity. torch's F.interpolate(align_corners=False) samples (dst + 0.5) in / out - 0.5 instead: it starts
+    at 0, 2.5, 7.5 and differs, which is why FIDs from pytorch-fid's resize are not comparable."""
+    ramp = torch.tensor([0.0, 10.0, 20.0, 30.0]).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)
+    up = fid.resize_tf1(ramp, 8)
+    assert up.shape == (1, 1, 8, 8)
+    assert up[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 30.0]
+    assert torch.equal(up[0, 0, :, 3], torch.full((8,), 15.0))  # constant along the height
+    assert fid.resize_tf1(ramp, 2)[0, 0, 0].tolist() == [0.0, 20.0]
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fid.resize_tf1(x, 5), x)
+    torch_up = F.interpolate(ramp, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch_up[0, 0, 0, :3].tolist() == [0.0, 2.5, 7.5]
+    assert not torch.allclose(torch_up, up)
+
+
+def test_resize_tf1_matches_a_scalar_formula():
+    """Every output pixel of a random 5 x 7 image resized to 11 x 11, against the bilinear formula written per pixel
+    (float64 throughout, tolerance 1e-12)."""
+    x = torch.rand(1, 1, 5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 255
+    out = fid.resize_tf1(x, 11)
+    img = x[0, 0].tolist()
+    for i in range(11):
+        for j in range(11):
+            sy, sx = i * 5 / 11, j * 7 / 11
+            y0, x0 = int(sy), int(sx)
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
+            fy, fx = sy - y0, sx - x0
+            top = img[y0][x0] + (img[y0][x1] - img[y0][x0]) * fx
+            bottom = img[y1][x0] + (img[y1][x1] - img[y1][x0]) * fx
+            assert out[0, 0, i, j].item() == pytest.approx(top + (bottom - top) * fy, abs=1e-12)
+
+# --- Inception port: layout and loader ------------------------------------------------------------------------
+
+
+def expected_convs():
+    """(name, c_in, c_out, kh, kw) of every conv + BN of torchvision's Inception3 without its aux head, in module
+    order, from the architecture (Szegedy et al. 2015, torchvision's inception.py layout)."""
+    convs = [("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
+             ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
+
+    def block(name, rows):
+        convs.extend((f"{name}.{r[0]}", *r[1:]) for r in rows)
+
+    for name, c, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):
+        block(name, [("branch1x1", c, 64, 1, 1), ("branch5x5_1", c, 48, 1, 1), ("branch5x5_2", 48, 64, 5, 5),
+                     ("branch3x3dbl_1", c, 64, 1, 1), ("branch3x3dbl_2", 64, 96, 3, 3),
+                     ("branch3x3dbl_3", 96, 96, 3, 3), ("branch_pool", c, pool, 1, 1)])
+    block("Mixed_6a", [("branch3x3", 288, 384, 3, 3), ("branch3x3dbl_1", 288, 64, 1, 1),
+                       ("branch3x3dbl_2", 64, 96, 3, 3), ("branch3x3dbl_3", 96, 96, 3, 3)])
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        block(name, [("branch1x1", 768, 192, 1, 1), ("branch7x7_1", 768, c7, 1, 1), ("branch7x7_2", c7, c7, 1, 7),
+                     ("branch7x7_3", c7, 192, 7, 1), ("branch7x7dbl_1", 768, c7, 1, 1),
+                     ("branch7x7dbl_2", c7, c7, 7, 1), ("branch7x7dbl_3", c7, c7, 1, 7),
+                     ("branch7x7dbl_4", c7, c7, 7, 1), ("branch7x7dbl_5", c7, 192, 1, 7),
+                     ("branch_pool", 768, 192, 1, 1)])
+    block("Mixed_7a", [("branch3x3_1", 768, 192, 1, 1), ("branch3x3_2", 192, 320, 3, 3),
+                       ("branch7x7x3_1", 768, 192, 1, 1), ("branch7x7x3_2", 192, 192, 1, 7),
+                       ("branch7x7x3_3", 192, 192, 7, 1), ("branch7x7x3_4", 192, 192, 3, 3)])
+    for name, c in (("Mixed_7b", 1280), ("Mixed_7c", 2048)):
+        block(name, [("branch1x1", c, 320, 1, 1), ("branch3x3_1", c, 384, 1, 1), ("branch3x3_2a", 384, 384, 1, 3),
+                     ("branch3x3_2b", 384, 384, 3, 1), ("branch3x3dbl_1", c, 448, 1, 1),
+                     ("branch3x3dbl_2", 448, 384, 3, 3), ("branch3x3dbl_3a", 384, 384, 1, 3),
+                     ("branch3x3dbl_3b", 384, 384, 3, 1), ("branch_pool", c, 192, 1, 1)])
+    return convs
+
+
+SPOT_CHECKS = {  # first and last key of every block, some factorised kernels, fc
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_var": (32,),
+    "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "Mixed_5b.branch_pool.bn.running_var": (32,),
+    "Mixed_5c.branch1x1.conv.weight": (64, 256, 1, 1), "Mixed_5c.branch_pool.bn.running_var": (64,),
+    "Mixed_5d.branch1x1.conv.weight": (64, 288, 1, 1), "Mixed_5d.branch_pool.bn.running_var": (64,),
+    "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3), "Mixed_6a.branch3x3dbl_3.bn.running_var": (96,),
+    "Mixed_6b.branch1x1.conv.weight": (192, 768, 1, 1), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6b.branch_pool.bn.running_var": (192,),
+    "Mixed_6c.branch1x1.conv.weight": (192, 768, 1, 1), "Mixed_6c.branch7x7dbl_2.conv.weight": (160, 160, 7, 1),
+    "Mixed_6c.branch_pool.bn.running_var": (192,),
+    "Mixed_6d.branch1x1.conv.weight": (192, 768, 1, 1), "Mixed_6d.branch_pool.bn.running_var": (192,),
+    "Mixed_6e.branch1x1.conv.weight": (192, 768, 1, 1), "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_6e.branch_pool.bn.running_var": (192,),
+    "Mixed_7a.branch3x3_1.conv.weight": (192, 768, 1, 1), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7a.branch7x7x3_4.bn.running_var": (192,),
+    "Mixed_7b.branch1x1.conv.weight": (320, 1280, 1, 1), "Mixed_7b.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+    "Mixed_7b.branch_pool.bn.running_var": (192,),
+    "Mixed_7c.branch1x1.conv.weight": (320, 2048, 1, 1), "Mixed_7c.branch3x3_2a.conv.weight": (384, 384, 1, 3),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "Mixed_7c.branch_pool.bn.running_var": (192,),
+    "fc.weight": (1008, 2048), "fc.bias": (1008,),
+}
+
+
+def test_inception_layout_matches_the_published_state_dicts():
+    """Keys (in order) and shapes equal the torchvision-style layout of pt_inception-2015-12-05-6726825d.pth.
+    Counts: 94 conv+BN units x 5 tensors + fc.{weight,bias} = 472 keys (BN num_batches_tracked aside).
+    Parameters: torchvision's Inception3 has 27,161,264 (its docs' num_params, aux head and 1000 classes); the aux
+    head is 768*128 + 2*128 + 128*768*25 + 2*768 + 768*1000 + 1000 = 3,326,696; 8 more classes add 8 * 2049: so
+    23,850,960. The state dict also holds BN running means and variances (2 * 17,216 channels): 23,885,392 floats."""
+    net = fid.InceptionV3()
+    sd = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    expected = {}
+    for name, c_in, c_out, kh, kw in expected_convs():
+        expected[f"{name}.conv.weight"] = (c_out, c_in, kh, kw)
+        expected.update({f"{name}.bn.{p}": (c_out,) for p in ("weight", "bias", "running_mean", "running_var")})
+    expected.update({"fc.weight": (1008, 2048), "fc.bias": (1008,)})
+    assert list(sd.items()) == list(expected.items())
+    assert {k: sd[k] for k in SPOT_CHECKS} == SPOT_CHECKS
+    assert len(expected_convs()) == 94 and len(sd) == 472
+    derived = sum(co * ci * kh * kw + 2 * co for _, ci, co, kh, kw in expected_convs()) + 2048 * 1008 + 1008
+    assert derived == 27_161_264 - 3_326_696 + 8 * 2049 == 23_850_960
+    assert sum(p.numel() for p in net.parameters()) == derived
+    assert sum(math.prod(s) for s in sd.values()) == 23_885_392
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bn) == 94 and all(m.eps == 1e-3 for m in bn)
+
+
+def test_tf_graph_pool_branches():
+    """The A, C and first E blocks average over real pixels only (count_include_pad=False), the last E block
+    max-pools: a block whose only nonzero path is branch_pool (identity 1x1 conv, BN off) shows which."""
+    def pool_output(block, c_in):
+        with torch.no_grad():
+            for name, m in block.named_modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.weight.zero_()
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_var.fill_(1 - m.eps)  # BN is the identity
+            block.branch_pool.conv.weight[:, :, 0, 0] = torch.eye(block.branch_pool.conv.out_channels, c_in)
+        x = torch.rand(1, c_in, 5, 5, generator=torch.Generator().manual_seed(0)) + 1
+        out = block.eval()(x)[:, -block.branch_pool.conv.out_channels:]
+        return x[:, :out.shape[1]], out
+    for block, c_in in ((fid.BlockA(192, 32), 192), (fid.BlockC(768, 128), 768), (fid.BlockE(1280, "avg"), 1280)):
+        x, out = pool_output(block, c_in)
+        torch.testing.assert_close(out[..., 0, 0], x[..., :2, :2].mean((-1, -2)))  # corner: 4 real pixels
+    x, out = pool_output(fid.BlockE(2048, "max"), 2048)
+    torch.testing.assert_close(out[..., 0, 0], x[..., :2, :2].amax((-1, -2)))
+
+
+def save_hub_named(state, folder, stem="rand-inception"):
+    tmp = os.path.join(folder, "tmp.pth")
+    torch.save(state, tmp)
+    path = os.path.join(folder, f"{stem}-{fid.sha256(tmp)[:8]}.pth")
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def detector(tmp_path_factory):
+    """Random Inception weights (He-scaled convs, random BN statistics) saved as NAME-<sha256[:8]>.pth:
+    (path, net)."""
+    net = fid.InceptionV3().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if name.endswith("conv.weight"):
+                t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2 / t[0].numel()))
+            elif name.endswith(("bn.weight", "running_var")):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith(("bn.bias", "running_mean")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return save_hub_named(net.state_dict(), str(tmp_path_factory.mktemp("detector"))), net
+
+
+def test_loader_round_trip_and_features(detector, tmp_path):
+    """The file loads strictly, with or without BN's num_batches_tracked, into exactly the saved weights; features
+    are (N, 2048), float32, finite, equal to the saved net on the protocol's input, and do not depend on the batch
+    they were computed in (float32 tolerance 1e-5)."""
+    path, net = detector
+    loaded, digest = fid.load_detector(path, "cpu")
+    assert digest == fid.sha256(path) and os.path.basename(path).endswith(f"-{digest[:8]}.pth")
+    bare = save_hub_named({k: v for k, v in net.state_dict().items() if "num_batches" not in k}, str(tmp_path))
+    for other in (loaded, fid.load_detector(bare, "cpu")[0]):
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items())
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    f = fid.features(loaded, images)
+    assert f.shape == (2, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all() and f.std() > 0
+    with torch.no_grad():
+        direct = net(fid.resize_tf1(images.float(), 299) / 128 - 1)
+    torch.testing.assert_close(f, direct, rtol=1e-5, atol=1e-6)
+    split = torch.cat([fid.features(loaded, images[:1]), fid.features(loaded, images[1:])])
+    torch.testing.assert_close(split, f, rtol=1e-5, atol=1e-6)
+
+
+def test_loader_refusals(detector, tmp_path, monkeypatch):
+    path, _ = detector
+    wrong = tmp_path / "rand-inception-00000000.pth"
+    os.link(path, wrong)
+    with pytest.raises(train.UsageError, match="SHA-256 .* promises 00000000"):
+        fid.load_detector(str(wrong), "cpu")
+    unnamed = tmp_path / "inception.pth"
+    os.link(path, unnamed)
+    with pytest.raises(train.UsageError, match="torch.hub convention"):
+        fid.load_detector(str(unnamed), "cpu")
+    with pytest.raises(train.UsageError, match="run code"):
+        fid.load_detector("inception-2015-12-05.pt", "cpu")
+    short = save_hub_named({"fc.weight": torch.zeros(1008, 2048)}, str(tmp_path), "partial")
+    with pytest.raises(train.UsageError, match="does not fit"):
+        fid.load_detector(short, "cpu")
+
+
+def test_missing_detector_names_the_urls(tmp_path, monkeypatch, capsys):
+    """No network: the known name is fetched (urlopen fails here, patched) and the one-line error names both URLs
+    and the flag; a missing local path says the same. From the shell: exit status 1."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(fid.urllib.request, "urlopen", offline)
+    with pytest.raises(train.UsageError) as e:
+        fid.load_detector(fid.DETECTOR_DEFAULT, "cpu", cache_dir=str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and "--detector PATH" in message
+    assert all(url in message for url in fid.DETECTOR_URLS.values())
+    assert not os.listdir(tmp_path)  # no half file left behind
+    with pytest.raises(train.UsageError, match="no detector file missing/x.pth; fetch https://github.com/mseitzer"):
+        fid.load_detector("missing/x.pth", "cpu")
+    p = subprocess.run([sys.executable, "fid.py", "ref", "--data", "toy", "--out", str(tmp_path / "r.npz"),
+                        "--detector", "missing/x.pth"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fid.py: error: no detector file" in p.stderr
+
+# --- Sampler lists -------------------------------------------------------------------------------------------------
+
+
+def test_sampler_lists():
+    import cm
+    import diffusion
+    import meanflow
+    import scm
+    one = fid.sampler_config(cm, cm.Config(), steps=1)
+    assert one.sample_sigmas == (79.5638, 0.0)
+    two = fid.sampler_config(cm, cm.Config(), steps=2).sample_sigmas
+    assert two[0] == pytest.approx(79.5638, abs=1e-4) and two[1] == pytest.approx(2.5265, abs=1e-4) and two[2] == 0
+    assert fid.sampler_config(scm, scm.Config(), steps=1).sample_sigmas == (80.0, 0.0)
+    assert fid.sampler_config(scm, scm.Config(), sigmas=(80.0, 0.821, 0.0)).sample_sigmas == (80.0, 0.821, 0.0)
+    assert fid.sampler_config(meanflow, meanflow.Config(), steps=2).sample_ts == pytest.approx((0.999, 0.5, 0.0))
+    assert fid.sampler_config(diffusion, diffusion.Config(), steps=3).sample_steps == 3
+    assert fid.sampler_config(cm, cm.Config()) == cm.Config()
+    for kwargs, message in [(dict(steps=3, sigmas=(80.0, 1.0, 0.0)), "contradicts"), (dict(ts=(0.9, 0.0)), "--ts"),
+                            (dict(sigmas=(1.0, 2.0, 0.0)), "decrease"), (dict(steps=0), ">= 1")]:
+        with pytest.raises(train.UsageError, match=message):
+            fid.sampler_config(cm, cm.Config(), **kwargs)
+    with pytest.raises(train.UsageError, match="--steps only"):
+        fid.sampler_config(diffusion, diffusion.Config(), sigmas=(80.0, 0.0))
+
+# --- ref / calc end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def image_run(tmp_path_factory):
+    """A 2-step conditional cm run (ddpmpp-tiny, 16 x 16 RGB, 3 classes, 3 EMAs), its data and a toy run."""
+    tmp = tmp_path_factory.mktemp("fid-runs")
+    write_image_zip(tmp / "imgs.zip", n=10, res=16)
+    fast = ["--log-every", "1", "--num-samples", "4"]
+    train.cli(["--method", "cm", "--data", str(tmp / "imgs.zip"), "--net", "ddpmpp-tiny", "--steps", "2", "--batch",
+               "4", "--cond", "--out", str(tmp / "img"), *fast])
+    train.cli(["--method", "cm", "--data", "toy", "--steps", "2", "--batch", "16", "--out", str(tmp / "toy"), *fast])
+    return tmp
+
+
+def tiny_ref(path):
+    g = np.random.default_rng(0)
+    A = g.normal(size=(2048, 64)) * 0.01
+    np.savez(path, mu=g.normal(size=2048) * 0.1, sigma=A @ A.T)  # EDM's format: mu, sigma
+    return str(path)
+
+
+def load_ema(image_run, i):
+    import cm
+    state = torch.load(image_run / "img" / "ckpt.pt", weights_only=True)
+    net = train.build_net(state["config"], cm, (3, 16, 16), 3).eval()
+    net.load_state_dict(state["ema"][i])
+    return net, cm, train.method_config(cm, state["config"])
+
+
+def test_per_image_seeds(image_run):
+    """Image i depends on (seed, i) only: 5 images in one chunk equal chunks of 3 + 2 (float rounding of another
+    batch size may move a pixel by 1); the first 3 are what 3 alone give; another seed gives other images."""
+    net, cm, mcfg = load_ema(image_run, 0)
+    whole, bad = fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 5, 0, 0, "cpu")
+    parts = torch.cat([fid.generate(net, cm, mcfg, (3, 16, 16), 3, s, n, 0, c, "cpu")[0]
+                       for c, (s, n) in enumerate([(0, 3), (3, 2)])])
+    assert bad == 0 and whole.shape == (5, 3, 16, 16) and whole.dtype == torch.uint8 and whole.float().std() > 0
+    assert (whole.int() - parts.int()).abs().max() <= 1 and (whole == parts).float().mean() > 0.99
+    assert torch.equal(parts[:3], fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 3, 0, 0, "cpu")[0])
+    other, _ = fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 3, 1, 0, "cpu")
+    assert (other != whole[:3]).float().mean() > 0.5
+
+
+def test_calc_json_samples_and_compute_fid(detector, image_run, tmp_path, monkeypatch):
+    """calc end to end (JSON, samples.png, samples.npz = the generated uint8 images); train.py's compute_fid on the
+    same setting hands frechet_distance bitwise the same statistics (recorded, so the 2048-d distance runs once)."""
+    det, ref = detector[0], tiny_ref(tmp_path / "ref.npz")
+    calls, real = [], fid.frechet_distance
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: calls.append(args) or real(*args))
+    a = fid.cli(["calc", "--ckpt", str(image_run / "img" / "ckpt.pt"), "--ref", ref, "--detector", det, "--num", "4",
+                 "--batch", "4", "--steps", "1", "--device", "cpu", "--json", str(tmp_path / "a.json"),
+                 "--save-samples", str(tmp_path / "a")])
+    rec = json.load(open(tmp_path / "a.json"))
+    assert rec["fid"] == a["fid"] > 0 and rec["num"] == 4 and rec["world_size"] == 1 and rec["step"] == 2
+    assert rec["detector_sha256"] == fid.sha256(det) and rec["sampler"] == {"sample_sigmas": [79.5638, 0.0]}
+    assert os.path.getsize(tmp_path / "a" / "samples.png") > 0
+    net, cm, mcfg = load_ema(image_run, 0)
+    images = np.load(tmp_path / "a" / "samples.npz")["images"]
+    assert np.array_equal(images, fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 4, 0, 0, "cpu")[0].numpy())
+    loaded, _ = fid.load_detector(det, "cpu")
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: calls.append(args) or -1.0)
+    value = fid.compute_fid(net, cm, mcfg, [3, 16, 16], 3, 4, fid.load_ref(ref), loaded, "cpu", seed=0, batch=4)
+    assert value == -1.0 and len(calls) == 2
+    for x, y in zip(*calls):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_calc_does_not_depend_on_batch(detector, image_run, tmp_path):
+    ref = tiny_ref(tmp_path / "ref.npz")
+    common = ["calc", "--ckpt", str(image_run / "img" / "ckpt.pt"), "--ref", ref, "--detector", detector[0],
+              "--num", "5", "--steps", "1", "--device", "cpu"]
+    a, b = fid.cli([*common, "--batch", "3"]), fid.cli([*common, "--batch", "5"])
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
+
+
+def test_calc_bad_input(detector, image_run, tmp_path):
+    det = detector[0]
+    mu = np.zeros(2048)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=np.eye(2048))
+    np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=np.eye(10))
+    ref, img = str(tmp_path / "ref.npz"), str(image_run / "img" / "ckpt.pt")
+    cases = [([str(image_run / "toy"), ref], "not RGB images"), ([str(tmp_path / "nope.pt"), ref], "no checkpoint"),
+             ([img, str(tmp_path / "bad.npz")], r"mu \(2048,\)"), ([img, str(tmp_path / "none.npz")], "cannot read"),
+             ([img, ref, "--ema", "3"], "holds 3 EMA nets"), ([img, ref, "--ts", "0.5,0"], "--ts for meanflow")]
+    for (ckpt, r, *extra), message in cases:
+        with pytest.raises(SystemExit) as e:
+            fid.cli(["calc", "--ckpt", ckpt, "--ref", r, "--detector", det, "--num", "4", "--device", "cpu", *extra])
+        assert "fid.py: error:" in str(e.value) and "\n" not in str(e.value)
+        assert __import__("re").search(message, str(e.value)), (message, str(e.value))
+    with pytest.raises(SystemExit, match="not a set of RGB images"):
+        fid.cli(["ref", "--data", "toy", "--out", str(tmp_path / "x.npz"), "--detector", det])
+
+
+def launch(*args, ranks):
+    """fid.py in a subprocess, under torchrun (gloo) when ranks > 1, one thread per process."""
+    cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    p = subprocess.run([sys.executable, *cmd, "fid.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_two_gloo_ranks_match_one_process(detector, image_run, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): `ref` gives mu/sigma equal to 1 process to 1e-12 relative. Same chunks
+    (--batch 1) and 1 thread in both: the features are bitwise equal and only the float64 sums are reordered."""
+    write_image_zip(tmp_path / "four.zip", n=4, res=8)
+    args = ["ref", "--data", str(tmp_path / "four.zip"), "--detector", detector[0], "--batch", "1", "--device", "cpu"]
+    launch(*args, "--out", str(tmp_path / "ref2.npz"), ranks=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fid.cli([*args, "--out", str(tmp_path / "ref1.npz")])
+    finally:
+        torch.set_num_threads(threads)
+    (mu1, s1), (mu2, s2) = fid.load_ref(tmp_path / "ref1.npz"), fid.load_ref(tmp_path / "ref2.npz")
+    assert np.abs(s1).max() > 0
+    np.testing.assert_allclose(mu2, mu1, rtol=1e-12, atol=1e-12 * np.abs(mu1).max())
+    np.testing.assert_allclose(s2, s1, rtol=1e-12, atol=1e-12 * np.abs(s1).max())
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_calc_multistep(detector, image_run, tmp_path):
+    """A 2-step calc (chunk-seeded re-noising) on 2 gloo ranks gives the same images and FID as 1 process."""
+    ref = tiny_ref(tmp_path / "ref.npz")
+    # --num-images, not --num: torchrun would read --num as its own --numa-binding
+    args = ["calc", "--ckpt", str(image_run / "img" / "ckpt.pt"), "--detector", detector[0], "--ref", ref,
+            "--num-images", "5", "--batch", "2", "--steps", "2", "--device", "cpu"]
+    for ranks in (1, 2):
+        launch(*args, "--json", str(tmp_path / f"c{ranks}.json"), "--save-samples", str(tmp_path / f"s{ranks}"),
+               ranks=ranks)
+    c1, c2 = (json.load(open(tmp_path / f"c{r}.json")) for r in (1, 2))
+    assert c2["world_size"] == 2 and len(c2["sampler"]["sample_sigmas"]) == 3
+    assert c2["fid"] == pytest.approx(c1["fid"], rel=1e-10)
+    x1, x2 = (np.load(tmp_path / f"s{r}" / "samples.npz")["images"] for r in (1, 2))
+    assert np.array_equal(x1, x2) and x1.std() > 0
+
+
+def test_train_fid_every_equals_calc(detector, image_run, tmp_path):
+    """train.py --fid-every logs the FID of the first EMA; at the last step it equals `fid.py calc` of the final
+    checkpoint (same protocol, same per-image seeds)."""
+    ref, out = tiny_ref(tmp_path / "ref.npz"), str(tmp_path / "run")
+    train.cli(["--method", "cm", "--data", str(image_run / "imgs.zip"), "--net", "ddpmpp-tiny", "--steps", "3", "--batch",
+               "4", "--cond", "--out", out, "--log-every", "1", "--num-samples", "4", "--fid-every", "2", "--fid-num", "4",
+               "--fid-ref", ref, "--fid-detector", detector[0]])
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    fids = {r["step"]: r["fid"] for r in recs if "fid" in r}
+    assert sorted(fids) == [2, 3] and all(math.isfinite(v) and v > 0 for v in fids.values())
+    calc = fid.cli(["calc", "--ckpt", os.path.join(out, "ckpt.pt"), "--ref", ref, "--detector", detector[0], "--num", "4",
+                    "--device", "cpu"])
+    assert calc["fid"] == pytest.approx(fids[3], rel=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [(["--data", "toy"], "needs RGB images"), ([], "needs --fid-ref")])
+def test_train_fid_every_bad_input(tmp_path, args, message):
+    argv = ["--method", "cm", "--out", str(tmp_path / "o"), "--steps", "1", "--batch", "16", "--fid-every", "1", *args]
+    if args:
+        argv += ["--fid-ref", tiny_ref(tmp_path / "ref.npz")]
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    assert message in e.value.code and "\n" not in e.value.code
