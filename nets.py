@@ -1,4 +1,6 @@
-"""Networks: EDM's DDPM++ UNet (`SongUNet`) and a residual `MLP` for point data.
+"""Networks: EDM's DDPM++ (`SongUNet`) and ADM (`DhariwalUNet`) UNets, EDM2's magnitude-preserving `EDM2UNet`,
+the adaLN-Zero transformer `DiT`, and a residual `MLP` for point data. `build_net(name, shape, ...)` builds a
+registered configuration (`NETS`) for a data shape.
 
 Call signature shared by every net here (each method file documents what it feeds in):
 
@@ -7,8 +9,9 @@ Call signature shared by every net here (each method file documents what it feed
 
     x    (B, C, H, W) or (B, D)  input (already preconditioned by the method, if it preconditions)
     t    (B,)                    time / noise label (MeanFlow: t in [0, 1]; EDM methods: c_noise = ln(sigma)/4)
-    r    (B,) or None            second time (MeanFlow), embedded like t and concatenated
-    y    (B, label_dim) or None  one-hot class labels; an all-zero row is the null label (CFG)
+    r    (B,) or None            second time (MeanFlow), embedded like t (DiT: t - r), only with use_r=True
+    y    (B, label_dim) or None  one-hot class labels; an all-zero row is the null label (CFG); ADM, EDM2 and
+                                 DiT also read None as all-null
     aug  (B, augment_dim) or None  augmentation labels (zero at sampling)
 
 All nets are plain PyTorch: explicit group norm, einsum attention, no custom autograd.Function, no numpy
@@ -19,9 +22,12 @@ differentiable forward; `d_out`, the JVP along the tangents (None = zero), is co
 fp32, without an autograd graph and with the same dropout mask. One pass thus replaces "no-grad
 torch.func.jvp + a second, differentiable forward"; see the "Tangent propagation" section.
 
-Parameter and buffer names follow EDM's checkpoints (`enc.32x32_block0.conv0.weight`, ...), so official
-weights can be loaded into `SongUNet` by key.
+Parameter and buffer names follow the official checkpoints (EDM: `enc.32x32_block0.conv0.weight`; EDM2: the
+`unet.*` keys without the prefix; DiT: `blocks.0.attn.qkv.weight`), so converted weights load by key; the
+log-variance head and r embeddings are the only additions. EDM2UNet has one extra duty for the training loop:
+`normalize_weights_()` after every optimizer step (forced weight normalisation, moved out of forward).
 """
+import inspect
 import math
 from typing import NamedTuple
 
@@ -31,9 +37,10 @@ from torch import nn
 
 # --- Tangent propagation -------------------------------------------------------------------------------
 # Forward-mode AD written out for the few ops these nets use. Linear ops (conv, linear, resampling,
-# reshapes, sums) map a tangent through the same op without bias; nonlinear ops (SiLU, group norm, softmax
-# attention, sin/cos embeddings, dropout) use their derivative at the primal. Tangents never carry an
-# autograd graph, so the backward pass costs exactly what a plain forward's backward costs.
+# reshapes, sums) map a tangent through the same op without bias; nonlinear ops (SiLU, GELU, group/layer/pixel
+# norm, softmax attention, sin/cos embeddings, clipping, dropout, products of two t-dependent factors as in
+# adaptive modulation) use their derivative at the primal. Tangents never carry an autograd graph, so the
+# backward pass costs exactly what a plain forward's backward costs.
 
 
 class Dual(NamedTuple):
@@ -53,8 +60,16 @@ class Dual(NamedTuple):
             return Dual(self.p + other.p, self.d + other.d)
         return Dual(self.p + other, self.d)
 
-    def __mul__(self, c):  # c: a constant (number or tensor without tangent)
+    def __mul__(self, c):  # c: a number, a tensor without tangent, or a Dual (product rule)
+        if isinstance(c, Dual):
+            return Dual(self.p * c.p, self.d * _tan(c.p) + _tan(self.p) * c.d)
         return Dual(self.p * c, self.d * (_tan(c) if torch.is_tensor(c) else c))
+
+    def __sub__(self, other):
+        return self + other * -1
+
+    def __truediv__(self, c):  # c: a number
+        return Dual(self.p / c, self.d / c)
 
     def reshape(self, *shape):
         return Dual(self.p.reshape(*shape), self.d.reshape(*shape))
@@ -64,6 +79,25 @@ class Dual(NamedTuple):
 
     def unbind(self, dim):
         return tuple(Dual(p, d) for p, d in zip(self.p.unbind(dim), self.d.unbind(dim)))
+
+    def chunk(self, n, dim):
+        return tuple(Dual(p, d) for p, d in zip(self.p.chunk(n, dim), self.d.chunk(n, dim)))
+
+    def unsqueeze(self, dim):
+        return Dual(self.p.unsqueeze(dim), self.d.unsqueeze(dim))
+
+    def permute(self, *dims):
+        return Dual(self.p.permute(*dims), self.d.permute(*dims))
+
+
+def lin(f, x):
+    """Apply a linear map without bias (slicing, pooling, upsampling, ...) to a tensor or to both parts of a Dual."""
+    return Dual(f(x.p), f(x.d)) if isinstance(x, Dual) else f(x)
+
+
+def add(a, b):
+    """a + b where only b may be a Dual (torch would not dispatch `Tensor + Dual` to Dual)."""
+    return (as_dual(a) if isinstance(b, Dual) else a) + b
 
 
 def as_dual(x):
@@ -119,6 +153,60 @@ def dropout(x, p, training):
     if isinstance(x, Dual):
         return Dual(x.p * scale.to(x.p.dtype), x.d * scale.to(x.d.dtype))
     return x * scale.to(x.dtype)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (DiT's MLP)."""
+    if not isinstance(x, Dual):
+        return F.gelu(x, approximate="tanh")
+    p = _tan(x.p)
+    k = math.sqrt(2 / math.pi)
+    th = torch.tanh(k * (p + 0.044715 * p ** 3))
+    d_gelu = 0.5 * (1 + th) + 0.5 * p * (1 - th * th) * k * (1 + 3 * 0.044715 * p * p)
+    return Dual(F.gelu(x.p, approximate="tanh"), x.d * d_gelu)
+
+
+def layer_norm(x, eps=1e-6):
+    """Layer norm over the last dim without affine (DiT), mean/var in fp32."""
+    xp = x.p if isinstance(x, Dual) else x
+    xf = xp.to(torch.promote_types(xp.dtype, torch.float32))
+    mean = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + eps)
+    x_hat = (xf - mean) * rstd
+    if not isinstance(x, Dual):
+        return x_hat.to(xp.dtype)
+    xh, d = _tan(x_hat), x.d
+    d_hat = rstd.detach() * (d - d.mean(-1, keepdim=True) - xh * (xh * d).mean(-1, keepdim=True))  # as GroupNorm
+    return Dual(x_hat.to(xp.dtype), d_hat)
+
+
+def pixel_norm(x, dim=1, eps=1e-4):
+    """EDM2's normalize(x, dim): x / (eps + rms over `dim`), in fp32, for activations (pixel norm, cosine attention)."""
+    xp = x.p if isinstance(x, Dual) else x
+    xf = xp.to(torch.promote_types(xp.dtype, torch.float32))
+    n = math.sqrt(xf.shape[dim])
+    norm = torch.linalg.vector_norm(xf, dim=dim, keepdim=True)
+    s = eps + norm / n
+    out = (xf / s).to(xp.dtype)
+    if not isinstance(x, Dual):
+        return out
+    xf, norm, s, d = _tan(xf), norm.detach(), s.detach(), x.d
+    ds = (xf * d).sum(dim, keepdim=True) / (norm * n)  # d rms = <x, dx> / (|x| sqrt(N))
+    return Dual(out, d / s - xf * ds / (s * s))
+
+
+def clamp(x, c):
+    """Activation clipping (EDM2); zero derivative where clipped."""
+    if not isinstance(x, Dual):
+        return x.clamp(-c, c)
+    return Dual(x.p.clamp(-c, c), x.d * ((x.p >= -c) & (x.p <= c)).to(x.d.dtype))
+
+
+class SiLU(nn.Module):
+    """SiLU as a module, for nn.Sequential key layouts (DiT's `adaLN_modulation.1`, `t_embedder.mlp.2`)."""
+
+    def forward(self, x):
+        return silu(x)
 
 
 # --- Layers ----------------------------------------------------------------------------------------------
@@ -282,15 +370,17 @@ def _swap_halves(emb):
 
 class UNetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=1, dropout=0.0, skip_scale=math.sqrt(0.5), eps=1e-6, resample_filter=(1, 1),
-                 resample_proj=True, init=None, init_zero=None, init_attn=None):
+                 num_heads=1, channels_per_head=None, dropout=0.0, skip_scale=math.sqrt(0.5), eps=1e-6,
+                 resample_filter=(1, 1), resample_proj=True, adaptive_scale=False, init=None, init_zero=None,
+                 init_attn=None):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = num_heads if attention else 0
-        self.dropout, self.skip_scale = dropout, skip_scale
+        heads = out_channels // channels_per_head if channels_per_head else num_heads
+        self.num_heads = heads if attention else 0
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
-        self.affine = Linear(emb_channels, out_channels, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
         self.skip = None
@@ -305,7 +395,12 @@ class UNetBlock(nn.Module):
     def forward(self, x, emb):
         orig = x
         x = self.conv0(silu(self.norm0(x)))
-        x = silu(self.norm1(x + self.affine(emb).reshape(-1, self.out_channels, 1, 1)))
+        params = self.affine(emb).reshape(-1, self.affine.out_features, 1, 1)
+        if self.adaptive_scale:  # ADM: scale-and-shift modulation; the scale depends on t (a Dual product)
+            scale, shift = params.chunk(2, dim=1)
+            x = silu(self.norm1(x) * (scale + 1) + shift)
+        else:
+            x = silu(self.norm1(x + params))
         x = self.conv1(dropout(x, self.dropout, self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
@@ -371,8 +466,7 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
-        if (r is not None) != self.use_r:
-            raise ValueError(f"this net was built with use_r={self.use_r} but got r={'None' if r is None else 'a tensor'}")
+        _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
         noise_emb = self.map_noise(t)
         emb = _swap_halves(noise_emb)
@@ -411,6 +505,96 @@ def _logvar(head, noise_emb):
     return (out.p if isinstance(out, Dual) else out).reshape(-1)  # (B,); no tangent needed
 
 
+# --- ADM (EDM DhariwalUNet) -------------------------------------------------------------------------------
+
+class DhariwalUNet(nn.Module):
+    """ADM (Dhariwal & Nichol 2021) as re-implemented in EDM, REFERENCE §6.3. Defaults are EDM's ImageNet-64
+    configuration: 295,899,267 parameters with label_dim=1000 (augment_dim=0; EDM trained it without augmentation).
+    Scale-and-shift modulation, GroupNorm eps 1e-5, skip scale 1, heads = C/64, resampling skips without projection.
+    use_r: a second positional embedding of r is concatenated to that of t (as in SongUNet), so map_augment and
+    map_layer0 see 2 x model_channels. channels_per_head is not an EDM argument (fixed to 64 there); tiny test
+    nets lower it to keep several heads. y=None is the null label (map_label has no bias)."""
+
+    def __init__(self, img_resolution=64, in_channels=3, out_channels=3, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+                 attn_resolutions=(32, 16, 8), dropout=0.10, channels_per_head=64, use_r=False, logvar=False):
+        super().__init__()
+        emb_channels = model_channels * channel_mult_emb
+        cond_channels = model_channels * (2 if use_r else 1)
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=channels_per_head, dropout=dropout,
+                            skip_scale=1, eps=1e-5, resample_proj=False, adaptive_scale=True, init=init,
+                            init_zero=init_zero, init_attn=init)
+        self.img_resolution, self.img_channels, self.label_dim, self.use_r = img_resolution, in_channels, label_dim, use_r
+
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear(augment_dim, cond_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(cond_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
+        self.logvar_linear = Linear(model_channels, 1, init_mode="kaiming_normal") if logvar else None
+
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels * mult, 3, **init)
+                cout = model_channels * mult
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
+
+    def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
+        _check_r(self, r)
+        x, t, r = _with_tangents(x, t, r, tangents)
+        noise_emb = self.map_noise(t)  # [cos, sin], no swap in ADM
+        emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
+        if self.map_augment is not None and aug is not None:
+            emb = emb + self.map_augment(aug)
+        emb = self.map_layer1(silu(self.map_layer0(emb)))
+        if self.map_label is not None and y is not None:
+            emb = emb + self.map_label(y)  # ADM: the label enters after the MLP, unscaled
+        emb = silu(emb)
+
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        x = self.out_conv(silu(self.out_norm(x)))
+        if not return_logvar:
+            return x
+        return x, _logvar(self.logvar_linear, noise_emb)
+
+
+def _check_r(net, r):
+    if (r is not None) != net.use_r:
+        raise ValueError(f"this net was built with use_r={net.use_r} but got r={'None' if r is None else 'a tensor'}")
+
+
 # --- MLP for point data ------------------------------------------------------------------------------------
 
 class MLPBlock(nn.Module):
@@ -443,8 +627,7 @@ class MLP(nn.Module):
         self.fc_out = Linear(width, dim, init_mode="xavier_uniform", init_weight=1e-5)
 
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
-        if (r is not None) != self.use_r:
-            raise ValueError(f"this net was built with use_r={self.use_r} but got r={'None' if r is None else 'a tensor'}")
+        _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
         noise_emb = self.map_noise(t)
         emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
@@ -460,19 +643,384 @@ class MLP(nn.Module):
         return x, _logvar(self.logvar_linear, noise_emb)
 
 
+# --- EDM2 (magnitude-preserving UNet) ----------------------------------------------------------------------
+# Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", REFERENCE §6.4.
+# Every layer preserves activation magnitudes in expectation: weights are used as normalize(w)/sqrt(fan_in) and
+# sums/concatenations/SiLU are rescaled (mp_sum, mp_cat, mp_silu). No biases, no normalisation layers.
+
+def mp_normalize(w, eps=1e-4):
+    """EDM2's weight normalisation: each output row divided by eps + its RMS over the fan-in, in fp32."""
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    fan_in = w[0].numel()
+    return w / (eps + torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True) / math.sqrt(fan_in))
+
+
+def mp_silu(x):
+    return silu(x) / 0.596  # EDM2 Eq. 81: unit magnitude for unit-variance inputs
+
+
+def mp_sum(a, b, t=0.5):
+    """EDM2 Eq. 88: lerp(a, b, t) / sqrt((1 - t)^2 + t^2)."""
+    s = math.sqrt((1 - t) ** 2 + t ** 2)
+    return add(a * ((1 - t) / s), b * (t / s))
+
+
+def mp_cat(a, b, t=0.5):
+    """EDM2 Eq. 103: channel concatenation that keeps the balance t between a and b and unit magnitude."""
+    Na, Nb = a.shape[1], b.shape[1]
+    C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
+    return cat([a * (C / math.sqrt(Na) * (1 - t)), b * (C / math.sqrt(Nb) * t)], dim=1)
+
+
+class MPFourier(nn.Module):
+    """sqrt(2) cos(freqs t + phases) with random frozen buffers (bandwidth 1), in fp32."""
+
+    def __init__(self, num_channels, bandwidth=1):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, t):
+        tp = t.p if isinstance(t, Dual) else t
+        dtype = torch.promote_types(tp.dtype, torch.float32)
+        freqs = self.freqs.to(dtype)
+        arg = tp.to(dtype).outer(freqs) + self.phases.to(dtype)  # (B, C)
+        emb = arg.cos() * math.sqrt(2)
+        if not isinstance(t, Dual):
+            return emb
+        return Dual(emb, -math.sqrt(2) * _tan(arg).sin() * t.d.to(dtype).outer(_tan(freqs)))
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving linear (kernel=()) or conv layer: weight used as normalize(w) * gain / sqrt(fan_in),
+    computed in fp32 on every call. Deviation: EDM2 also writes normalize(w) into the weight in every training
+    forward ("forced weight normalisation"); here that in-place write is EDM2UNet.normalize_weights_(), called by
+    the training loop outside forward, so forward stays functional for torch.func.jvp and compile (§6.7, §9.8)."""
+
+    def __init__(self, in_channels, out_channels, kernel=()):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    def _apply_weight(self, x, w):
+        w = w.to(x.dtype)
+        return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def forward(self, x, gain=1):
+        w = mp_normalize(self.weight) * (gain / math.sqrt(self.weight[0].numel()))
+        if not isinstance(x, Dual):
+            return self._apply_weight(x, w)
+        out = self._apply_weight(x.p, w)
+        with _fp32(x.d):
+            return Dual(out, self._apply_weight(x.d, _tan(w)))
+
+
+class EDM2Block(nn.Module):
+    """EDM2 encoder/decoder block (EDM2 Fig. 21): optional 2x resampling, (enc) 1x1 skip conv + pixel norm,
+    residual branch with scale-only modulation (1 + emb_gain Linear(emb)), mp_sum, optional cosine attention,
+    clipping. Key names as EDM2 (conv_res0, emb_linear, conv_res1, conv_skip, attn_qkv, attn_proj, emb_gain)."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep", attention=False,
+                 channels_per_head=64, dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        self.out_channels, self.flavor, self.resample_mode = out_channels, flavor, resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
+        self.emb_linear = MPConv(emb_channels, out_channels)
+        self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
+        self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, (1, 1)) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
+
+    def forward(self, x, emb):
+        # EDM2's [1, 1] resampling filter is 2x2 average pooling down and nearest-neighbour up (both linear).
+        if self.resample_mode == "down":
+            x = lin(lambda a: F.avg_pool2d(a, 2), x)
+        elif self.resample_mode == "up":
+            x = lin(lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"), x)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = pixel_norm(x, dim=1)
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1  # (B, C), depends on t
+        y = mp_silu(y * c.reshape(-1, self.out_channels, 1, 1))
+        y = self.conv_res1(dropout(y, self.dropout, self.training))
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, self.res_balance)
+        if self.num_heads:
+            B, C, H, W = x.shape
+            qkv = self.attn_qkv(x).reshape(B * self.num_heads, C // self.num_heads, 3, H * W)
+            q, k, v = pixel_norm(qkv, dim=1).unbind(2)  # cosine attention: q, k, v normalised per head
+            a = attention(q, k, v).reshape(B, C, H, W)
+            x = mp_sum(x, self.attn_proj(a), self.attn_balance)
+        return clamp(x, self.clip_act) if self.clip_act is not None else x
+
+
+class EDM2UNet(nn.Module):
+    """EDM2's UNet with the log-variance head of its Precond (`logvar_fourier`, `logvar_linear`), REFERENCE §6.4.
+    Keys are the official `unet.*` keys without the `unet.` prefix. Defaults: EDM2-S (model_channels 192);
+    XS/S/M/L/XL = 128/192/256/320/384. in_channels excludes the constant ones channel the net appends.
+    y=None is the null label (a zero one-hot, as EDM2's Precond feeds). Dropout applies only in blocks at
+    `dropout_res` (the methods' 16x16 and 8x8). logvar=False drops the head (EDM2 always has it).
+    use_r (decision; the reference's version is broken, REFERENCE §10 #21): r gets its own MPFourier embedding and
+    MPConv (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label.
+    Training must call `normalize_weights_()` once after init and after every optimizer step (see MPConv)."""
+
+    def __init__(self, img_resolution=64, in_channels=3, out_channels=3, label_dim=0, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), channel_mult_noise=None, channel_mult_emb=None, num_blocks=3,
+                 attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5, dropout=0.0, dropout_res=(16, 8),
+                 channels_per_head=64, logvar_channels=128, use_r=False, logvar=False):
+        super().__init__()
+        cblock = [model_channels * m for m in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        self.img_resolution, self.img_channels, self.label_dim, self.use_r = img_resolution, in_channels, label_dim, use_r
+        self.label_balance, self.concat_balance = label_balance, concat_balance
+        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb)
+        self.emb_label = MPConv(label_dim, cemb) if label_dim else None
+        self.emb_fourier_r = MPFourier(cnoise) if use_r else None
+        self.emb_noise_r = MPConv(cnoise, cemb) if use_r else None
+        self.logvar_fourier = MPFourier(logvar_channels) if logvar else None
+        self.logvar_linear = MPConv(logvar_channels, 1) if logvar else None
+
+        def block(cin, cout, res, **kwargs):
+            drop = dropout if res in dropout_res else 0.0
+            return EDM2Block(cin, cout, cemb, channels_per_head=channels_per_head, dropout=drop, **kwargs)
+
+        self.enc = nn.ModuleDict()
+        cout = in_channels + 1  # + the constant ones channel
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = MPConv(cout, channels, (3, 3))
+                cout = channels
+            else:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, res, flavor="enc", resample_mode="down")
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, res, flavor="enc", attention=res in attn_resolutions)
+        skips = [b.out_channels for b in self.enc.values()]
+
+        self.dec = nn.ModuleDict()
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, res, flavor="dec", resample_mode="up")
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, res, flavor="dec", attention=res in attn_resolutions)
+        self.out_conv = MPConv(cout, out_channels, (3, 3))
+
+    @torch.no_grad()
+    def normalize_weights_(self):
+        """Forced weight normalisation (EDM2 Eq. 66), in place: every MPConv weight w <- normalize(w). Call once after
+        init and after every optimizer step (train.py: `getattr(net, "normalize_weights_", None)`). Forward
+        normalises anyway, so the function changes only through normalize's eps, by a relative ~eps |1/rms(w) - 1|
+        per layer: tiny after an optimizer step, ~1e-4 of the previous change on repeated calls."""
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.weight.copy_(mp_normalize(m.weight))
+
+    def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
+        _check_r(self, r)
+        x, t, r = _with_tangents(x, t, r, tangents)
+        emb = self.emb_noise(self.emb_fourier(t))
+        if self.use_r:
+            emb = mp_sum(emb, self.emb_noise_r(self.emb_fourier_r(r)), 0.5)
+        xp = x.p if isinstance(x, Dual) else x
+        if self.emb_label is not None:
+            y = xp.new_zeros(xp.shape[0], self.label_dim) if y is None else y
+            emb = mp_sum(emb, self.emb_label(y * math.sqrt(self.label_dim)), self.label_balance)
+        emb = mp_silu(emb)
+        x = cat([x, torch.ones_like(xp[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith("_conv") else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        x = self.out_conv(x, gain=self.out_gain)
+        if not return_logvar:
+            return x
+        return x, _logvar(self.logvar_linear, self.logvar_fourier(t) if self.logvar_fourier is not None else None)
+
+
+# --- DiT (adaLN-Zero transformer) ---------------------------------------------------------------------------
+# Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", REFERENCE §6.5. Keys as the official checkpoints.
+
+def sincos_2d(dim, grid_size):
+    """DiT's fixed 2-D position embedding (L, dim): the first half encodes the column, the second the row, each as
+    [sin, cos] of position * 10000^(-k / (dim/4)); tokens in row-major order. Computed in float64."""
+    omega = 1 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    col, row = pos.repeat(grid_size), pos.repeat_interleave(grid_size)  # token i * grid + j: row i, column j
+
+    def emb(p):
+        arg = p.outer(omega)
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+    return torch.cat([emb(col), emb(row)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (B, L, D) (timm's PatchEmbed.proj: a strided conv with bias)."""
+
+    def __init__(self, in_channels, hidden_size, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        fan = in_channels * patch_size ** 2
+        shape = [hidden_size, in_channels, patch_size, patch_size]
+        self.weight = nn.Parameter(weight_init(shape, "xavier_uniform", fan, hidden_size))  # DiT: as a Linear
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x):
+        if isinstance(x, Dual):
+            out = self(x.p)
+            with _fp32(x.d):
+                d = F.conv2d(x.d, _tan(self.weight).to(x.d.dtype), stride=self.patch_size)
+            return Dual(out, d.flatten(2).transpose(1, 2))
+        x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), stride=self.patch_size)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def modulate(x, shift, scale):
+    return x * (scale + 1) + shift  # adaLN; scale and shift depend on t (Dual products)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, dropout=0.0):
+        super().__init__()
+        init = dict(init_mode="xavier_uniform")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.attn = nn.ModuleDict(dict(qkv=Linear(hidden_size, 3 * hidden_size, **init),
+                                       proj=Linear(hidden_size, hidden_size, **init)))
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.ModuleDict(dict(fc1=Linear(hidden_size, hidden, **init), fc2=Linear(hidden, hidden_size, **init)))
+        self.adaLN_modulation = nn.Sequential(SiLU(), Linear(hidden_size, 6 * hidden_size, init_weight=0))  # adaLN-Zero
+
+    def _attention(self, x):
+        B, L, D = x.shape
+        H = self.num_heads
+        # timm's qkv layout is (3, heads, head_dim) along the features
+        qkv = self.attn.qkv(x).reshape(B, L, 3, H, D // H).permute(2, 0, 3, 4, 1).reshape(3, B * H, D // H, L)
+        a = attention(*qkv.unbind(0)).reshape(B, H, D // H, L).permute(0, 3, 1, 2).reshape(B, L, D)
+        return self.attn.proj(a)
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=2)
+        x = x + self._attention(modulate(layer_norm(x), shift1, scale1)) * gate1
+        h = gelu_tanh(self.mlp.fc1(modulate(layer_norm(x), shift2, scale2)))
+        # Deviation: optional dropout on the MLP hidden layer (timm's Mlp drop position); official DiT uses none.
+        return x + self.mlp.fc2(dropout(h, self.dropout, self.training)) * gate2
+
+
+class DiT(nn.Module):
+    """DiT with adaLN-Zero, without timm. Defaults: DiT-XL/2 on 4x32x32 latents (675,129,632 parameters with
+    label_dim=1000 and learn_sigma; B/2: depth 12, hidden 768, 12 heads, 130,512,416).
+    label_dim is official DiT's num_classes; the table has label_dim + 1 rows, the last the null label, and y (one-hot,
+    all-zero = null, None = all null) enters without integer casts: y @ table[:L] + (1 - sum y) table[L].
+    learn_sigma (None: True without use_r, as the official checkpoints; False with use_r, as MeanFlow) doubles the
+    output channels; the net returns only the first in_channels (the methods here need no learned variance).
+    use_r (MeanFlow, REFERENCE §5.7): `r_embedder` embeds t - r and c = t_emb(t) + r_emb(t - r) + y_emb(y).
+    t is used as given (no x1000). logvar: Linear(256 -> 1) on t's frequency embedding."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, label_dim=0, learn_sigma=None, dropout=0.0, freq_channels=256, use_r=False, logvar=False):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim, self.use_r = input_size, in_channels, label_dim, use_r
+        self.learn_sigma = (not use_r) if learn_sigma is None else learn_sigma
+        self.patch_size = patch_size
+        out_channels = in_channels * (2 if self.learn_sigma else 1)
+
+        def embedder():  # DiT's TimestepEmbedder: 256-d [cos, sin] -> Linear -> SiLU -> Linear, weights N(0, 0.02)
+            mlp = nn.Sequential(Linear(freq_channels, hidden_size), SiLU(), Linear(hidden_size, hidden_size))
+            for i in (0, 2):
+                nn.init.normal_(mlp[i].weight, std=0.02)
+                nn.init.zeros_(mlp[i].bias)
+            return nn.ModuleDict(dict(mlp=mlp))
+
+        self.x_embedder = nn.ModuleDict(dict(proj=PatchEmbed(in_channels, hidden_size, patch_size)))
+        self.time_freq = PositionalEmbedding(freq_channels)  # no parameters: exp(-ln(1e4) i / 128) = (1/1e4)^(i/128)
+        self.t_embedder = embedder()
+        self.r_embedder = embedder() if use_r else None
+        self.y_embedder = None
+        if label_dim:  # label_dim + 1 rows: the last is the null label
+            self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(label_dim + 1, hidden_size)))
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        grid = input_size // patch_size
+        self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).float()[None], requires_grad=False)  # in the state dict
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.final_layer = nn.ModuleDict(dict(
+            linear=Linear(hidden_size, patch_size ** 2 * out_channels, init_weight=0),
+            adaLN_modulation=nn.Sequential(SiLU(), Linear(hidden_size, 2 * hidden_size, init_weight=0))))
+        self.logvar_linear = Linear(freq_channels, 1, init_mode="kaiming_normal") if logvar else None
+
+    def label_embedding(self, y, batch):
+        """(B, D); y one-hot (B, L) or None, an all-zero row (or None) gives the null row table[L]."""
+        table = self.y_embedder.embedding_table.weight
+        if y is None:
+            return table[self.label_dim].expand(batch, -1)
+        y = y.to(table.dtype)
+        return y @ table[:self.label_dim] + (1 - y.sum(1, keepdim=True)) * table[self.label_dim]
+
+    def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
+        _check_r(self, r)
+        x, t, r = _with_tangents(x, t, r, tangents)
+        B, C, H, W = x.shape
+        x = self.x_embedder.proj(x) + self.pos_embed.to(x.p.dtype if isinstance(x, Dual) else x.dtype)  # (B, L, D)
+        t_freq = self.time_freq(t)
+        c = self.t_embedder.mlp(t_freq)
+        if self.use_r:
+            c = add(c, self.r_embedder.mlp(self.time_freq(add(t, r * -1))))  # embeds t - r
+        if self.y_embedder is not None:
+            c = c + self.label_embedding(y, B)
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.final_layer.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
+        x = self.final_layer.linear(modulate(layer_norm(x), shift, scale))  # (B, L, p * p * C_out)
+        p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
+        x = lin(lambda a: a.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)[:, :C], x)
+        if not return_logvar:
+            return x
+        return x, _logvar(self.logvar_linear, t_freq)
+
+
 # --- Registry ------------------------------------------------------------------------------------------------
-# name -> (class, default kwargs). train.py adds resolution/channels/dim, label_dim, use_r, dropout.
+# name -> (class, default kwargs). train.py adds resolution/channels/dim, label_dim, use_r, dropout. The "-tiny"
+# variants are few-MB nets for CPU tests and smoke runs that take the same code paths (multi-head attention included).
 
 NETS = {
     "ddpmpp": (SongUNet, dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,))),
-    # A few-MB DDPM++ for CPU smoke runs and tests: same code path, attention included.
     "ddpmpp-tiny": (SongUNet, dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))),
+    "adm": (DhariwalUNet, dict()),  # EDM's ImageNet-64 ADM
+    "adm-tiny": (DhariwalUNet, dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                                    channels_per_head=8)),
+    # EDM2 ImageNet-64 sizes (XXL, 448, is EDM2's ImageNet-512 latent preset); dropout at 16x16 and 8x8 only
+    **{f"edm2-{size}": (EDM2UNet, dict(model_channels=c))
+       for size, c in dict(xs=128, s=192, m=256, l=320, xl=384, xxl=448).items()},
+    "edm2-tiny": (EDM2UNet, dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                                 channels_per_head=8, dropout_res=(8,))),
+    "dit-b2": (DiT, dict(hidden_size=768, depth=12, num_heads=12, patch_size=2)),
+    "dit-l2": (DiT, dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2)),
+    "dit-xl2": (DiT, dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)),
+    "dit-tiny": (DiT, dict(hidden_size=32, depth=2, num_heads=4, patch_size=2)),
     "mlp": (MLP, dict(width=256, depth=4)),
 }
 
 
 def build_net(name, shape, label_dim=0, use_r=False, logvar=False, **overrides):
-    """Build a registered net for data of `shape` (C, H, W) or (D,)."""
+    """Build a registered net for data of `shape` (C, H, W) or (D,). UNets need H = W divisible by 2^(levels - 1);
+    DiT needs H = W divisible by the patch size (latents 4x32x32 -> input_size 32, in_channels 4)."""
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}; choose from {', '.join(NETS)}")
     cls, kwargs = NETS[name]
@@ -483,4 +1031,13 @@ def build_net(name, shape, label_dim=0, use_r=False, logvar=False, **overrides):
         return cls(dim=shape[0], **kwargs)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ValueError(f"net {name!r} needs square images (C, H, H); got samples of shape {tuple(shape)}")
-    return cls(img_resolution=shape[1], in_channels=shape[0], out_channels=shape[0], **kwargs)
+    C, H = shape[0], shape[1]
+    if cls is DiT:
+        if H % kwargs["patch_size"]:
+            raise ValueError(f"net {name!r} needs H divisible by its patch size {kwargs['patch_size']}; got H = {H}")
+        return cls(input_size=H, in_channels=C, **kwargs)
+    levels = len(kwargs.get("channel_mult", inspect.signature(cls).parameters["channel_mult"].default))
+    if H % 2 ** (levels - 1):
+        raise ValueError(f"net {name!r} halves the resolution {levels - 1} times: H must be divisible by "
+                         f"{2 ** (levels - 1)}; got H = {H}")
+    return cls(img_resolution=H, in_channels=C, out_channels=C, **kwargs)
