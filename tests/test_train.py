@@ -309,3 +309,18 @@ def test_default_preset_follows_the_data(tmp_path):
     assert (cfg["preset"], cfg["net"], cfg["ema_kind"]) == ("imagenet64", "edm2-s", "power")
     with pytest.raises(train.UsageError, match="default for --data"):
         train.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])
+
+
+def test_tcm_power_ema_continues_the_stage1_step_count(tmp_path):
+    """REFERENCE §1.5: in TCM the power EMA's k continues from stage 1, so after stage 1's 3 steps and one TCM step the
+    EMA is beta_4 (stage-1 weights) + (1 - beta_4) (new weights), not a copy (which beta_1 = 0 would give)."""
+    power = ["--ema-kind", "power", "--ema", "0.05"]
+    stage1 = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "3", "--batch", "16", *power, out="cm")
+    out = load(run(tmp_path, "--method", "tcm", "--data", "toy", "--steps", "1", "--batch", "16", "--lr", "1e-3",
+                   "--stage1", stage1, *power, out="tcm"))
+    start = load(stage1)["net"]
+    beta = (1 - 1 / 4) ** (train.power_gamma(0.05) + 1)
+    for k in start:
+        expect = beta * start[k].double() + (1 - beta) * out["net"][k].double()
+        torch.testing.assert_close(out["ema"][0][k].double(), expect, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(out["ema"][0]["fc_in.weight"], out["net"]["fc_in.weight"])
