@@ -16,6 +16,7 @@ Also here: the sample order (a seeded permutation per epoch, indexed by global s
 and the encoding step:
 
     python data.py encode-latents --src imagenet.zip --out latents/ [--vae stabilityai/sd-vae-ft-mse] [--device cuda]
+    python data.py decode --data imagenet64.zip     # fill the memory-mapped cache once, before a multi-GPU run
 """
 import argparse
 import contextlib
@@ -492,7 +493,18 @@ def main(argv=None):
     e.add_argument("--batch", type=int, default=64)
     e.add_argument("--resolution", type=int, default=256)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d = sub.add_parser("decode", help="decode a large image zip/folder into the memory-mapped cache now, in one process "
+                                      "(do this before a multi-GPU run: waiting ranks could time out)")
+    d.add_argument("--data", required=True)
+    d.add_argument("--cache", default=cache_dir_default())
     args = p.parse_args(argv)
+    if args.command == "decode":
+        try:
+            ds = load(args.data, args.cache)
+        except DataError as err:
+            sys.exit(f"data.py: error: {err}")
+        print(f"{args.data}: {len(ds)} samples of shape {ds.shape}, label_dim {ds.label_dim}")
+        return
     try:
         encoder = sd_vae_encoder(args.vae, args.device)
         meta = encode_latents(args.src, args.out, encoder, args.batch, args.resolution, vae_name=args.vae)

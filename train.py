@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -201,6 +202,7 @@ def setup_distributed(device_flag):
     return ddp, rank, world, device
 
 
+@functools.lru_cache
 def power_gamma(sigma_rel):
     """Exponent of EDM2's power-function EMA (Karras et al. 2024, Eq. 3) for a relative width sigma_rel:
     sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), i.e. the largest real root of g^3 + 7 g^2 + (16 - s) g + 12 - s, s = sigma_rel^-2."""
@@ -390,7 +392,8 @@ def load_teacher(path, method, ds, label_dim, device):
     state = load_compatible(path, method, device)
     tcfg = state["config"]
     tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
-    weights = {k: v for k, v in state["ema"][0].items() if not k.startswith("logvar") or k in tnet.state_dict()}
+    keys = tnet.state_dict().keys()
+    weights = {k: v for k, v in state["ema"][0].items() if not k.startswith("logvar") or k in keys}
     load_weights(tnet, weights, f"teacher {path}")  # a log-variance head (EDM2) is unused by teachers
     return tnet.eval().requires_grad_(False)
 

@@ -177,6 +177,17 @@ def test_large_image_sets_are_decoded_once_and_memory_mapped(tmp_path, monkeypat
     assert len(os.listdir(tmp_path / "cache")) == 2
 
 
+def test_decode_command_fills_the_cache(tmp_path, monkeypatch, capsys):
+    """`python data.py decode` decodes once in one process; train.py's later load finds the cache."""
+    monkeypatch.setattr(data, "MMAP_BYTES", 0)
+    write_image_zip(tmp_path / "d.zip", n=4, res=8)
+    data.main(["decode", "--data", str(tmp_path / "d.zip"), "--cache", str(tmp_path / "cache")])
+    assert "4 samples of shape (3, 8, 8)" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    with pytest.raises(SystemExit, match="data.py: error: no such dataset"):
+        data.main(["decode", "--data", str(tmp_path / "missing.zip")])
+
+
 @pytest.mark.parametrize("name, extra, label_dim", [
     ("small.zip", {}, 3),  # largest label + 1
     ("imagenet64-subset.zip", {}, 1000),  # ImageNet keeps 1000 classes even if a subset lacks some
