@@ -479,8 +479,7 @@ def run_calc(args, rank, world, device):
     ref = load_ref(args.ref)
     method = importlib.import_module(cfg["method"])
     mcfg = sampler_config(method, train.method_config(method, cfg), args.steps, args.sigmas, args.ts)
-    net = train.build_net(cfg, method, shape, cfg["label_dim"]).to(device)
-    train.load_weights(net, state["ema"][args.ema], f"{args.ckpt} ema {args.ema}")
+    net = train.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
     detector, digest = load_detector(args.detector, device, args.cache)
     mu, sigma, bad, images = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
                                           device, args.seed, args.batch, keep=bool(args.save_samples))

@@ -177,9 +177,10 @@ def default_preset(spec):
 
 
 def method_config(method, cfg):
+    """The method's Config from a resolved config; fields it lacks (converted checkpoints) keep their defaults."""
     fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
     try:
-        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields})
+        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields if k in cfg})
     except ValueError as e:
         raise UsageError(f"{method.__name__} config: {e}") from None
 
@@ -387,15 +388,20 @@ def load_weights(module, weights, what, strict=True):
         raise UsageError(f"{what} does not fit this data/net: {str(e).splitlines()[0]}") from None
 
 
+def frozen_ema(state, shape, label_dim, device, what, i=0):
+    """EMA i of a checkpoint as the net its own method builds, frozen, in eval mode. A log-variance head that method
+    does not use (an EDM2 checkpoint's, in a diffusion teacher) is dropped."""
+    cfg = state["config"]
+    net = build_net(cfg, importlib.import_module(cfg["method"]), shape, label_dim).to(device)
+    keys = net.state_dict().keys()
+    load_weights(net, {k: v for k, v in state["ema"][i].items() if not k.startswith("logvar") or k in keys}, what)
+    return net.eval().requires_grad_(False)
+
+
 def load_teacher(path, method, ds, label_dim, device):
     """The first EMA net of a checkpoint, frozen, in eval mode."""
     state = load_compatible(path, method, device)
-    tcfg = state["config"]
-    tnet = build_net(tcfg, importlib.import_module(tcfg["method"]), ds.shape, label_dim if tcfg["cond"] else 0).to(device)
-    keys = tnet.state_dict().keys()
-    weights = {k: v for k, v in state["ema"][0].items() if not k.startswith("logvar") or k in keys}
-    load_weights(tnet, weights, f"teacher {path}")  # a log-variance head (EDM2) is unused by teachers
-    return tnet.eval().requires_grad_(False)
+    return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
 
 
 def load_stage1(path, method, net, device, which, init):

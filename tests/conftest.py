@@ -1,6 +1,8 @@
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +89,41 @@ def toy_ct():
     cfg = cm.Config(kimg_per_stage=15.0)
     torch.manual_seed(0)
     return train_toy(cm, cfg, nets.build_net("mlp", (2,), width=128, depth=3), 600, 3e-4), cfg
+
+
+# --- FID: a random-weight detector file and tiny reference statistics (shared by test_fid and test_convert) ---
+
+
+def save_hub_named(state, folder, stem="rand-inception"):
+    """A state dict saved under a torch.hub-style name whose 8 hex digits are its SHA-256 prefix."""
+    import fid
+    tmp = os.path.join(folder, "tmp.pth")
+    torch.save(state, tmp)
+    path = os.path.join(folder, f"{stem}-{fid.sha256(tmp)[:8]}.pth")
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def detector(tmp_path_factory):
+    """Random Inception weights (He-scaled convs, random BN statistics) saved as NAME-<sha256[:8]>.pth:
+    (path, net)."""
+    import fid
+    net = fid.InceptionV3().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if name.endswith("conv.weight"):
+                t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2 / t[0].numel()))
+            elif name.endswith(("bn.weight", "running_var")):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith(("bn.bias", "running_mean")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return save_hub_named(net.state_dict(), str(tmp_path_factory.mktemp("detector"))), net
+
+
+def tiny_ref(path):
+    g = np.random.default_rng(0)
+    A = g.normal(size=(2048, 64)) * 0.01
+    np.savez(path, mu=g.normal(size=2048) * 0.1, sigma=A @ A.T)  # EDM's format: mu, sigma
+    return str(path)

@@ -3,6 +3,7 @@ stand-ins for torch_utils/dnnlib that exist only while writing), the restricted 
 import builtins
 import contextlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 import convert
+import fid
 import nets
 import train
-from conftest import randomize_
+from conftest import randomize_, tiny_ref
 from test_data import write_image_zip
 
 # --- Writing NVIDIA-style pickles ---------------------------------------------------------------------------------
@@ -327,6 +329,20 @@ def test_edm2_pickle_converts(tmp_path):
     assert cfg["net"] == "edm2-tiny" and cfg["logvar"] is True and cfg["source"]["format"] == "edm2-pkl"
     assert all(v.dtype == torch.float32 for v in state["ema"][0].values() if v.is_floating_point())
     assert_same_outputs(net, cfg, state, 10)
+    # As a diffusion teacher / in fid.py calc: the net the diffusion method builds (no head) loads, the head dropped.
+    frozen = train.frozen_ema(state, cfg["shape"], 10, "cpu", "converted EDM2")
+    assert frozen.logvar_linear is None and not frozen.training
+    x, t, y = torch.randn(2, 3, 16, 16), torch.randn(2), torch.eye(10)[:2]
+    torch.testing.assert_close(frozen(x, t, y=y), net.float().eval()(x, t, y=y), rtol=1e-4, atol=1e-5)
+
+
+def test_fid_calc_on_a_converted_checkpoint(tiny_edm, detector, tmp_path):
+    """fid.py calc evaluates a converted file as the diffusion model it is (Config fields from the defaults)."""
+    ckpt = str(tmp_path / "edm.pt")
+    convert.convert(tiny_edm[1], ckpt)
+    rec = fid.cli(["calc", "--ckpt", ckpt, "--ref", tiny_ref(tmp_path / "ref.npz"), "--detector", detector[0],
+                   "--num", "2", "--steps", "1", "--device", "cpu"])
+    assert rec["method"] == "diffusion" and rec["sampler"] == {"sample_steps": 1} and math.isfinite(rec["fid"])
 
 
 # --- train.py takes the result --------------------------------------------------------------------------------------

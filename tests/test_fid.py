@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fid
 import train
-from conftest import ROOT
+from conftest import ROOT, save_hub_named, tiny_ref
 from test_data import write_image_zip
 
 # --- Frechet distance ------------------------------------------------------------------------------------------
@@ -247,31 +247,6 @@ def test_tf_graph_pool_branches():
     torch.testing.assert_close(out[..., 0, 0], x[..., :2, :2].amax((-1, -2)))
 
 
-def save_hub_named(state, folder, stem="rand-inception"):
-    tmp = os.path.join(folder, "tmp.pth")
-    torch.save(state, tmp)
-    path = os.path.join(folder, f"{stem}-{fid.sha256(tmp)[:8]}.pth")
-    os.replace(tmp, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def detector(tmp_path_factory):
-    """Random Inception weights (He-scaled convs, random BN statistics) saved as NAME-<sha256[:8]>.pth:
-    (path, net)."""
-    net = fid.InceptionV3().eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in net.state_dict().items():
-            if name.endswith("conv.weight"):
-                t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2 / t[0].numel()))
-            elif name.endswith(("bn.weight", "running_var")):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith(("bn.bias", "running_mean")):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return save_hub_named(net.state_dict(), str(tmp_path_factory.mktemp("detector"))), net
-
-
 def test_loader_round_trip_and_features(detector, tmp_path):
     """The file loads strictly, with or without BN's num_batches_tracked, into exactly the saved weights; features
     are (N, 2048), float32, finite, equal to the saved net on the protocol's input, and do not depend on the batch
@@ -364,13 +339,6 @@ def image_run(tmp_path_factory):
                "4", "--cond", "--out", str(tmp / "img"), *fast])
     train.cli(["--method", "cm", "--data", "toy", "--steps", "2", "--batch", "16", "--out", str(tmp / "toy"), *fast])
     return tmp
-
-
-def tiny_ref(path):
-    g = np.random.default_rng(0)
-    A = g.normal(size=(2048, 64)) * 0.01
-    np.savez(path, mu=g.normal(size=2048) * 0.1, sigma=A @ A.T)  # EDM's format: mu, sigma
-    return str(path)
 
 
 def load_ema(image_run, i):
