@@ -25,10 +25,8 @@ calls the allowed rebuild functions, so convert only files you trust. Every fail
 """
 import argparse
 import collections
-import hashlib
 import inspect
 import io
-import json
 import os
 import pickle
 import sys
@@ -36,6 +34,7 @@ import zipfile
 
 import torch
 
+import data
 import nets
 
 
@@ -139,12 +138,6 @@ NOT_STRUCTURAL = {"dropout", "label_dropout", "img_resolution", "img_channels", 
                   "label_dim", "augment_dim", "use_r", "logvar", "learn_sigma", "dropout_res"}
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_source(path):
@@ -291,7 +284,7 @@ def convert(src, out, net_name=None, expect_sha256=None):
     """Convert `src` into `out`; returns the config written."""
     if not os.path.isfile(src):
         raise ConvertError(f"no such file: {src}")
-    digest = sha256(src)
+    digest = data.file_digest(src)
     if expect_sha256 and digest != expect_sha256.lower():
         raise ConvertError(f"{src} has sha256 {digest}, expected {expect_sha256}")
     weights, info = read_source(src)

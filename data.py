@@ -446,7 +446,7 @@ def load_cifar10(cache_dir, url=CIFAR10_URL, md5=CIFAR10_MD5):
             raise DataError(f"cannot download CIFAR-10 from {url} ({type(e).__name__}); "
                             f"download it yourself and put cifar-10-python.tar.gz (md5 {md5}) in {cache_dir}") from None
         os.replace(tmp, path)
-    digest = _md5(path)
+    digest = file_digest(path, "md5")
     if digest != md5:
         raise DataError(f"{path} has md5 {digest}, expected {md5}: delete it and try again")
     xs, ys = [], []
@@ -461,8 +461,9 @@ def load_cifar10(cache_dir, url=CIFAR10_URL, md5=CIFAR10_MD5):
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def _md5(path):
-    h = hashlib.md5()
+def file_digest(path, algorithm="sha256"):
+    """Hex digest of a file, read in 1 MiB blocks (CIFAR-10's md5; fid.py's and convert.py's sha256)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -33,7 +33,6 @@ Protocol (the same for `ref`, `calc` and train.py's compute_fid):
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
@@ -201,12 +200,6 @@ class InceptionV3(nn.Module):
 # --- Detector weights ---------------------------------------------------------------------------------------------
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sha256(path, name):
@@ -215,7 +208,7 @@ def check_sha256(path, name):
     if not m:
         raise UsageError(f"detector file {name} must be named NAME-<first 8 hex digits of its SHA-256>.pth "
                          f"(torch.hub convention) so it can be verified; {FETCH_HINT}")
-    digest = sha256(path)
+    digest = data.file_digest(path)
     if not digest.startswith(m.group(1)):
         raise UsageError(f"{path} has SHA-256 {digest[:16]}..., but its name promises {m.group(1)}: the file is "
                          f"corrupt or incomplete; delete it and {FETCH_HINT}")

@@ -96,10 +96,10 @@ def toy_ct():
 
 def save_hub_named(state, folder, stem="rand-inception"):
     """A state dict saved under a torch.hub-style name whose 8 hex digits are its SHA-256 prefix."""
-    import fid
+    import data
     tmp = os.path.join(folder, "tmp.pth")
     torch.save(state, tmp)
-    path = os.path.join(folder, f"{stem}-{fid.sha256(tmp)[:8]}.pth")
+    path = os.path.join(folder, f"{stem}-{data.file_digest(tmp)[:8]}.pth")
     os.replace(tmp, path)
     return path
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import convert
+import data
 import fid
 import nets
 import train
@@ -143,7 +144,7 @@ def test_cli_one_line_errors(tiny_edm, tmp_path, capsys):
             convert.main([args[0], str(tmp_path / "o.pt"), *args[1:]])
         assert message in str(e.value) and "\n" not in str(e.value), (args, e.value)
     assert not (tmp_path / "o.pt").exists()
-    convert.main([pkl, str(tmp_path / "ok.pt"), "--sha256", convert.sha256(pkl)])
+    convert.main([pkl, str(tmp_path / "ok.pt"), "--sha256", data.file_digest(pkl)])
     assert "net ddpmpp-tiny" in capsys.readouterr().out
 
 

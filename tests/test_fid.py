@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import fid
 import train
 from conftest import ROOT, save_hub_named, tiny_ref
@@ -253,7 +254,7 @@ def test_loader_round_trip_and_features(detector, tmp_path):
     they were computed in (float32 tolerance 1e-5)."""
     path, net = detector
     loaded, digest = fid.load_detector(path, "cpu")
-    assert digest == fid.sha256(path) and os.path.basename(path).endswith(f"-{digest[:8]}.pth")
+    assert digest == data.file_digest(path) and os.path.basename(path).endswith(f"-{digest[:8]}.pth")
     bare = save_hub_named({k: v for k, v in net.state_dict().items() if "num_batches" not in k}, str(tmp_path))
     for other in (loaded, fid.load_detector(bare, "cpu")[0]):
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items())
@@ -374,7 +375,7 @@ def test_calc_json_samples_and_compute_fid(detector, image_run, tmp_path, monkey
                  "--save-samples", str(tmp_path / "a")])
     rec = json.load(open(tmp_path / "a.json"))
     assert rec["fid"] == a["fid"] > 0 and rec["num"] == 4 and rec["world_size"] == 1 and rec["step"] == 2
-    assert rec["detector_sha256"] == fid.sha256(det) and rec["sampler"] == {"sample_sigmas": [79.5638, 0.0]}
+    assert rec["detector_sha256"] == data.file_digest(det) and rec["sampler"] == {"sample_sigmas": [79.5638, 0.0]}
     assert os.path.getsize(tmp_path / "a" / "samples.png") > 0
     net, cm, mcfg = load_ema(image_run, 0)
     images = np.load(tmp_path / "a" / "samples.npz")["images"]
