@@ -412,6 +412,41 @@ class UNetBlock(nn.Module):
         return x
 
 
+def edm_unet_levels(in_channels, img_resolution, conv_channels, model_channels, channel_mult, num_blocks,
+                    attn_resolutions, init, block_kwargs, attn_all_dec):
+    """EDM's encoder/decoder layout with its key names, shared by SongUNet and DhariwalUNet: (enc, dec, channels out).
+    Per level: a 3x3 input conv (level 0) or a down block, num_blocks blocks; decoder: two input blocks at the lowest
+    resolution or an up block, num_blocks + 1 blocks taking the encoder skips. Attention at attn_resolutions in
+    encoder blocks, and in every decoder block there (ADM, attn_all_dec) or only the last one (DDPM++)."""
+    enc = nn.ModuleDict()
+    cout = in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"] = Conv2d(cout, conv_channels, 3, **init)
+            cout = conv_channels
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+        for idx in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+    skips = [block.out_channels for block in enc.values()]
+
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+            dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            attn = res in attn_resolutions and (attn_all_dec or idx == num_blocks)
+            dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+    return enc, dec, cout
+
+
 class SongUNet(nn.Module):
     """DDPM++ from EDM (Karras et al. 2022), 'standard' encoder/decoder, positional time embedding.
     Defaults are EDM's CIFAR-10 configuration: 55,733,891 parameters with augment_dim=9, unconditional."""
@@ -436,32 +471,8 @@ class SongUNet(nn.Module):
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.logvar_linear = Linear(noise_channels, 1, init_mode="kaiming_normal") if logvar else None
 
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, 3, **init)
-                cout = model_channels
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+        self.enc, self.dec, cout = edm_unet_levels(in_channels, img_resolution, model_channels, model_channels, channel_mult,
+                                                   num_blocks, attn_resolutions, init, block_kwargs, attn_all_dec=False)
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout, eps=1e-6)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
@@ -536,31 +547,9 @@ class DhariwalUNet(nn.Module):
                                 init_weight=math.sqrt(label_dim)) if label_dim else None
         self.logvar_linear = Linear(model_channels, 1, init_mode="kaiming_normal") if logvar else None
 
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels * mult, 3, **init)
-                cout = model_channels * mult
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+        self.enc, self.dec, cout = edm_unet_levels(in_channels, img_resolution, model_channels * channel_mult[0],
+                                                   model_channels, channel_mult, num_blocks, attn_resolutions, init,
+                                                   block_kwargs, attn_all_dec=True)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
