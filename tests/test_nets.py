@@ -108,7 +108,10 @@ def test_jvp_matches_central_difference(kind, direction):
     assert scale > 1e-3, "derivative too small for a meaningful test"
     torch.testing.assert_close(d_func, fd, rtol=0, atol=1e-7 * scale)
     torch.testing.assert_close(d_fused, d_func, rtol=0, atol=1e-10 * scale)
-    torch.testing.assert_close(out_fused, out_func, rtol=0, atol=0)
+    # Two code paths (functorch's decompositions vs ours): equal up to float64 rounding, not bitwise on every CPU
+    # (BLAS blocking differs by ISA; 1.8e-13 relative seen on AVX-512). 1e-12 x scale leaves ~10x margin.
+    out_scale = out_func.abs().max().item()
+    torch.testing.assert_close(out_fused, out_func, rtol=0, atol=1e-12 * out_scale)
 
 
 @pytest.mark.parametrize("kind", list(TINY))

@@ -171,7 +171,8 @@ def test_jvp_of_trigflow_student_matches_central_difference():
     scale = fd.abs().max().item()
     torch.testing.assert_close(results["jvp"][1], fd, rtol=0, atol=1e-7 * scale)
     torch.testing.assert_close(results["fused"][1], results["jvp"][1], rtol=0, atol=1e-10 * scale)
-    torch.testing.assert_close(results["fused"][0], results["jvp"][0], rtol=0, atol=0)  # same masks, same F
+    # Same masks, same F up to float64 rounding (torch.func.jvp and the fused pass run different kernels).
+    torch.testing.assert_close(results["fused"][0], results["jvp"][0], rtol=0, atol=1e-12 * results["jvp"][0].abs().max().item())
 
 
 @pytest.mark.parametrize("distill", [False, True])
