@@ -396,7 +396,8 @@ def main(argv=None):
         if ddp:
             dist.barrier()
         seed, ckpt_path = cfg["seed"], os.path.join(out, "ckpt.pt")
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
+        ddp_ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ddp_ids) if ddp else net
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
         gen = torch.Generator(device)
         sampler = data.EpochSampler(len(ds), seed)
@@ -453,7 +454,8 @@ def main(argv=None):
                 if rank == 0:
                     eta = (cfg["steps"] - step) * cfg["batch"] / rate
                     print(f"step {step:>7d}/{cfg['steps']} | kimg {rec['kimg']:9.1f} | loss {rec['loss']:.4g} | "
-                          f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {bad_steps} | ETA {format_time(eta)}", flush=True)
+                          f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {bad_steps} | ETA {format_time(eta)}",
+                          flush=True)
                     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 t0, step_t0, bad_steps = time.time(), step, 0
@@ -470,11 +472,14 @@ def main(argv=None):
                         f.write(json.dumps(dict(step=step, kimg=step * cfg["batch"] / 1000, fid=value, fid_num=args.fid_num)) + "\n")
                 t0 = t0 + (time.time() - fid_t0)  # keep img/s a training rate
             if step % args.ckpt_every == 0 or step == cfg["steps"]:
-                if not checkpoints.all_finite(net, *emas):  # the same on every rank: the weights are identical
-                    raise Diverged(f"step {step}: the weights are not finite; {kept(ckpt_path, saved_step)}")
-                if rank == 0:
+                healthy = bad_run == 0 and checkpoints.all_finite(net, *emas)  # the same on every rank
+                if not healthy and (step == cfg["steps"] or bad_run == 0):
+                    raise Diverged(f"step {step}: non-finite weights, loss or gradients; {kept(ckpt_path, saved_step)}")
+                if healthy and rank == 0:
                     checkpoints.save_checkpoint(ckpt_path, net, emas, opt, step, cfg)
-                saved_step = step
+                elif rank == 0:  # never a checkpoint from inside a stretch of non-finite steps
+                    print(f"step {step}: no checkpoint (non-finite loss or gradients at this step)")
+                saved_step = step if healthy else saved_step
                 if ddp:
                     dist.barrier()
 
