@@ -199,6 +199,8 @@ def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
         f.write(json.dumps(dict(step=5, loss=1.0)) + "\n" + json.dumps(dict(step=6, loss=1.0)) + "\n" + '{"step": 7, "lo')
     with open(os.path.join(out, "ckpt.pt.tmp"), "wb") as f:
         f.write(b"half a checkpoint")
+    run("--steps", "4", "--resume", out)  # no step to take: no save that would replace ckpt.pt.tmp by itself
+    assert metrics_steps(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
     run("--steps", "6", "--resume", out)
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
@@ -300,12 +302,12 @@ def test_fid_sigmas_for_meanflow_names_ts():
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     """A run checkpointing every step is killed (SIGKILL) at random moments, then resumed: every kill leaves a
     loadable ckpt.pt, and the final run equals an uninterrupted one bitwise, with one metrics record per step."""
-    common = ["--method", "meanflow", *TINY, "--steps", "300", "--ckpt-every", "1", "--num-samples", "10"]
+    common = ["--method", "meanflow", *TINY, "--steps", "200", "--ckpt-every", "1", "--num-samples", "10"]
     straight, out = str(tmp_path / "straight"), str(tmp_path / "killed")
     train.cli([*common, "--out", straight])
     rng, kills, env = random.Random(0), 0, {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py", *common, "--out", out]
-    for _ in range(10):
+    for _ in range(6):
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while p.poll() is None and not has_lock_of(out, p.pid):
             time.sleep(0.02)
@@ -323,10 +325,10 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     final = subprocess.run([sys.executable, "train.py", *common, "--resume", out], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
-    assert kills >= 5
+    assert kills >= 3
     a, b = load(straight), load(out)
-    assert b["step"] == 300 and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
-    assert metrics_steps(out) == list(range(1, 301))
+    assert b["step"] == 200 and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert metrics_steps(out) == list(range(1, 201))
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp")) and not os.path.exists(os.path.join(out, checkpoints.LOCK))
 
 
