@@ -297,14 +297,27 @@ def convert(src, out, net_name=None, expect_sha256=None):
     return config
 
 
+def check_out(src, out, force):
+    """An existing out is replaced only with --force; src (also as out's temp file) never is."""
+    for path in (out, out + ".tmp"):
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(src, path):
+            raise ConvertError(f"{path} is the source file: write the conversion to another file")
+    if os.path.isdir(out):
+        raise ConvertError(f"{out} is a folder; name the output .pt file")
+    if os.path.exists(out) and not force:
+        raise ConvertError(f"{out} exists; pass --force to replace it, or choose another output file")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert an official EDM / EDM2 / DiT checkpoint.")
     p.add_argument("src", help="the official .pkl (EDM, EDM2) or .pt (DiT) file")
     p.add_argument("out", help="output .pt in this repository's checkpoint format")
     p.add_argument("--net", help="registry name to check against (default: the one whose config matches)")
     p.add_argument("--sha256", help="expected SHA-256 of src")
+    p.add_argument("--force", action="store_true", help="replace an existing out (never src)")
     args = p.parse_args(argv)
     try:
+        check_out(args.src, args.out, args.force)
         config = convert(args.src, args.out, args.net, args.sha256)
     except ConvertError as e:
         sys.exit(f"convert.py: error: {e}")

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-import train
-from train import UsageError
+import checkpoints
+from checkpoints import UsageError
 
 DETECTOR_URLS = {
     "pt_inception-2015-12-05-6726825d.pth":
@@ -258,7 +258,7 @@ def load_detector(spec, device, cache_dir=None):
     # BN's num_batches_tracked counters are bookkeeping the published files may or may not carry: ours are used.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     state.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
-    train.load_weights(net, state, f"detector {path}")
+    checkpoints.load_weights(net, state, f"detector {path}")
     if not digest.startswith(PUBLISHED_SHA256_PREFIX) and not (dist.is_initialized() and dist.get_rank() > 0):
         print(f"warning: {path} is not the published 2015-12-05 detector (SHA-256 {digest[:8]}...): "
               "FIDs are not comparable with published ones", file=sys.stderr)
@@ -357,6 +357,8 @@ def load_ref(path):
         raise UsageError(f"cannot read reference statistics {path} (an .npz with mu and sigma): {e}") from None
     if mu.shape != (2048,) or sigma.shape != (2048, 2048):
         raise UsageError(f"{path}: expected mu (2048,) and sigma (2048, 2048), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UsageError(f"{path}: the reference statistics hold NaN or Inf values")
     return mu, sigma
 
 # --- Generation ----------------------------------------------------------------------------------------------------
@@ -367,7 +369,8 @@ def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
     field = dict(meanflow="sample_ts", diffusion="sample_steps").get(method.__name__, "sample_sigmas")
     given = dict(sample_sigmas=sigmas, sample_ts=ts).get(field)
     if (sigmas and field != "sample_sigmas") or (ts and field != "sample_ts"):
-        raise UsageError(f"--sigmas is for cm, scm and tcm, --ts for meanflow; {method.__name__} takes --steps only")
+        takes = dict(sample_sigmas="--steps or --sigmas", sample_ts="--steps or --ts").get(field, "--steps only")
+        raise UsageError(f"--sigmas is for cm, scm and tcm, --ts for meanflow; {method.__name__} takes {takes}")
     if given:
         if steps is not None and steps != len(given) - 1:
             raise UsageError(f"--steps {steps} contradicts the {len(given) - 1}-step list {','.join(map(str, given))}")
@@ -461,7 +464,7 @@ def run_ref(args, rank, world, device):
 
 def run_calc(args, rank, world, device):
     t0 = time.time()
-    state = train.load_checkpoint(args.ckpt, device)
+    state = checkpoints.load_checkpoint(args.ckpt, device)
     cfg = state["config"]
     shape = tuple(cfg.get("shape") or ())
     if len(shape) != 3 or shape[0] != 3:
@@ -471,8 +474,8 @@ def run_calc(args, rank, world, device):
         raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
     ref = load_ref(args.ref)
     method = importlib.import_module(cfg["method"])
-    mcfg = sampler_config(method, train.method_config(method, cfg), args.steps, args.sigmas, args.ts)
-    net = train.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
+    mcfg = sampler_config(method, checkpoints.method_config(method, cfg), args.steps, args.sigmas, args.ts)
+    net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
     detector, digest = load_detector(args.detector, device, args.cache)
     mu, sigma, bad, images = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
                                           device, args.seed, args.batch, keep=bool(args.save_samples))
@@ -509,8 +512,8 @@ def build_parser():
     calc.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
                       help="number of samples (write --num-images under torchrun, which reads --num as --numa-binding)")
     calc.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's own list)")
-    calc.add_argument("--sigmas", type=train.parse_as(tuple), help="cm/scm/tcm: explicit sigma list ending in 0")
-    calc.add_argument("--ts", type=train.parse_as(tuple), help="meanflow: explicit t list ending in 0")
+    calc.add_argument("--sigmas", type=checkpoints.parse_as(tuple), help="cm/scm/tcm: explicit sigma list ending in 0")
+    calc.add_argument("--ts", type=checkpoints.parse_as(tuple), help="meanflow: explicit t list ending in 0")
     calc.add_argument("--seed", type=int, default=0, help="image i uses seed mix_seed(seed, i)")
     calc.add_argument("--ema", type=int, default=0, help="which EMA of the checkpoint")
     calc.add_argument("--save-samples", help="folder for samples.png and samples.npz (uint8 images)")
@@ -527,7 +530,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch < 1 or (args.command == "calc" and args.num < 2):
         raise UsageError("--batch must be >= 1 and --num >= 2")
-    ddp, rank, world, device = train.setup_distributed(args.device)
+    ddp, rank, world, device = checkpoints.setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it
             fetch_detector(args.detector, args.cache)

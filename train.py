@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import data
 import nets
+from checkpoints import UsageError, build_net, method_config, parse_as
 
 METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
 
@@ -65,25 +67,7 @@ CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp
                stage1_weights=("online", "ema"), ema_kind=("const", "power"))
 
 
-class UsageError(Exception):
-    pass
-
 # --- Configuration -----------------------------------------------------------------------------------------
-
-
-def parse_as(kind):
-    """argparse type for a flag whose value has type `kind` (bool and comma-separated tuples included)."""
-    def parse(text):
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        if kind is tuple:
-            return tuple(float(v) for v in text.split(",") if v)
-        return kind(text)
-    return parse
 
 
 def add_flag(group, name, kind, help):
@@ -91,78 +75,111 @@ def add_flag(group, name, kind, help):
     group.add_argument("--" + name.replace("_", "-"), dest=name, type=parse_as(kind), help=help, **extra)
 
 
-def build_parser(method=None):
+def show(value):
+    """A value as its flag would be written."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def build_parser(method=None, preset=None):
+    """The parser; with a method its Config fields are flags, and with a preset name --help shows its values."""
     p = argparse.ArgumentParser(description="Train a consistency model / flow map.", allow_abbrev=False)
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--data", default="toy", help="toy, cifar10, points.npy, images.zip or an image folder")
+    p.add_argument("--data", help="toy, cifar10, points.npy, images.zip or an image folder (default: toy, or the resumed run's)")
     p.add_argument("--preset", help="method preset (default: toy for points, cifar10 for images)")
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>-NNN, new)")
-    p.add_argument("--resume", help="checkpoint file or run folder to continue exactly")
+    p.add_argument("--resume", help="checkpoint file or run folder to continue exactly (its config, then the flags given)")
     p.add_argument("--teacher", help="checkpoint whose EMA net is the frozen teacher (distillation)")
     p.add_argument("--init", help="checkpoint whose EMA weights initialise the net (e.g. a diffusion model)")
     p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, help="default 0, or the resumed run's")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures (0: end only)")
     p.add_argument("--num-samples", type=int, default=None, help="final samples.npy size (points 2048, images 64)")
+    p.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many consecutive steps with "
+                   "non-finite loss or gradients")
     p.add_argument("--cache", default=data.cache_dir_default(), help="download cache (CIFAR-10, FID detector)")
     p.add_argument("--fid-every", type=int, default=0, help="steps between FIDs of the first EMA (fid.py protocol; 0: off)")
     p.add_argument("--fid-ref", help="reference statistics for --fid-every (python fid.py ref --data ... --out REF.npz)")
     p.add_argument("--fid-num", type=int, default=10_000, help="samples per --fid-every evaluation (FIDs compare only at equal N)")
     p.add_argument("--fid-detector", help="Inception weights for --fid-every (default: fid.py's; path, URL or name)")
-    g = p.add_argument_group("training recipe (defaults from the preset)")
+    fields = {f.name: f.default for f in dataclasses.fields(method.Config)} if method else {}
+    values = {**TRAIN_DEFAULTS, **fields, **(method.PRESETS[preset] if preset else {})}
+    where = f"preset {preset}" if preset else "default"
+    g = p.add_argument_group(f"training recipe ({where})")
     for k, (default, kind, help) in TRAIN.items():
-        add_flag(g, k, kind, help)
+        add_flag(g, k, kind, f"{help} [{where}: {show(values[k])}]")
     if method is not None:
-        g = p.add_argument_group(f"{method.__name__}.Config (defaults from the preset, then the dataclass)")
-        for f in dataclasses.fields(method.Config):
-            add_flag(g, f.name, type(f.default), f"default {f.default}")
+        g = p.add_argument_group(f"{method.__name__}.Config ({where})")
+        for k, default in fields.items():
+            add_flag(g, k, type(default), f"[{where}: {show(values[k])}]")
     return p
 
 
+# Lowest allowed value and the bound it must stay below, of every numeric flag; checked before anything is created.
+LIMITS = dict(steps=(1, math.inf), batch=(1, math.inf), batch_gpu=(1, math.inf), dropout=(0, 1), lr=(0, math.inf),
+              adam_eps=(0, math.inf), weight_decay=(0, math.inf), lr_warmup=(0, math.inf), lr_ref_steps=(0, math.inf),
+              grad_clip=(0, math.inf), seed=(0, math.inf), log_every=(1, math.inf), ckpt_every=(1, math.inf),
+              sample_every=(0, math.inf), num_samples=(1, math.inf), max_nonfinite=(1, math.inf),
+              fid_every=(0, math.inf), fid_num=(2, math.inf))
+
+
 def resolve_config(argv):
-    """(args, cfg dict, method module): CLI flags over preset over defaults."""
+    """(args, cfg dict, method module, flags given): CLI flags over preset over defaults."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method")
+    for flag in ("--method", "--data", "--preset"):
+        pre.add_argument(flag)
     known, _ = pre.parse_known_args(argv)
-    method = None
+    method, preset_name = None, None
     if known.method is not None:
         if known.method not in METHODS:
             raise UsageError(f"unknown method {known.method!r}; choose from {', '.join(METHODS)}")
         method = importlib.import_module(known.method)
-    args = build_parser(method).parse_args(argv)
-    preset_name = args.preset or default_preset(args.data)
-    if preset_name not in method.PRESETS:
-        why = "" if args.preset else f" (the default for --data {args.data}; pass --preset)"
-        raise UsageError(f"unknown preset {preset_name!r} for {args.method}{why}; choose from {', '.join(method.PRESETS)}")
+        preset_name = known.preset or default_preset(known.data or "toy")
+        if preset_name not in method.PRESETS:
+            why = "" if known.preset else f" (the default for --data {known.data}; pass --preset)"
+            raise UsageError(f"unknown preset {preset_name!r} for {known.method}{why}; choose from {', '.join(method.PRESETS)}")
+    args = build_parser(method, preset_name).parse_args(argv)
     cfg_fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
     preset = method.PRESETS[preset_name]
     unknown = set(preset) - set(cfg_fields) - set(TRAIN_DEFAULTS)
     assert not unknown, f"preset {preset_name} has unknown keys {unknown}"
-    cfg = {**TRAIN_DEFAULTS, **cfg_fields, **preset, "preset": preset_name}
-    for k in list(TRAIN_DEFAULTS) + list(cfg_fields):
-        if getattr(args, k, None) is not None:
-            cfg[k] = getattr(args, k)
-    for k in ("method", "data", "seed"):
-        cfg[k] = getattr(args, k)
+    cfg = {**TRAIN_DEFAULTS, **cfg_fields, **preset, "preset": preset_name, "method": args.method, "data": "toy", "seed": 0}
+    given = {k for k in [*TRAIN_DEFAULTS, *cfg_fields, "preset", "data", "seed"] if getattr(args, k, None) is not None}
+    cfg.update({k: getattr(args, k) for k in given})
+    return args, json.loads(json.dumps(cfg)), method, given
+
+
+def check_config(args, cfg, method):
+    """Every choice and number in range, and the checkpoints the recipe needs named (before anything is created)."""
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             raise UsageError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
+    for k, (lo, hi) in LIMITS.items():
+        v = cfg[k] if k in cfg else getattr(args, k)
+        if v is not None and not lo <= v < hi:
+            raise UsageError(f"--{k.replace('_', '-')} must be " + (f">= {lo}" if hi == math.inf else f"in [{lo}, {hi})")
+                             + f", got {v}")
+    if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
+        raise UsageError(f"--betas needs two values in [0, 1), got {show(cfg['betas'])}")
     lo, hi = (0, 1) if cfg["ema_kind"] == "const" else (0, 0.28)
     if not cfg["ema"] or not all(lo < e < hi for e in cfg["ema"]):
         raise UsageError(f"--ema with --ema-kind {cfg['ema_kind']} needs values in ({lo}, {hi}), got {cfg['ema']}")
+    checkpoints.check_device(args.device)
+    checkpoints.check_out(args.out)
     if args.fid_every and not args.fid_ref:
         raise UsageError("--fid-every needs --fid-ref REF.npz (make it with: python fid.py ref --data DATA --out REF.npz)")
     if cfg["distill"] and not args.teacher:
-        raise UsageError(f"preset {preset_name} distils from a teacher: pass --teacher PATH")
+        raise UsageError(f"preset {cfg['preset']} distils from a teacher: pass --teacher PATH")
     if args.teacher and not method.TEACHERS:
         raise UsageError(f"{args.method} does not distil from a teacher")
     if bool(args.stage1) != hasattr(method, "STAGE1"):
         raise UsageError(f"{args.method} needs --stage1 RUN, the stage-1 cm run it continues" if args.stage1 is None
                          else f"--stage1 is for tcm, not {args.method}")
-    return args, json.loads(json.dumps(cfg)), method
+    return method_config(method, cfg)
 
 
 def default_preset(spec):
@@ -176,31 +193,7 @@ def default_preset(spec):
     return "cifar10"
 
 
-def method_config(method, cfg):
-    """The method's Config from a resolved config; fields it lacks (converted checkpoints) keep their defaults."""
-    fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
-    try:
-        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields if k in cfg})
-    except ValueError as e:
-        raise UsageError(f"{method.__name__} config: {e}") from None
-
 # --- Distributed, seeds, EMA ---------------------------------------------------------------------------------
-
-
-def setup_distributed(device_flag):
-    ddp = "RANK" in os.environ
-    rank, world, local = 0, 1, 0
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return ddp, rank, world, device
 
 
 @functools.lru_cache
@@ -284,32 +277,6 @@ def repair_and_clip(net, max_norm):
 # --- Output ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path, net, emas, opt, step, cfg):
-    """state_dicts + the resolved config, written to a temp file and renamed (a crash never leaves half a file)."""
-    state = dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(), step=step, config=cfg)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__})") from None
-
-
-def new_run_dir(method, data_name):
-    i = 0
-    while os.path.exists(os.path.join("runs", f"{method}-{data_name}-{i:03d}")):
-        i += 1
-    return os.path.join("runs", f"{method}-{data_name}-{i:03d}")
-
-
 def format_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -317,10 +284,10 @@ def format_time(s):
 # --- Nets, teachers, samples --------------------------------------------------------------------------------------
 
 
-def fid_evaluator(args, ds, label_dim, method, mcfg, rank, ddp, device):
+def fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device):
     """A function ema -> FID (fid.py's protocol, per-image seeds), to call on every rank; fid.py is imported only here."""
     if not ds.is_image or ds.shape[0] != 3:
-        raise UsageError(f"--fid-every needs RGB images; {args.data} has samples of shape {ds.shape}")
+        raise UsageError(f"--fid-every needs RGB images; {cfg['data']} has samples of shape {ds.shape}")
     import fid
     ref = fid.load_ref(args.fid_ref)
     spec = args.fid_detector or fid.DETECTOR_DEFAULT
@@ -331,7 +298,7 @@ def fid_evaluator(args, ds, label_dim, method, mcfg, rank, ddp, device):
     if rank != 0:
         detector, _ = fid.load_detector(spec, device, args.cache)
     return lambda ema: fid.compute_fid(ema, method, mcfg, ds.shape, label_dim, args.fid_num, ref, detector, device,
-                                       seed=args.seed)
+                                       seed=cfg["seed"])
 
 
 def check_ranks_identical(net, world):
@@ -360,83 +327,24 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
     return torch.cat(out)
 
 
-def build_net(cfg, method, shape, label_dim):
-    """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
-    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
-    overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
-    try:
-        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
-    except ValueError as e:  # unknown net, or a net that does not fit the data
-        raise UsageError(str(e)) from None
-
-
-def load_compatible(path, method, device):
-    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
-    state = load_checkpoint(path, device)
-    other = state["config"]["method"]
-    if other != method.__name__ and other not in method.TEACHERS:
-        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
-                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
-    return state
-
-
-def load_weights(module, weights, what, strict=True):
-    """load_state_dict, with a one-line error naming the checkpoint when the shapes or keys do not fit."""
-    try:
-        return module.load_state_dict(weights, strict=strict)
-    except RuntimeError as e:
-        raise UsageError(f"{what} does not fit this data/net: {str(e).splitlines()[0]}") from None
-
-
-def frozen_ema(state, shape, label_dim, device, what, i=0):
-    """EMA i of a checkpoint as the net its own method builds, frozen, in eval mode. A log-variance head that method
-    does not use (an EDM2 checkpoint's, in a diffusion teacher) is dropped."""
-    cfg = state["config"]
-    net = build_net(cfg, importlib.import_module(cfg["method"]), shape, label_dim).to(device)
-    keys = net.state_dict().keys()
-    load_weights(net, {k: v for k, v in state["ema"][i].items() if not k.startswith("logvar") or k in keys}, what)
-    return net.eval().requires_grad_(False)
-
-
-def load_teacher(path, method, ds, label_dim, device):
-    """The first EMA net of a checkpoint, frozen, in eval mode."""
-    state = load_compatible(path, method, device)
-    return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
-
-
-def load_stage1(path, method, net, device, which, init):
-    """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
-    student and, as copies of it, every EMA. Returns a frozen copy in train mode (dropout on, as the reference) and the
-    stage-1 step count, from which a power-function EMA's step counter continues (REFERENCE §1.5)."""
-    state = load_checkpoint(path, device)
-    if state["config"]["method"] not in method.STAGE1:
-        raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
-    weights = state["net"] if which == "online" else state["ema"][0]
-    stage1 = copy.deepcopy(net)
-    load_weights(stage1, weights, f"--stage1 {path}")
-    if init:
-        net.load_state_dict(weights)
-    return stage1.train().requires_grad_(False), state["step"]
-
-
-def init_from(net, path, method, device, rank):
-    """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
-    one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
-    state = load_compatible(path, method, device)
-    missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
-    if any(not k.startswith("logvar") for k in missing + unexpected):
-        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if rank == 0:
-        print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
-
-
 # --- Main ------------------------------------------------------------------------------------------------------
 
 
+class Diverged(Exception):
+    """The run stopped on non-finite numbers; its last good checkpoint is kept."""
+
+
 def main(argv=None):
-    args, cfg, method = resolve_config(sys.argv[1:] if argv is None else argv)
-    ddp, rank, world, device = setup_distributed(args.device)
-    mcfg = method_config(method, cfg)
+    args, cfg, method, given = resolve_config(sys.argv[1:] if argv is None else argv)
+    state = None
+    if args.resume:  # the run's own config, then the flags given now
+        state = checkpoints.load_checkpoint(args.resume, "cpu")
+        cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
+    mcfg = check_config(args, cfg, method)
+    ddp, rank, world, device = checkpoints.setup_distributed(args.device)
+    if rank == 0 and state is not None:
+        for notice in notices:
+            print(f"resume: {notice}")
 
     # Batch split (assert exact: the reference silently rounds, REFERENCE §9.7).
     batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
@@ -446,155 +354,163 @@ def main(argv=None):
 
     # Data: rank 0 first (it may download), then the others.
     if rank == 0:
-        ds = data.load(args.data, args.cache)
+        ds = data.load(cfg["data"], args.cache)
     if ddp:
         dist.barrier()
     if rank != 0:
-        ds = data.load(args.data, args.cache)
+        ds = data.load(cfg["data"], args.cache)
     if cfg["cond"] and ds.labels is None:
-        raise UsageError(f"--cond needs class labels, but {args.data} has none")
+        raise UsageError(f"--cond needs class labels, but {cfg['data']} has none")
     label_dim = ds.label_dim if cfg["cond"] else 0
+    if state is not None:
+        checkpoints.check_resume_data(state["config"], ds.shape, label_dim, args.resume)
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg["seed"])
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
-    teacher = load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
+    teacher = checkpoints.load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
     ema_offset = 0
     if args.stage1:
-        teacher, stage1_step = load_stage1(args.stage1, method, net, device, cfg["stage1_weights"], init=not args.resume)
+        teacher, stage1_step = checkpoints.load_stage1(args.stage1, method, net, device, cfg["stage1_weights"],
+                                                       init=state is None)
         ema_offset = stage1_step if cfg["ema_kind"] == "power" else 0
-    if args.init and not args.resume:
-        init_from(net, args.init, method, device, rank)
-    elif method.NEEDS_INIT and not args.resume and rank == 0:
+    if args.init and state is None:
+        checkpoints.init_from(net, args.init, method, device, rank)
+    elif method.NEEDS_INIT and state is None and rank == 0:
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step
-    if normalize_weights is not None and not args.resume:
+    if normalize_weights is not None and state is None:
         normalize_weights()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"])
+    start = 0 if state is None else checkpoints.restore(state, net, emas, opt, args.resume)
+    state = None  # free the host copy
 
-    if args.resume and not args.out:
-        args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
-    out = args.out or (new_run_dir(args.method, ds.name) if rank == 0 else None)
-    if ddp:
-        out = [out]
-        dist.broadcast_object_list(out, src=0)
-        out = out[0]
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    start = 0
-    if args.resume:
-        state = load_checkpoint(args.resume, device)
-        diffs = {k: (state["config"].get(k), v) for k, v in cfg.items() if k != "steps" and state["config"].get(k) != v}
-        if rank == 0 and diffs:
-            print(f"resume: config differs from the checkpoint's (checkpoint -> now): {diffs}")
-        net.load_state_dict(state["net"])
-        for e, sd in zip(emas, state["ema"]):
-            e.load_state_dict(sd)
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    elif os.path.exists(ckpt_path):
-        raise UsageError(f"{out} already holds a run; pass --resume {out} or choose another --out")
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({**cfg, "world_size": world, "batch_gpu": batch_gpu, "accum": accum}, f, indent=2)
-    if ddp:
-        dist.barrier()
+    out = args.out or (checkpoints.run_dir_of(args.resume) if args.resume else None)
+    with checkpoints.run_folder(out, args.resume, start, (args.method, ds.name), ddp, rank) as out:
+        if rank == 0:
+            checkpoints.write_config(out, {**cfg, "world_size": world, "batch_gpu": batch_gpu, "accum": accum})
+        if ddp:
+            dist.barrier()
+        seed, ckpt_path = cfg["seed"], os.path.join(out, "ckpt.pt")
+        ddp_ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ddp_ids) if ddp else net
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
+        gen = torch.Generator(device)
+        sampler = data.EpochSampler(len(ds), seed)
+        if rank == 0:
+            print(f"{args.method} on {cfg['data']} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
+                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
+                  f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | out {out}")
 
-    model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
-    gen = torch.Generator(device)
-    sampler = data.EpochSampler(len(ds), args.seed)
-    if rank == 0:
-        print(f"{args.method} on {args.data} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
-              f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
-              f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | out {out}")
-
-    fid_of = fid_evaluator(args, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
-    stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0
-    for step in range(start + 1, cfg["steps"] + 1):
-        lr = learning_rate(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        for a in range(accum):
-            m = rank * accum + a  # global micro-batch index: what it draws depends only on (seed, step, m)
-            torch.manual_seed(data.mix_seed(args.seed, step, m, 0))  # dropout masks
-            gen.manual_seed(data.mix_seed(args.seed, step, m, 1))  # noise, times, label dropout
-            idx = sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
-            flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 2))) < 0.5
-            noise = torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 3))  # latents: posterior samples
-            x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
-            y = ds.one_hot(idx, device) if label_dim else None
-            with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
-                with autocast:
-                    per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
-                                                    images=(step - 1) * cfg["batch"])
-                (per_example.mean() / accum).backward()
-            stats.add(per_example, logs)
-        grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
-        nonfinite += bad
-        opt.step()
-        if normalize_weights is not None:
-            normalize_weights()  # EDM2's forced weight normalisation, moved out of forward (REFERENCE §9.8)
-        update_ema(emas, ema_decays(cfg, step + ema_offset), net)
-
-        if step % args.log_every == 0 or step == cfg["steps"]:
-            rec = stats.reduce(ddp)
-            rate = (step - step_t0) * cfg["batch"] / (time.time() - t0)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            rec = dict(step=step, kimg=step * cfg["batch"] / 1000, **rec, lr=lr, grad_norm=grad_norm, img_per_s=rate,
-                       gpu_mem_gib=mem, nonfinite_grads=nonfinite)
-            if rank == 0:
-                eta = (cfg["steps"] - step) * cfg["batch"] / rate
-                print(f"step {step:>7d}/{cfg['steps']} | kimg {rec['kimg']:9.1f} | loss {rec['loss']:.4g} | "
-                      f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | ETA {format_time(eta)}", flush=True)
-                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            t0, step_t0 = time.time(), step
-        if rank == 0 and args.sample_every and step % args.sample_every == 0:
-            samples = draw_samples(method, mcfg, emas[0], ds, label_dim, 64, args.seed, device)
-            data.save_picture(os.path.join(out, f"samples-{step:07d}.png"), samples, ds)
-        if fid_of is not None and (step % args.fid_every == 0 or step == cfg["steps"]):
-            fid_t0, value = time.time(), fid_of(emas[0])  # every rank generates its share
-            if rank == 0:
-                print(f"step {step:>7d} | FID {value:.3f} ({args.fid_num} samples, ema {cfg['ema'][0]}, "
-                      f"{time.time() - fid_t0:.0f} s)", flush=True)
-                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(step=step, kimg=step * cfg["batch"] / 1000, fid=value, fid_num=args.fid_num)) + "\n")
-            t0 = t0 + (time.time() - fid_t0)  # keep img/s a training rate
-        if step % args.ckpt_every == 0 or step == cfg["steps"]:
-            if rank == 0:
-                save_checkpoint(ckpt_path, net, emas, opt, step, cfg)
+        fid_of = fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
+        stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0
+        saved_step, bad_run, bad_steps = start, 0, 0  # last checkpoint, consecutive and interval non-finite steps
+        for step in range(start + 1, cfg["steps"] + 1):
+            lr = learning_rate(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            bad_loss = torch.zeros((), device=device)
+            for a in range(accum):
+                m = rank * accum + a  # global micro-batch index: what it draws depends only on (seed, step, m)
+                torch.manual_seed(data.mix_seed(seed, step, m, 0))  # dropout masks
+                gen.manual_seed(data.mix_seed(seed, step, m, 1))  # noise, times, label dropout
+                idx = sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
+                flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(seed, step, m, 2))) < 0.5
+                noise = torch.Generator().manual_seed(data.mix_seed(seed, step, m, 3))  # latents: posterior samples
+                x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
+                y = ds.one_hot(idx, device) if label_dim else None
+                with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
+                    with autocast:
+                        per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
+                                                        images=(step - 1) * cfg["batch"])
+                    (per_example.mean() / accum).backward()
+                bad_loss += (~torch.isfinite(per_example.detach())).sum()
+                stats.add(per_example, logs)
             if ddp:
-                dist.barrier()
+                dist.all_reduce(bad_loss)  # every rank takes the same decision below
+            grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
+            nonfinite += bad
+            bad_run = bad_run + 1 if bad or bad_loss.item() else 0
+            bad_steps += bad_run > 0
+            if bad_run >= args.max_nonfinite:
+                raise Diverged(f"step {step}: {bad_run} consecutive steps with a non-finite loss or gradients "
+                               f"(--max-nonfinite {args.max_nonfinite}); {kept(ckpt_path, saved_step)}")
+            opt.step()
+            if normalize_weights is not None:
+                normalize_weights()  # EDM2's forced weight normalisation, moved out of forward (REFERENCE §9.8)
+            update_ema(emas, ema_decays(cfg, step + ema_offset), net)
 
-    if ddp:
-        check_ranks_identical(net, world)
-    if rank == 0:
-        grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
-        n = args.num_samples or (64 if grid else 2048)
-        samples = draw_samples(method, mcfg, emas[0], ds, label_dim, n, args.seed, device)
-        samples = samples.clamp(-1, 1) if ds.is_image else samples
-        np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
-        data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
-        print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
+            if step % args.log_every == 0 or step == cfg["steps"]:
+                rec = stats.reduce(ddp)
+                rate = (step - step_t0) * cfg["batch"] / (time.time() - t0)
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                rec = dict(step=step, kimg=step * cfg["batch"] / 1000, **rec, lr=lr, grad_norm=grad_norm, img_per_s=rate,
+                           gpu_mem_gib=mem, nonfinite_grads=nonfinite, nonfinite_steps=bad_steps)
+                if rank == 0:
+                    eta = (cfg["steps"] - step) * cfg["batch"] / rate
+                    print(f"step {step:>7d}/{cfg['steps']} | kimg {rec['kimg']:9.1f} | loss {rec['loss']:.4g} | "
+                          f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {bad_steps} | ETA {format_time(eta)}",
+                          flush=True)
+                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                t0, step_t0, bad_steps = time.time(), step, 0
+            if rank == 0 and args.sample_every and step % args.sample_every == 0:
+                samples = draw_samples(method, mcfg, emas[0], ds, label_dim, 64, seed, device)
+                if torch.isfinite(samples).all():  # a diverging EMA is stopped by the checks around it
+                    data.save_picture(os.path.join(out, f"samples-{step:07d}.png"), samples, ds)
+            if fid_of is not None and (step % args.fid_every == 0 or step == cfg["steps"]):
+                fid_t0, value = time.time(), fid_of(emas[0])  # every rank generates its share
+                if rank == 0:
+                    print(f"step {step:>7d} | FID {value:.3f} ({args.fid_num} samples, ema {cfg['ema'][0]}, "
+                          f"{time.time() - fid_t0:.0f} s)", flush=True)
+                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(dict(step=step, kimg=step * cfg["batch"] / 1000, fid=value, fid_num=args.fid_num)) + "\n")
+                t0 = t0 + (time.time() - fid_t0)  # keep img/s a training rate
+            if step % args.ckpt_every == 0 or step == cfg["steps"]:
+                healthy = bad_run == 0 and checkpoints.all_finite(net, *emas)  # the same on every rank
+                if not healthy and (step == cfg["steps"] or bad_run == 0):
+                    raise Diverged(f"step {step}: non-finite weights, loss or gradients; {kept(ckpt_path, saved_step)}")
+                if healthy and rank == 0:
+                    checkpoints.save_checkpoint(ckpt_path, net, emas, opt, step, cfg)
+                elif rank == 0:  # never a checkpoint from inside a stretch of non-finite steps
+                    print(f"step {step}: no checkpoint (non-finite loss or gradients at this step)")
+                saved_step = step if healthy else saved_step
+                if ddp:
+                    dist.barrier()
+
+        if ddp:
+            check_ranks_identical(net, world)
+        if rank == 0:
+            grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
+            n = args.num_samples or (64 if grid else 2048)
+            samples = draw_samples(method, mcfg, emas[0], ds, label_dim, n, seed, device)
+            if not torch.isfinite(samples).all():
+                raise Diverged(f"the EMA's samples are not finite (no samples written); {kept(ckpt_path, saved_step)}")
+            samples = samples.clamp(-1, 1) if ds.is_image else samples
+            np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
+            data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
+            print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def kept(ckpt_path, step):
+    return f"the last good checkpoint {ckpt_path} (step {step}) is kept" if step else "no checkpoint was written"
 
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 1."""
     try:
         main(argv)
-    except (UsageError, data.DataError) as e:
+    except (UsageError, Diverged, data.DataError) as e:
         sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":
-    sys.modules["train"] = sys.modules[__name__]  # fid.py imports train: one module, one UsageError class
     cli()

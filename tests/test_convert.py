@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+import checkpoints
 import convert
 import data
 import fid
@@ -331,7 +332,7 @@ def test_edm2_pickle_converts(tmp_path):
     assert all(v.dtype == torch.float32 for v in state["ema"][0].values() if v.is_floating_point())
     assert_same_outputs(net, cfg, state, 10)
     # As a diffusion teacher / in fid.py calc: the net the diffusion method builds (no head) loads, the head dropped.
-    frozen = train.frozen_ema(state, cfg["shape"], 10, "cpu", "converted EDM2")
+    frozen = checkpoints.frozen_ema(state, cfg["shape"], 10, "cpu", "converted EDM2")
     assert frozen.logvar_linear is None and not frozen.training
     x, t, y = torch.randn(2, 3, 16, 16), torch.randn(2), torch.eye(10)[:2]
     torch.testing.assert_close(frozen(x, t, y=y), net.float().eval()(x, t, y=y), rtol=1e-4, atol=1e-5)
@@ -363,6 +364,6 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
         assert os.path.exists(tmp_path / run / "ckpt.pt")
     # The teacher is exactly the converted net (frozen, eval mode).
     ds = train.data.load(str(tmp_path / "imgs.zip"), str(tmp_path))
-    teacher = train.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))
+    teacher = checkpoints.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))
     sd = torch.load(ckpt, weights_only=True)["ema"][0]
     assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in sd.items())

@@ -305,7 +305,7 @@ def test_default_preset_follows_the_data(tmp_path):
               str(tmp_path / "lat"): "imagenet256"}
     for spec, preset in expect.items():
         assert train.default_preset(spec) == preset
-    _, cfg, _ = train.resolve_config(["--method", "cm", "--data", str(tmp_path / "in64.zip")])
+    _, cfg, _, _ = train.resolve_config(["--method", "cm", "--data", str(tmp_path / "in64.zip")])
     assert (cfg["preset"], cfg["net"], cfg["ema_kind"]) == ("imagenet64", "edm2-s", "power")
     with pytest.raises(train.UsageError, match="default for --data"):
         train.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])

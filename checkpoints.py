@@ -1,0 +1,375 @@
+"""Run folders and checkpoints: creating and locking a run folder, the config record, atomic saves, loading with
+validation, and the nets other runs lend (teacher, --init, --stage1). train.py, fid.py and convert.py import this
+module; it imports none of them.
+
+A run folder OUT holds run.lock (while a process trains in it), config.json, ckpt.pt, metrics.jsonl and samples.
+What is guaranteed (each point is a test in tests/test_runs.py):
+  * ckpt.pt is written to ckpt.pt.tmp and renamed, so a kill at any moment leaves the old checkpoint or the new one;
+    a leftover ckpt.pt.tmp is removed when the folder is next claimed.
+  * A run owns OUT from its first moment: run.lock is created with O_EXCL and holds the pid and host. A lock whose
+    process no longer runs on this host is stale: it is removed with a notice; any other lock stops the new run.
+  * A new run never writes into a folder that holds another run's files; --resume checks the method, net, data shape,
+    label_dim and cond against the checkpoint, restores the saved config, applies flags given on the command line
+    with a notice, and cuts metrics.jsonl back to the checkpoint's step.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import re
+import socket
+
+import torch
+import torch.distributed as dist
+
+import nets
+
+LOCK = "run.lock"
+RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line and exit status 1, before anything is written."""
+
+
+def parse_as(kind):
+    """argparse type for a flag whose value has type `kind` (bool and comma-separated tuples included)."""
+    def parse(text):
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if kind is tuple:
+            return tuple(float(v) for v in text.split(",") if v)
+        return kind(text)
+    return parse
+
+
+def method_config(method, cfg):
+    """The method's Config from a resolved config; fields it lacks (converted checkpoints) keep their defaults."""
+    fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
+    try:
+        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields if k in cfg})
+    except ValueError as e:
+        raise UsageError(f"{method.__name__} config: {e}") from None
+
+
+def check_device(flag):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", flag):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
+
+
+def setup_distributed(device_flag):
+    """(ddp, rank, world, device). Under torchrun the device is cuda:LOCAL_RANK; --device cuda:N picks GPU N alone."""
+    check_device(device_flag)
+    ddp = "RANK" in os.environ
+    rank, world, local = 0, 1, 0
+    if ddp:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_flag} but CUDA is not available")
+    if device_flag.startswith("cuda:") and not ddp:
+        local = int(device_flag[5:])
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"--device {device_flag}, but there are {torch.cuda.device_count()} GPUs")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return ddp, rank, world, device
+
+# --- Checkpoint files --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, net, emas, opt, step, cfg):
+    """state_dicts + the resolved config, written to a temp file and renamed (a crash never leaves half a file)."""
+    state = dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(), step=step, config=cfg)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """A checkpoint file (or a run folder's ckpt.pt), read with weights_only=True and checked for its keys."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__})") from None
+    missing = [k for k in ("net", "ema", "step", "config") if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["config"], dict) or "method" not in state["config"] or not state["ema"]:
+        raise UsageError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing) or 'config/ema'})")
+    return state
+
+
+def load_weights(module, weights, what, strict=True):
+    """load_state_dict, with a one-line error naming the checkpoint when the shapes or keys do not fit."""
+    try:
+        return module.load_state_dict(weights, strict=strict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"{what} does not fit this data/net: {str(e).splitlines()[0]}") from None
+
+
+def all_finite(*modules):
+    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+# --- Nets from configs and from other runs --------------------------------------------------------------------------
+
+
+def build_net(cfg, method, shape, label_dim):
+    """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
+    overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
+    try:
+        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
+    except ValueError as e:  # unknown net, or a net that does not fit the data
+        raise UsageError(str(e)) from None
+
+
+def load_compatible(path, method, device):
+    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
+    state = load_checkpoint(path, device)
+    other = state["config"]["method"]
+    if other != method.__name__ and other not in method.TEACHERS:
+        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
+                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
+    return state
+
+
+def frozen_ema(state, shape, label_dim, device, what, i=0):
+    """EMA i of a checkpoint as the net its own method builds, frozen, in eval mode. A log-variance head that method
+    does not use (an EDM2 checkpoint's, in a diffusion teacher) is dropped."""
+    cfg = state["config"]
+    net = build_net(cfg, importlib.import_module(cfg["method"]), shape, label_dim).to(device)
+    keys = net.state_dict().keys()
+    load_weights(net, {k: v for k, v in state["ema"][i].items() if not k.startswith("logvar") or k in keys}, what)
+    return net.eval().requires_grad_(False)
+
+
+def load_teacher(path, method, ds, label_dim, device):
+    """The first EMA net of a checkpoint, frozen, in eval mode."""
+    state = load_compatible(path, method, device)
+    return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
+
+
+def load_stage1(path, method, net, device, which, init):
+    """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
+    student and, as copies of it, every EMA. Returns a frozen copy in train mode (dropout on, as the reference) and the
+    stage-1 step count, from which a power-function EMA's step counter continues (REFERENCE §1.5)."""
+    state = load_checkpoint(path, device)
+    if state["config"]["method"] not in method.STAGE1:
+        raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
+    weights = state["net"] if which == "online" else state["ema"][0]
+    stage1 = copy.deepcopy(net)
+    load_weights(stage1, weights, f"--stage1 {path}")
+    if init:
+        net.load_state_dict(weights)
+    return stage1.train().requires_grad_(False), state["step"]
+
+
+def init_from(net, path, method, device, rank):
+    """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
+    one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
+    state = load_compatible(path, method, device)
+    missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
+    if any(not k.startswith("logvar") for k in missing + unexpected):
+        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if rank == 0:
+        print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
+
+# --- Resume ---------------------------------------------------------------------------------------------------------
+
+
+def resume_config(saved, cfg, given, path):
+    """The run's saved config with the flags given on the command line (`given`) applied; returns (config, notices).
+    Refused: another method, net, cond or number of EMAs, and another --preset (it would change every default)."""
+    if saved["method"] != cfg["method"]:
+        raise UsageError(f"{path} is a {saved['method']} run, not {cfg['method']}: resume it with --method {saved['method']}")
+    out, notices = {**cfg, **saved}, []
+    for k in sorted(given):
+        if k in ("net", "cond", "preset") and cfg[k] != saved.get(k):
+            raise UsageError(f"--{k} {cfg[k]} differs from the run's {saved.get(k)} ({path}): a resumed run keeps its "
+                             f"{k}; drop the flag or start a new run")
+        if k == "ema" and len(cfg[k]) != len(saved[k]):
+            raise UsageError(f"--ema lists {len(cfg[k])} EMAs, the run {path} has {len(saved[k])}")
+        if out[k] != cfg[k]:
+            if k != "steps":
+                notices.append(f"--{k.replace('_', '-')} {cfg[k]} replaces the run's {out[k]}")
+            out[k] = cfg[k]
+    return out, notices
+
+
+def check_resume_data(saved, shape, label_dim, path):
+    for k, now in (("shape", list(shape)), ("label_dim", label_dim)):
+        if k in saved and saved[k] != now:
+            raise UsageError(f"{path} was trained on data with {k} {saved[k]}; this data has {now}")
+
+
+def restore(state, net, emas, opt, path):
+    load_weights(net, state["net"], f"--resume {path}")
+    if len(state["ema"]) != len(emas):
+        raise UsageError(f"{path} holds {len(state['ema'])} EMAs, this run has {len(emas)}")
+    for e, sd in zip(emas, state["ema"]):
+        load_weights(e, sd, f"--resume {path}")
+    if "opt" not in state:
+        raise UsageError(f"{path} holds no optimizer state (a converted checkpoint?): start a run with --init {path}")
+    try:
+        opt.load_state_dict(state["opt"])
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--resume {path}: the optimizer state does not fit ({e})") from None
+    return state["step"]
+
+# --- Run folders ----------------------------------------------------------------------------------------------------
+
+
+def new_run_dir(method, data_name):
+    i = 0
+    while os.path.exists(os.path.join("runs", f"{method}-{data_name}-{i:03d}")):
+        i += 1
+    return os.path.join("runs", f"{method}-{data_name}-{i:03d}")
+
+
+def run_dir_of(path):
+    """The folder of a run given as a folder or as its checkpoint file."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def check_out(out):
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder")
+
+
+def _lock_holder(lock):
+    """(pid, host) written in a lock file, or None if it cannot be read."""
+    try:
+        with open(lock) as f:
+            holder = json.load(f)
+        return int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _create_lock(lock):
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+
+
+def claim_run_dir(out, resume_step=None):
+    """Create (if needed) and lock OUT for this process. A new run (resume_step None) needs a folder without another
+    run's files; a resumed run's metrics.jsonl is cut back to resume_step. Returns a function that releases OUT."""
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run folder {out}: {e.strerror}") from None
+    lock = os.path.join(out, LOCK)
+    try:
+        _create_lock(lock)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        here = socket.gethostname()
+        if holder is None or holder[1] != here or _running(holder[0]):
+            who = "an unreadable lock" if holder is None else f"pid {holder[0]} on {holder[1]}"
+            raise UsageError(f"{out} is in use by {who} ({lock}); wait for that run or choose another --out "
+                             f"(delete {lock} only if no process uses the folder)") from None
+        os.remove(lock)  # a killed run's: its pid no longer runs on this host
+        print(f"{out}: removed the stale {LOCK} of pid {holder[0]}, which no longer runs (a killed run)")
+        try:
+            _create_lock(lock)
+        except FileExistsError:
+            raise UsageError(f"{out} was claimed by another process just now; choose another --out") from None
+
+    def release():
+        if _lock_holder(lock) == (os.getpid(), socket.gethostname()):
+            os.remove(lock)
+        if created and not os.listdir(out):
+            os.rmdir(out)
+
+    try:
+        if resume_step is None:
+            found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+            if "ckpt.pt" in found:
+                raise UsageError(f"{out} already holds a run; pass --resume {out} or choose another --out")
+            if found:
+                raise UsageError(f"{out} holds {', '.join(found)} of a run without a checkpoint; "
+                                 "delete them or choose another --out")
+        else:
+            trim_metrics(os.path.join(out, "metrics.jsonl"), resume_step)
+        if os.path.exists(os.path.join(out, "ckpt.pt.tmp")):
+            os.remove(os.path.join(out, "ckpt.pt.tmp"))  # half of a killed save
+    except BaseException:
+        release()
+        raise
+    return release
+
+
+@contextlib.contextmanager
+def run_folder(out, resume, step, name, ddp, rank):
+    """The run folder, claimed by rank 0 (a new runs/<method>-<data>-NNN when out is None; resumed in place when it is
+    the folder of `resume`, at `step`) and released on exit; every rank learns the folder or the refusal."""
+    outcome, release = [out, None], None
+    if rank == 0:
+        try:
+            outcome[0] = out = out or new_run_dir(*name)
+            same = resume is not None and os.path.realpath(out) == os.path.realpath(run_dir_of(resume))
+            release = claim_run_dir(out, step if same else None)
+        except UsageError as e:
+            outcome[1] = str(e)
+    if ddp:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1]:
+        raise UsageError(outcome[1])
+    try:
+        yield outcome[0]
+    finally:
+        if release is not None:
+            release()
+
+
+def trim_metrics(path, step):
+    """Keep the records up to `step` (a resumed run logs the later ones again); a torn last line is dropped."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if keep != lines:
+        write_atomic(path, "".join(keep))
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_config(out, cfg):
+    """config.json: the resolved config a run trains with (also inside every checkpoint)."""
+    write_atomic(os.path.join(out, "config.json"), json.dumps(cfg, indent=2))

@@ -1,0 +1,339 @@
+"""Runs are never lost (checkpoints.py and train.py): every way a command could overwrite or corrupt a run stops with a
+one-line error and exit status 1, leaving every file that existed byte-identical; divergence and bad numbers stop a run
+instead of ending it "done"."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import convert
+import fid
+import meanflow
+import nets
+import train
+from conftest import ROOT
+from test_data import write_image_zip
+
+TINY = ["--data", "toy", "--batch", "8", "--log-every", "1", "--num-samples", "20"]
+
+
+def run(*args, method="meanflow"):
+    train.cli(["--method", method, *TINY, *args])
+
+
+def refused(call, *args, **kwargs):
+    """The one-line error a refused command exits with (sys.exit(message): status 1)."""
+    with pytest.raises(SystemExit) as e:
+        call(*args, **kwargs)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    return e.value.code
+
+
+def snapshot(*folders):
+    """{path: bytes} of every file under the folders."""
+    files = {}
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                files[path] = open(path, "rb").read()
+    return files
+
+
+def load(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def metrics_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+# --- §3: nothing is overwritten or lost -------------------------------------------------------------------------------
+
+
+def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("--steps", "2", "--out", a)
+    run("--steps", "1", "--out", b)
+    before = snapshot(a, b)
+    message = refused(run, "--steps", "3", "--resume", a, "--out", b)
+    assert message == f"train.py: error: {b} already holds a run; pass --resume {b} or choose another --out"
+    assert snapshot(a, b) == before
+    run("--steps", "3", "--resume", a, "--out", str(tmp_path / "fork"))  # a new folder is fine: A's run continues there
+    assert load(tmp_path / "fork")["step"] == 3 and snapshot(a, b) == before
+
+
+def test_convert_never_replaces_a_file_without_force_and_never_its_source(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = str(tmp_path / "dit.pt")
+    torch.save(nets.build_net("dit-tiny", (4, 8, 8), label_dim=10).state_dict(), src)
+    run("--steps", "1", "--out", str(tmp_path / "run"))
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    before = snapshot(tmp_path)
+    assert "--force to replace it" in refused(convert.main, [src, ckpt])
+    assert "is the source file" in refused(convert.main, [src, src, "--force"])
+    os.link(src, tmp_path / "alias.pt")
+    assert "is the source file" in refused(convert.main, [src, str(tmp_path / "alias.pt"), "--force"])
+    os.remove(tmp_path / "alias.pt")
+    assert snapshot(tmp_path) == before
+    convert.main([src, ckpt, "--force"])
+    assert torch.load(ckpt, weights_only=True)["config"]["net"] == "dit-tiny"
+
+
+def test_convert_source_named_like_the_temp_file_is_refused(tmp_path):
+    """convert writes OUT.tmp and renames it: a source at OUT.tmp would be overwritten, so it is refused."""
+    torch.manual_seed(0)
+    src = str(tmp_path / "w.pt.tmp")
+    torch.save(nets.build_net("dit-tiny", (4, 8, 8), label_dim=10).state_dict(), src)
+    before = snapshot(tmp_path)
+    assert "is the source file" in refused(convert.main, [src, str(tmp_path / "w.pt"), "--force"])
+    assert snapshot(tmp_path) == before
+
+
+def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_stale(tmp_path):
+    """The issue's scenario: a run still training in OUT, with no checkpoint yet, and a second run started there."""
+    out = str(tmp_path / "busy")
+    first = subprocess.Popen([sys.executable, "train.py", "--method", "meanflow", *TINY, "--steps", "100000",
+                              "--ckpt-every", "100000", "--log-every", "100000", "--out", out],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "config.json")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+        before = snapshot(out)
+        message = refused(run, "--steps", "2", "--out", out)
+        assert f"{out} is in use by pid {first.pid} on {socket.gethostname()}" in message and "choose another --out" in message
+        assert snapshot(out) == before and "ckpt.pt" not in os.listdir(out)
+    finally:
+        first.kill()
+        first.wait()
+    # Killed: its lock is stale (removed with a notice), but its files still stop a new run from mixing in.
+    before = {k: v for k, v in snapshot(out).items() if not k.endswith(checkpoints.LOCK)}
+    assert "config.json of a run without a checkpoint" in refused(run, "--steps", "2", "--out", out)
+    assert snapshot(out) == before
+
+
+def test_stale_lock_is_explained_and_a_lock_from_another_host_is_respected(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run("--steps", "2", "--out", out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = os.path.join(out, checkpoints.LOCK)
+    with open(lock, "w") as f:
+        json.dump(dict(pid=dead.pid, host="elsewhere"), f)
+    before = snapshot(out)
+    message = refused(run, "--steps", "3", "--resume", out)
+    assert f"in use by pid {dead.pid} on elsewhere" in message and f"delete {lock} only if" in message
+    assert snapshot(out) == before
+    with open(lock, "w") as f:
+        json.dump(dict(pid=dead.pid, host=socket.gethostname()), f)
+    capsys.readouterr()
+    run("--steps", "3", "--resume", out)
+    assert f"removed the stale {checkpoints.LOCK} of pid {dead.pid}" in capsys.readouterr().out
+    assert load(out)["step"] == 3 and not os.path.exists(lock)
+
+
+def test_resume_checks_method_net_shape_label_dim_and_cond(tmp_path):
+    cm_run, img_run = str(tmp_path / "cm"), str(tmp_path / "img")
+    run("--steps", "1", "--out", cm_run, method="cm")
+    write_image_zip(tmp_path / "three.zip", n=6, res=16)  # labels 0, 1, 2
+    imgs = ["--data", str(tmp_path / "three.zip"), "--net", "ddpmpp-tiny", "--batch", "2"]
+    train.cli(["--method", "meanflow", *imgs, "--cond", "--steps", "1", "--num-samples", "2", "--out", img_run])
+    np.save(tmp_path / "p3.npy", np.zeros((50, 3), np.float32))
+    write_image_zip(tmp_path / "one.zip", n=3, res=16, labels=False)
+    with zipfile.ZipFile(tmp_path / "one.zip", "a") as z:  # one class
+        z.writestr("dataset.json", json.dumps({"labels": [[f"00000/img{i:08d}.png", 0] for i in range(3)]}))
+    before = snapshot(cm_run, img_run)
+    cases = [
+        (["--method", "diffusion", *TINY, "--resume", cm_run], f"{cm_run} is a cm run, not diffusion: resume it "
+                                                               "with --method cm"),
+        (["--method", "cm", *TINY, "--resume", cm_run, "--net", "ddpmpp-tiny"], "--net ddpmpp-tiny differs from the run's mlp"),
+        (["--method", "cm", *TINY, "--resume", cm_run, "--data", str(tmp_path / "p3.npy")], "with shape [2]; this data has [3]"),
+        (["--method", "meanflow", "--resume", img_run, "--cond", "false"], "--cond False differs from the run's True"),
+        (["--method", "meanflow", "--resume", img_run, "--data", str(tmp_path / "one.zip")], "label_dim 3; this data has 1"),
+    ]
+    for argv, message in cases:
+        assert message in refused(train.cli, [*argv, "--steps", "2"]), argv
+    assert snapshot(cm_run, img_run) == before
+
+
+def test_resume_restores_the_saved_config_and_notes_changed_flags(tmp_path, capsys):
+    """A forgotten --batch no longer continues at the preset's 256: only --steps is passed, and the result equals the
+    straight run bitwise. A flag that differs from the saved config is applied with a notice."""
+    common = ["--data", "toy", "--batch", "16", "--dropout", "0.1", "--ckpt-every", "4", "--log-every", "2"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.cli(["--method", "meanflow", *common, "--steps", "8", "--out", full])
+    train.cli(["--method", "meanflow", *common, "--steps", "4", "--out", part])
+    capsys.readouterr()
+    train.cli(["--method", "meanflow", "--steps", "8", "--resume", part, "--num-samples", "10"])
+    assert "resume:" not in capsys.readouterr().out
+    a, b = load(full), load(part)
+    assert b["step"] == 8 and b["config"] == a["config"]
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert all(torch.equal(a["ema"][0][k], b["ema"][0][k]) for k in a["net"])
+    assert json.load(open(os.path.join(part, "config.json")))["batch"] == 16
+    train.cli(["--method", "meanflow", "--steps", "9", "--resume", part, "--lr", "2e-4", "--num-samples", "10"])
+    assert "resume: --lr 0.0002 replaces the run's 0.001" in capsys.readouterr().out
+    assert load(part)["config"]["lr"] == 2e-4
+    before = snapshot(part)
+    assert "--preset cifar10 differs from the run's toy" in refused(train.cli, ["--method", "meanflow", "--steps", "12",
+                                                                                "--resume", part, "--preset", "cifar10"])
+    assert snapshot(part) == before
+
+
+def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
+    """A run killed after its step-4 checkpoint had logged steps 5 and 6 and half a line, and left ckpt.pt.tmp."""
+    out = str(tmp_path / "run")
+    run("--steps", "4", "--ckpt-every", "2", "--out", out)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=5, loss=1.0)) + "\n" + json.dumps(dict(step=6, loss=1.0)) + "\n" + '{"step": 7, "lo')
+    with open(os.path.join(out, "ckpt.pt.tmp"), "wb") as f:
+        f.write(b"half a checkpoint")
+    run("--steps", "4", "--resume", out)  # no step to take: no save that would replace ckpt.pt.tmp by itself
+    assert metrics_steps(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+    run("--steps", "6", "--resume", out)
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
+
+# --- §4: divergence and degenerate settings -------------------------------------------------------------------------
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, capsys):
+    """lr 1e6 on cm: the loss turns NaN within a few steps. The console counts the non-finite steps, the run stops after
+    --max-nonfinite 3 consecutive ones, writes no checkpoint inside the stretch and no samples."""
+    out = str(tmp_path / "run")
+    message = refused(run, "--steps", "40", "--lr", "1e6", "--ckpt-every", "1", "--max-nonfinite", "3", "--out", out,
+                      method="cm")
+    lines = capsys.readouterr().out.splitlines()
+    counts = [int(line.split("nonfinite ")[1].split()[0]) for line in lines if line.startswith("step") and "ETA" in line]
+    first_bad = counts.index(1) + 1
+    assert counts[:first_bad - 1] == [0] * (first_bad - 1) and counts[first_bad - 1:] == [1] * len(counts[first_bad - 1:])
+    state = load(out)
+    assert state["step"] == first_bad - 1 > 0
+    assert message == (f"train.py: error: step {first_bad + 2}: 3 consecutive steps with a non-finite loss or gradients "
+                       f"(--max-nonfinite 3); the last good checkpoint {out}/ckpt.pt (step {first_bad - 1}) is kept")
+    assert all(torch.isfinite(v).all() for sd in [state["net"], *state["ema"]] for v in sd.values())
+    assert not any(name.startswith("samples") for name in os.listdir(out))
+    assert not os.path.exists(os.path.join(out, checkpoints.LOCK))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--batch-gpu", "0"], "--batch-gpu must be >= 1, got 0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--ckpt-every", "0"], "--ckpt-every must be >= 1, got 0"),
+    (["--sample-every", "-1"], "--sample-every must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--max-nonfinite", "0"], "--max-nonfinite must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
+    (["--betas", "0.9"], "--betas needs two values in [0, 1), got 0.9"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+])
+def test_bad_numbers_are_refused_before_anything_is_created(tmp_path, args, message):
+    out = tmp_path / "never"
+    assert refused(run, "--steps", "2", *args, "--out", str(out)) == f"train.py: error: {message}"
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_resume_flags_are_checked_too(tmp_path):
+    out = str(tmp_path / "run")
+    run("--steps", "1", "--out", out)
+    before = snapshot(out)
+    assert refused(run, "--resume", out, "--steps", "0") == "train.py: error: --steps must be >= 1, got 0"
+    assert snapshot(out) == before
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_bytes(b"precious")
+    assert refused(run, "--steps", "1", "--out", str(tmp_path / "f")) == f"train.py: error: --out {tmp_path / 'f'} is a file, not a folder"
+    assert "cannot create the run folder" in refused(run, "--steps", "1", "--out", str(tmp_path / "f" / "sub"))
+    assert (tmp_path / "f").read_bytes() == b"precious" and os.listdir(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--method", "scm"], ["--tangent TANGENT [preset toy: fused]", "[preset toy: 256]", "[preset toy: 0.9,0.99]"]),
+    (["--method", "scm", "--data", "cifar10"], ["[preset cifar10: fused]", "[preset cifar10: 512]", "[preset cifar10: radam]"]),
+    (["--method", "cm", "--preset", "cifar10"], ["[preset cifar10: ddpmpp]"]),
+])
+def test_help_shows_the_values_the_preset_will_use(capsys, argv, shown):
+    with pytest.raises(SystemExit) as e:
+        train.cli([*argv, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for s in shown:
+        assert " ".join(s.split()) in text, s
+
+
+def test_fid_refuses_a_reference_with_nan(tmp_path):
+    g = np.random.default_rng(0)
+    mu, sigma = g.normal(size=2048), np.eye(2048)
+    np.savez(tmp_path / "good.npz", mu=mu, sigma=sigma)
+    fid.load_ref(str(tmp_path / "good.npz"))
+    for name, bad in [("mu", dict(mu=np.where(np.arange(2048) == 7, np.nan, mu), sigma=sigma)),
+                      ("sigma", dict(mu=mu, sigma=np.where(np.eye(2048) > 0, np.inf, sigma)))]:
+        np.savez(tmp_path / f"{name}.npz", **bad)
+        with pytest.raises(checkpoints.UsageError, match="hold NaN or Inf"):
+            fid.load_ref(str(tmp_path / f"{name}.npz"))
+
+
+def test_fid_sigmas_for_meanflow_names_ts():
+    with pytest.raises(checkpoints.UsageError, match="meanflow takes --steps or --ts$"):
+        fid.sampler_config(meanflow, meanflow.Config(), sigmas=(80.0, 0.0))
+
+# --- Kill during save --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    """A run checkpointing every step is killed (SIGKILL) at random moments, then resumed: every kill leaves a
+    loadable ckpt.pt, and the final run equals an uninterrupted one bitwise, with one metrics record per step."""
+    common = ["--method", "meanflow", *TINY, "--steps", "200", "--ckpt-every", "1", "--num-samples", "10"]
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "killed")
+    train.cli([*common, "--out", straight])
+    rng, kills, env = random.Random(0), 0, {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", *common, "--out", out]
+    for _ in range(6):
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and not has_lock_of(out, p.pid):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        if os.path.exists(os.path.join(out, "ckpt.pt")):
+            assert load(out)["step"] >= 1  # whole: the old checkpoint or the new one
+            cmd = [sys.executable, "train.py", *common, "--resume", out]
+        else:  # killed before its first checkpoint: the folder holds no run to resume
+            subprocess.run(["rm", "-r", out], check=True)
+    final = subprocess.run([sys.executable, "train.py", *common, "--resume", out], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    assert kills >= 3
+    a, b = load(straight), load(out)
+    assert b["step"] == 200 and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert metrics_steps(out) == list(range(1, 201))
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp")) and not os.path.exists(os.path.join(out, checkpoints.LOCK))
+
+
+def has_lock_of(out, pid):
+    try:
+        return json.load(open(os.path.join(out, checkpoints.LOCK)))["pid"] == pid
+    except (OSError, ValueError):
+        return False
