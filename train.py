@@ -40,6 +40,7 @@ METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
 TRAIN = dict(
     net=("mlp", str, f"network: {', '.join(nets.NETS)}"),
     dropout=(None, float, "dropout probability (default: the net's)"),
+    dropout_res=(None, tuple, "EDM2 nets: resolutions with dropout, comma-separated (default: all)"),
     cond=(False, bool, "condition on class labels (needs a labelled dataset)"),
     distill=(False, bool, "the recipe distils: --teacher is required"),
     stage1_weights=("online", str, "tcm --stage1: start from that run's online weights (reference) or its first ema"),
@@ -363,6 +364,10 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
 def build_net(cfg, method, shape, label_dim):
     """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
     overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    if cfg.get("dropout_res") is not None:
+        if cfg["net"] in nets.NETS and nets.NETS[cfg["net"]][0] is not nets.EDM2UNet:
+            raise UsageError(f"--dropout-res applies to EDM2 nets only, not {cfg['net']}")
+        overrides.update(dropout_res=tuple(int(res) for res in cfg["dropout_res"]))
     overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
         return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
