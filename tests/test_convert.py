@@ -263,13 +263,17 @@ def test_refuses_other_globals_without_calling_them(tmp_path, monkeypatch, fn, a
 
 def test_embedded_storage_bytes_are_loaded_weights_only(tmp_path, monkeypatch):
     """torch pickles a storage as _load_from_bytes(torch.save bytes); torch's own version loads those bytes with
-    weights_only=False. Ours refuses a pickle hidden there."""
+    weights_only=False. Ours refuses a pickle hidden there, in one plain line (torch's message is a paragraph with
+    terminal colour codes)."""
     monkeypatch.chdir(tmp_path)
     hidden = pickle.dumps(Call(os.system, f"touch {MARKER}"), protocol=2)
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(dict(ema=Call(torch.storage._load_from_bytes, hidden)), f)
-    with pytest.raises(convert.ConvertError, match="cannot read"):
-        convert.convert(str(tmp_path / "evil.pkl"), str(tmp_path / "o.pt"))
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(tmp_path / "evil.pkl"), str(tmp_path / "o.pt")])
+    message = str(e.value)
+    assert message.startswith("convert.py: error: cannot read") and "GLOBAL" in message and "system" in message
+    assert "\n" not in message and "\x1b" not in message, message
     assert not (tmp_path / MARKER).exists()
 
 
@@ -410,19 +414,41 @@ def needs(cls_name):
 
 
 @needs("DiT")
-def test_dit_state_dict_round_trip(tmp_path):
-    """A DiT training checkpoint {model, ema, opt, args}: the EMA is taken; the config is read from the shapes."""
+def test_dit_training_checkpoint_and_state_dict(tmp_path):
+    """DiT's train.py saves {model, ema, opt, args} with args an argparse.Namespace: the EMA is taken, args is kept as
+    plain data, and the config is read from the shapes. The released files are plain EMA state dicts."""
     torch.manual_seed(0)
     net = randomize_(nets.build_net("dit-tiny", (4, 8, 8), label_dim=10))
-    other = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
-    torch.save(dict(model=other, ema=net.state_dict(), opt={}, args=None), tmp_path / "dit.pt")
-    cfg = convert.convert(str(tmp_path / "dit.pt"), str(tmp_path / "out.pt"))
+    model = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0)
+    net(torch.randn(2, 4, 8, 8), torch.rand(2), y=torch.eye(10)[:2]).square().mean().backward()
+    opt.step()
+    args = argparse.Namespace(data_path="/data/imagenet/train", model="DiT-XL/2", image_size=64, num_classes=10,
+                              epochs=1400, global_batch_size=256, global_seed=0, vae="ema", ckpt_every=50_000)
+    torch.save(dict(model=model, ema=net.state_dict(), opt=opt.state_dict(), args=args), tmp_path / "0050000.pt")
+    cfg = convert.convert(str(tmp_path / "0050000.pt"), str(tmp_path / "out.pt"))
     state = torch.load(tmp_path / "out.pt", weights_only=True)
     assert cfg["net"] == "dit-tiny" and cfg["shape"] == [4, 8, 8] and cfg["label_dim"] == 10 and cfg["net_kwargs"] == {}
+    assert cfg["source"]["train_args"] == vars(args) and cfg["source"]["format"] == "dit-pt"
     assert state["ema"][0].keys() == net.state_dict().keys()
     assert all(torch.equal(state["ema"][0][k], v) for k, v in net.state_dict().items())
+    assert_same_outputs(net, cfg, state, 10)
     torch.save(net.state_dict(), tmp_path / "plain.pt")  # the released files: a plain EMA state dict
     assert convert.convert(str(tmp_path / "plain.pt"), str(tmp_path / "out2.pt"))["net"] == "dit-tiny"
+
+
+def test_dit_checkpoint_refusals_are_one_line(tmp_path, monkeypatch):
+    """Only a Namespace is added to torch's weights-only loader: a call hidden in it is refused, in one plain line."""
+    monkeypatch.chdir(tmp_path)
+    sd = {"x_embedder.proj.weight": torch.zeros(1)}
+    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model=Call(os.system, f"touch {MARKER}"))),
+               tmp_path / "evil.pt")
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(tmp_path / "evil.pt"), str(tmp_path / "o.pt")])
+    message = str(e.value)
+    assert message.startswith("convert.py: error: cannot read") and "GLOBAL" in message and "system" in message
+    assert "\n" not in message and "\x1b" not in message, message
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "o.pt").exists()
 
 
 def tiny_registry_entry(monkeypatch, base, **kwargs):
@@ -461,24 +487,34 @@ def test_adm_pickle_converts(tmp_path, monkeypatch):
     assert_same_outputs(net, cfg, torch.load(tmp_path / "out.pt", weights_only=True), 10)
 
 
-@needs("EDM2UNet")
-def test_edm2_pickle_converts(tmp_path):
-    """EDM2: the head lives on Precond in the official file and at the top level in ours; fp16 becomes fp32."""
-    torch.manual_seed(0)
-    net = randomize_(nets.build_net("edm2-tiny", (3, 16, 16), label_dim=10, logvar=True)).half()
-    kwargs = {**nets.NETS["edm2-tiny"][1], "img_resolution": 16, "img_channels": 3, "label_dim": 10}
+def write_edm2_pickle(path, net, dropout):
+    """As EDM2's training loop writes a snapshot: an EasyDict whose `ema` is the Precond in fp16; Precond and UNet record
+    the arguments passed (the rest are EDM2's defaults)."""
+    kwargs = {**nets.NETS["edm2-tiny"][1], "img_resolution": 16, "img_channels": 3, "label_dim": 10, "dropout": dropout}
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != "dropout_res"}
     with nvidia_modules() as (reconstruct, EasyDict):
-        unet = mirror(net, reconstruct, EVIL_SRC, skip=("logvar_fourier", "logvar_linear"))
+        unet = mirror(net.half(), reconstruct, EVIL_SRC, skip=("logvar_fourier", "logvar_linear"))
         unet.meta["class_name"], unet.meta["state"]["_init_kwargs"] = "UNet", EasyDict(kwargs)
         heads = {n: mirror(getattr(net, n), reconstruct, EVIL_SRC) for n in ("logvar_fourier", "logvar_linear")}
         pre = Persistent(reconstruct, "Precond", dict(_modules=dict(unet=unet, **heads), _init_kwargs=EasyDict(
-            img_resolution=16, img_channels=3, label_dim=10, use_fp16=True, logvar_channels=128)), EVIL_SRC)
-        with open(tmp_path / "edm2.pkl", "wb") as f:
-            pickle.dump(dict(ema=pre, encoder=None, loss_fn=None, dataset_kwargs=EasyDict()), f)
+            kwargs, use_fp16=True, logvar_channels=128)), EVIL_SRC)
+        loss = Persistent(reconstruct, "EDM2Loss", dict(P_mean=-0.8, P_std=1.6, sigma_data=0.5), EVIL_SRC)
+        with open(path, "wb") as f:
+            pickle.dump(EasyDict(dataset_kwargs=EasyDict(path="img64.zip"), loss_fn=loss, encoder=None, ema=pre), f)
+
+
+@needs("EDM2UNet")
+def test_edm2_pickle_converts(tmp_path):
+    """EDM2: the head lives on Precond in the official file and at the top level in ours; fp16 becomes fp32. Like
+    EDM2-XS/S, this one was trained without dropout, and convert.py says nothing about dropout."""
+    torch.manual_seed(0)
+    net = randomize_(nets.build_net("edm2-tiny", (3, 16, 16), label_dim=10, logvar=True))
+    write_edm2_pickle(tmp_path / "edm2.pkl", net, dropout=0.0)
+    assert all(v.dtype == torch.float16 for v in net.state_dict().values())
     cfg = convert.convert(str(tmp_path / "edm2.pkl"), str(tmp_path / "out.pt"))
     state = torch.load(tmp_path / "out.pt", weights_only=True)
     assert cfg["net"] == "edm2-tiny" and cfg["logvar"] is True and cfg["source"]["format"] == "edm2-pkl"
+    assert cfg["source"]["precond"] == "Precond" and cfg["source"]["notes"] == []
     assert all(v.dtype == torch.float32 for v in state["ema"][0].values() if v.is_floating_point())
     assert_same_outputs(net, cfg, state, 10)
     # As a diffusion teacher / in fid.py calc: the net the diffusion method builds (no head) loads, the head dropped.
@@ -517,3 +553,25 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
     teacher = train.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))
     sd = torch.load(ckpt, weights_only=True)["ema"][0]
     assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in sd.items())
+
+
+@needs("EDM2UNet")
+def test_converted_edm2_as_init_with_dropout_res(tmp_path):
+    """An EDM2 snapshot (fp16, class-conditional, log-variance head) starts cm as the ImageNet presets do, with
+    dropout only at the --dropout-res resolutions; --dropout-res on a net other than EDM2 is a usage error."""
+    torch.manual_seed(0)
+    net = randomize_(nets.build_net("edm2-tiny", (3, 16, 16), label_dim=10, logvar=True))
+    write_edm2_pickle(tmp_path / "edm2.pkl", net, dropout=0.1)
+    ckpt = str(tmp_path / "edm2.pt")
+    assert convert.convert(str(tmp_path / "edm2.pkl"), ckpt)["source"]["notes"][0].startswith("trained with dropout 0.1")
+    write_image_zip(tmp_path / "imgs.zip", n=8, res=16, labels=True, meta={"label_dim": 10})
+    common = ["--method", "cm", "--data", str(tmp_path / "imgs.zip"), "--init", ckpt, "--net", "edm2-tiny", "--cond",
+              "--dropout", "0.3", "--steps", "1", "--batch", "2", "--log-every", "1", "--num-samples", "2",
+              "--cache", str(tmp_path)]
+    train.cli([*common, "--dropout-res", "16", "--out", str(tmp_path / "cm")])
+    cfg = torch.load(tmp_path / "cm" / "ckpt.pt", weights_only=True)["config"]
+    student = train.build_net(cfg, __import__("cm"), (3, 16, 16), 10)
+    drops = {name: b.dropout for name, b in [*student.enc.items(), *student.dec.items()] if isinstance(b, nets.EDM2Block)}
+    assert {n: p for n, p in drops.items() if p} == {n: 0.3 for n in drops if n.startswith("16x16")}
+    with pytest.raises(SystemExit, match="--dropout-res applies to EDM2 nets only"):
+        train.cli([*common[:7], "ddpmpp-tiny", *common[8:], "--dropout-res", "16", "--out", str(tmp_path / "bad")])
