@@ -9,10 +9,10 @@ Supported files (REFERENCE §6.8):
 
 | file | URL | our net | licence of the weights |
 |---|---|---|---|
-| EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
+| EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` (EDMPrecond; "vp": DDPM++) | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
 | EDM `edm-imagenet-64x64-cond-adm.pkl` | same folder | adm | CC BY-NC-SA 4.0 |
 | EDM2 `edm2-img64-{s,m,l,xl}-*.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/ | edm2-s ... edm2-xl | CC BY-NC-SA 4.0 |
-| DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
+| DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint: its `ema`) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
 
 Licences as stated by the NVlabs/edm and NVlabs/edm2 READMEs ("All material, including source code and pre-trained
 models") and the facebookresearch/DiT README ("code and model weights"): non-commercial use only, and the converted
