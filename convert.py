@@ -9,10 +9,14 @@ Supported files (REFERENCE §6.8):
 
 | file | URL | our net | licence of the weights |
 |---|---|---|---|
-| EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` (EDMPrecond; "vp": DDPM++) | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
+| EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
 | EDM `edm-imagenet-64x64-cond-adm.pkl` | same folder | adm | CC BY-NC-SA 4.0 |
 | EDM2 `edm2-img64-{s,m,l,xl}-*.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/ | edm2-s ... edm2-xl | CC BY-NC-SA 4.0 |
 | DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint: its `ema`) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
+
+EDM trained the CIFAR-10 files with its default preconditioning (its README: `--arch=ddpmpp`; "vp" names the DDPM++
+architecture), so they record EDMPrecond, as ADM does; EDM2's record its Precond. convert.py prints the class each file
+records and notes any other.
 
 Licences as stated by the NVlabs/edm and NVlabs/edm2 READMEs ("All material, including source code and pre-trained
 models") and the facebookresearch/DiT README ("code and model weights"): non-commercial use only, and the converted
@@ -200,8 +204,7 @@ def read_source(path):
         f.seek(0)
         try:
             top = RestrictedUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError,
-                struct.error) as e:
+        except Exception as e:  # a malformed or refused pickle: UnpicklingError, EOFError, struct.error, ...
             raise ConvertError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(top, dict) or not isinstance(top.get("ema"), Persistent):
         raise ConvertError(f"{path}: expected an EDM/EDM2 network pickle (a dict with an 'ema' network)")
@@ -239,7 +242,7 @@ def read_dit(path):
         raise ConvertError(f"cannot read {path} as a weights-only torch file: {one_line(e)}") from None
     train_args = {}
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):  # a DiT training checkpoint {model, ema, opt, args}
-        train_args = obj["args"].state if isinstance(obj.get("args"), Namespace) else {}
+        train_args = getattr(obj.get("args"), "state", {})  # a Namespace (or None if args was empty)
         obj = obj["ema"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConvertError(f"{path}: expected a DiT state dict or a training checkpoint with an 'ema' state dict")
@@ -247,13 +250,17 @@ def read_dit(path):
         raise ConvertError(f"{path}: unknown network class (no x_embedder.proj.weight: not a DiT state dict)")
     weights = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
     # DiT files record no config: read it from the shapes (num_heads cannot be read; the registry entry decides).
-    hidden_size, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
-    tokens = weights["pos_embed"].shape[-2]
-    kwargs = dict(img_resolution=int(round(tokens**0.5)) * patch, in_channels=in_channels,
-                  label_dim=weights["y_embedder.embedding_table.weight"].shape[0] - 1,  # last row: the null label
-                  learn_sigma=weights["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch**2,
-                  hidden_size=hidden_size, patch_size=patch, depth=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
-                  mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size)
+    try:
+        hidden_size, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
+        tokens = weights["pos_embed"].shape[-2]
+        kwargs = dict(img_resolution=int(round(tokens**0.5)) * patch, in_channels=in_channels,
+                      label_dim=weights["y_embedder.embedding_table.weight"].shape[0] - 1,  # last row: the null label
+                      learn_sigma=weights["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch**2,
+                      hidden_size=hidden_size, patch_size=patch,
+                      depth=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+                      mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise ConvertError(f"{path}: not a DiT state dict ({type(e).__name__}: {one_line(e)})") from None
     return weights, dict(format="dit-pt", precond=None, precond_kwargs={}, net_class="DiT", net_kwargs=kwargs,
                          train_args=train_args)
 
