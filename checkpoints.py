@@ -129,6 +129,10 @@ def all_finite(*modules):
 def build_net(cfg, method, shape, label_dim):
     """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
     overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    if cfg.get("dropout_res") is not None:
+        if cfg["net"] in nets.NETS and nets.NETS[cfg["net"]][0] is not nets.EDM2UNet:
+            raise UsageError(f"--dropout-res applies to EDM2 nets only, not {cfg['net']}")
+        overrides.update(dropout_res=tuple(int(res) for res in cfg["dropout_res"]))
     overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
         return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)

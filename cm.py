@@ -229,10 +229,10 @@ PRESETS = {
         betas=(0.9, 0.999), ema=EMA3,
     ),
     # Reference ECT ImageNet-64 with EDM2-S (REFERENCE §2.5; 1-step FID 4.05), from the post-hoc EMA 0.075 checkpoint
-    # (convert.py). EDM2 nets apply --dropout at 16x16 and 8x8 only. Power EMAs, sigma_rel 0.01 evaluated.
-    "imagenet64": dict(IN64, net="edm2-s", dropout=0.4, lr=1e-3),
+    # (convert.py). Dropout at 16x16 and 8x8 only, as the reference's configs. Power EMAs, sigma_rel 0.01 evaluated.
+    "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=1e-3),
     # The same with EDM2-XL, from the post-hoc 0.040 checkpoint.
-    "imagenet64-xl": dict(IN64, net="edm2-xl", dropout=0.5, lr=7e-4),
+    "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
     # 2-D points on CPU (--init a diffusion toy run, or from scratch): stages of 50 kimg, so the ratio reaches its
     # limit after 9 x 50 kimg = 1760 steps of 256.
     "toy": dict(

@@ -12,7 +12,11 @@ Supported files (REFERENCE §6.8):
 | EDM `edm-cifar10-32x32-{uncond,cond}-vp.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ | ddpmpp | CC BY-NC-SA 4.0 |
 | EDM `edm-imagenet-64x64-cond-adm.pkl` | same folder | adm | CC BY-NC-SA 4.0 |
 | EDM2 `edm2-img64-{s,m,l,xl}-*.pkl` | https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/ | edm2-s ... edm2-xl | CC BY-NC-SA 4.0 |
-| DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
+| DiT `DiT-XL-2-256x256.pt` (or a DiT training checkpoint: its `ema`) | https://dl.fbaipublicfiles.com/DiT/models/ | dit-xl2 | CC BY-NC 4.0 |
+
+EDM trained the CIFAR-10 files with its default preconditioning (its README: `--arch=ddpmpp`; "vp" names the DDPM++
+architecture), so they record EDMPrecond, as ADM does; EDM2's record its Precond. convert.py prints the class each file
+records and notes any other.
 
 Licences as stated by the NVlabs/edm and NVlabs/edm2 READMEs ("All material, including source code and pre-trained
 models") and the facebookresearch/DiT README ("code and model weights"): non-commercial use only, and the converted
@@ -21,7 +25,9 @@ file is a derivative of the weights under the same terms.
 The output is `{net: state_dict, ema: [state_dict], step: 0, config: {...}}`, tensors and plain data only, so
 `torch.load(weights_only=True)` reads it and train.py's --init and --teacher take it as a "diffusion" checkpoint.
 The NVIDIA pickles are read by a restricted unpickler that never runs the source code they embed (§6.9); still, pickle
-calls the allowed rebuild functions, so convert only files you trust. Every failure is one line and exit status 1.
+calls the allowed rebuild functions, so convert only files you trust. DiT training checkpoints go through torch's
+weights-only loader with one addition, their `argparse.Namespace` (read as a plain dict). Every failure is one line
+and exit status 1.
 """
 import argparse
 import collections
@@ -29,6 +35,8 @@ import inspect
 import io
 import os
 import pickle
+import re
+import struct
 import sys
 import zipfile
 
@@ -40,6 +48,15 @@ import nets
 
 class ConvertError(Exception):
     pass
+
+
+def one_line(e):
+    """The reason in an exception's message, on one line: torch's weights-only errors are paragraphs of advice, with
+    terminal colour codes, around one line that says what was refused."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line] or [type(e).__name__]
+    why = next((line for line in lines if "WeightsUnpickler error:" in line or "unsupported GLOBAL" in line), lines[0])
+    return why.split("WeightsUnpickler error: ")[-1].split(" Please use ")[0]
 
 # --- Restricted unpickler (REFERENCE §6.9) -----------------------------------------------------------------
 
@@ -80,6 +97,39 @@ def _storage_from_bytes(b):
     return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
 
 
+# numpy pickles a scalar as scalar(dtype, raw bytes) and a dtype as dtype(spec, align, copy) followed by BUILD with a
+# state tuple whose second item is the byte order. EDM's nets hold such scalars (np.sqrt(0.5) as skip_scale, ...) in
+# module attributes and recorded kwargs. We rebuild numeric ones here, as Python numbers, with struct; numpy is never
+# called, and any other dtype (object, string, void, datetime, ...) is refused.
+NUMPY_NUMERIC = {"b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "i8": "q", "u8": "Q",
+                 "f2": "e", "f4": "f", "f8": "d"}  # numpy dtype spec -> struct format
+
+
+class NumpyDtype:
+    """A numeric numpy dtype as pickled: `spec` ('f8', ...) and the byte order ('<', '>', '|', '=')."""
+
+    def __init__(self, spec, align=False, copy=True):
+        if not (isinstance(spec, str) and spec in NUMPY_NUMERIC):
+            raise pickle.UnpicklingError(f"refusing numpy dtype {spec!r} (only numeric scalars are read)")
+        self.spec, self.order = spec, "|"
+
+    def __setstate__(self, state):
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata]): plain numbers have
+        # no subarray, names or fields.
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None)):
+            raise pickle.UnpicklingError(f"refusing numpy dtype {self.spec!r} with state {state!r:.80}")
+        self.order = state[1]
+
+
+def _numpy_scalar(dtype, raw):
+    if not isinstance(dtype, NumpyDtype) or not isinstance(raw, bytes):
+        raise pickle.UnpicklingError("refusing a numpy scalar that is not a numeric dtype with its raw bytes")
+    order = "<" if dtype.order == "|" else dtype.order  # '|': one byte, order irrelevant
+    (value,) = struct.unpack(order + NUMPY_NUMERIC[dtype.spec], raw)
+    return value
+
+
 # Everything an EDM/EDM2 network pickle needs. A plain pickle.dump of a module stores each tensor as
 # _rebuild_tensor_v2(storage, ...) or _rebuild_parameter(tensor, ...), each storage as _load_from_bytes(torch.save
 # bytes) (the typed storage classes such as torch.FloatStorage / HalfStorage appear only inside those bytes, read
@@ -91,6 +141,9 @@ ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1.x, every released EDM/EDM2 file
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2
+    ("numpy", "dtype"): NumpyDtype,
     **{("torch.nn.modules.container", name): Container
        for name in ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")},
 }
@@ -128,7 +181,8 @@ EDM_DEFAULTS = {
     "DhariwalUNet": dict(augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                          attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0, channels_per_head=64),
     "UNet": dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_noise=None, channel_mult_emb=None,
-                 num_blocks=3, attn_resolutions=[16, 8], label_balance=0.5, concat_balance=0.5, channels_per_head=64),
+                 num_blocks=3, attn_resolutions=[16, 8], label_balance=0.5, concat_balance=0.5, channels_per_head=64,
+                 dropout=0),
 }
 # Design choices our nets hard-code; a checkpoint with other values (e.g. EDM's NCSN++ "-ve" nets) has no match here.
 FIXED = {"SongUNet": dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
@@ -150,8 +204,8 @@ def read_source(path):
         f.seek(0)
         try:
             top = RestrictedUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as e:
-            raise ConvertError(f"cannot read {path}: {e}") from None
+        except Exception as e:  # a malformed or refused pickle: UnpicklingError, EOFError, struct.error, ...
+            raise ConvertError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(top, dict) or not isinstance(top.get("ema"), Persistent):
         raise ConvertError(f"{path}: expected an EDM/EDM2 network pickle (a dict with an 'ema' network)")
     ema = top["ema"]
@@ -171,12 +225,24 @@ def read_source(path):
     return weights, info
 
 
+class Namespace:
+    """argparse.Namespace in a DiT training checkpoint, as plain data: pickle hands it its __dict__, kept as `state`."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError("argparse.Namespace without a dict state")
+        self.state = state
+
+
 def read_dit(path):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([(Namespace, "argparse.Namespace")]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConvertError(f"cannot read {path} as a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ConvertError(f"cannot read {path} as a weights-only torch file: {one_line(e)}") from None
+    train_args = {}
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):  # a DiT training checkpoint {model, ema, opt, args}
+        train_args = getattr(obj.get("args"), "state", {})  # a Namespace (or None if args was empty)
         obj = obj["ema"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ConvertError(f"{path}: expected a DiT state dict or a training checkpoint with an 'ema' state dict")
@@ -184,14 +250,19 @@ def read_dit(path):
         raise ConvertError(f"{path}: unknown network class (no x_embedder.proj.weight: not a DiT state dict)")
     weights = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
     # DiT files record no config: read it from the shapes (num_heads cannot be read; the registry entry decides).
-    hidden_size, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
-    tokens = weights["pos_embed"].shape[-2]
-    kwargs = dict(img_resolution=int(round(tokens**0.5)) * patch, in_channels=in_channels,
-                  label_dim=weights["y_embedder.embedding_table.weight"].shape[0] - 1,  # last row: the null label
-                  learn_sigma=weights["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch**2,
-                  hidden_size=hidden_size, patch_size=patch, depth=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
-                  mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size)
-    return weights, dict(format="dit-pt", precond=None, precond_kwargs={}, net_class="DiT", net_kwargs=kwargs)
+    try:
+        hidden_size, in_channels, patch, _ = weights["x_embedder.proj.weight"].shape
+        tokens = weights["pos_embed"].shape[-2]
+        kwargs = dict(img_resolution=int(round(tokens**0.5)) * patch, in_channels=in_channels,
+                      label_dim=weights["y_embedder.embedding_table.weight"].shape[0] - 1,  # last row: the null label
+                      learn_sigma=weights["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch**2,
+                      hidden_size=hidden_size, patch_size=patch,
+                      depth=len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+                      mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / hidden_size)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise ConvertError(f"{path}: not a DiT state dict ({type(e).__name__}: {one_line(e)})") from None
+    return weights, dict(format="dit-pt", precond=None, precond_kwargs={}, net_class="DiT", net_kwargs=kwargs,
+                         train_args=train_args)
 
 # --- Mapping to our nets --------------------------------------------------------------------------------------
 
@@ -246,11 +317,11 @@ def to_our_net(weights, info, net_name=None):
         # training (no augmentation pipeline): dropping it changes no output.
         dropped = [k for k in weights if k.startswith("map_augment.")]
         weights = {k: v for k, v in weights.items() if k not in dropped}
-    if info["precond"] == "VPPrecond":
-        notes.append("trained with VP preconditioning; as an EDM-preconditioned net it is an initialisation for "
-                     "consistency tuning (as in ECT), not an accurate EDM denoiser")
-    if info["net_class"] in ("DhariwalUNet", "UNet"):
-        notes.append(f"{info['net_class']} was trained with dropout; use it in eval mode as a teacher (train.py does)")
+    if info["precond"] not in (None, "EDMPrecond", "Precond"):  # EDMPrecond: EDM's default; Precond: EDM2's
+        notes.append(f"the file records {info['precond']}, not EDM preconditioning; as an EDM-preconditioned net it "
+                     "is an initialisation for consistency tuning, not an accurate EDM denoiser")
+    if _plain(kw.get("dropout", 0)):
+        notes.append(f"trained with dropout {kw['dropout']}; use it in eval mode as a teacher (train.py does)")
     name = match_net(info, net_name)
     logvar = any(k.startswith("logvar") for k in weights)
     with torch.device("meta"):  # shapes only, nothing allocated (EDM2-XL has 1.1 B parameters)
@@ -322,8 +393,9 @@ def main(argv=None):
     except ConvertError as e:
         sys.exit(f"convert.py: error: {e}")
     src = config["source"]
+    recorded = f"{src['net_class']} in {src['precond']}" if src["precond"] else src["net_class"]
     print(f"{args.out}: net {config['net']}, shape {config['shape']}, label_dim {config['label_dim']}, logvar head "
-          f"{config['logvar']}, from {src['precond'] or src['net_class']}; sha256 {src['sha256']}")
+          f"{config['logvar']}, from {recorded} (as the file records); sha256 {src['sha256']}")
     for note in src["notes"] + [f"dropped {', '.join(src['dropped'])} (zero augmentation labels)"] * bool(src["dropped"]):
         print(f"note: {note}")
 

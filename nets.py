@@ -10,8 +10,8 @@ Call signature shared by every net here (each method file documents what it feed
     x    (B, C, H, W) or (B, D)  input (already preconditioned by the method, if it preconditions)
     t    (B,)                    time / noise label (MeanFlow: t in [0, 1]; EDM methods: c_noise = ln(sigma)/4)
     r    (B,) or None            second time (MeanFlow), embedded like t (DiT: t - r), only with use_r=True
-    y    (B, label_dim) or None  one-hot class labels; an all-zero row is the null label (CFG); ADM, EDM2 and
-                                 DiT also read None as all-null
+    y    (B, label_dim) or None  one-hot class labels; an all-zero row is the null label (CFG), and so is None
+                                 (EDM's and EDM2's Precond feed zero labels for None)
     aug  (B, augment_dim) or None  augmentation labels (zero at sampling)
 
 All nets are plain PyTorch: explicit group norm, einsum attention, no custom autograd.Function, no numpy
@@ -483,7 +483,8 @@ class SongUNet(nn.Module):
         emb = _swap_halves(noise_emb)
         if self.use_r:
             emb = cat([emb, _swap_halves(self.map_noise(r))], dim=1)
-        if self.map_label is not None and y is not None:
+        if self.map_label is not None:  # y=None: the zero label, whose map_label term is the bias
+            y = _null_label(self, x) if y is None else y
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and aug is not None:
             emb = emb + self.map_augment(aug)
@@ -506,6 +507,12 @@ class SongUNet(nn.Module):
         if not return_logvar:
             return x
         return x, _logvar(self.logvar_linear, noise_emb)
+
+
+def _null_label(net, x):
+    """The all-zero label batch that y=None stands for."""
+    xp = x.p if isinstance(x, Dual) else x
+    return xp.new_zeros(xp.shape[0], net.label_dim)
 
 
 def _logvar(head, noise_emb):
@@ -620,7 +627,8 @@ class MLP(nn.Module):
         x, t, r = _with_tangents(x, t, r, tangents)
         noise_emb = self.map_noise(t)
         emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
-        if self.map_label is not None and y is not None:
+        if self.map_label is not None:  # y=None: the zero label, whose map_label term is the bias
+            y = _null_label(self, x) if y is None else y
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
         x = self.fc_in(x)
@@ -753,15 +761,16 @@ class EDM2UNet(nn.Module):
     """EDM2's UNet with the log-variance head of its Precond (`logvar_fourier`, `logvar_linear`), REFERENCE §6.4.
     Keys are the official `unet.*` keys without the `unet.` prefix. Defaults: EDM2-S (model_channels 192);
     XS/S/M/L/XL = 128/192/256/320/384. in_channels excludes the constant ones channel the net appends.
-    y=None is the null label (a zero one-hot, as EDM2's Precond feeds). Dropout applies only in blocks at
-    `dropout_res` (the methods' 16x16 and 8x8). logvar=False drops the head (EDM2 always has it).
+    y=None is the null label (a zero one-hot, as EDM2's Precond feeds). Dropout applies in blocks at the
+    resolutions `dropout_res`: all of them by default, as in EDM2's own training; the consistency recipes pass
+    (16, 8). logvar=False drops the head (EDM2 always has it).
     use_r (decision; the reference's version is broken, REFERENCE §10 #21): r gets its own MPFourier embedding and
     MPConv (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label.
     Training must call `normalize_weights_()` once after init and after every optimizer step (see MPConv)."""
 
     def __init__(self, img_resolution=64, in_channels=3, out_channels=3, label_dim=0, model_channels=192,
                  channel_mult=(1, 2, 3, 4), channel_mult_noise=None, channel_mult_emb=None, num_blocks=3,
-                 attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5, dropout=0.0, dropout_res=(16, 8),
+                 attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5, dropout=0.0, dropout_res=None,
                  channels_per_head=64, logvar_channels=128, use_r=False, logvar=False):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -779,7 +788,7 @@ class EDM2UNet(nn.Module):
         self.logvar_linear = MPConv(logvar_channels, 1) if logvar else None
 
         def block(cin, cout, res, **kwargs):
-            drop = dropout if res in dropout_res else 0.0
+            drop = dropout if dropout_res is None or res in dropout_res else 0.0
             return EDM2Block(cin, cout, cemb, channels_per_head=channels_per_head, dropout=drop, **kwargs)
 
         self.enc = nn.ModuleDict()
@@ -827,7 +836,7 @@ class EDM2UNet(nn.Module):
             emb = mp_sum(emb, self.emb_noise_r(self.emb_fourier_r(r)), 0.5)
         xp = x.p if isinstance(x, Dual) else x
         if self.emb_label is not None:
-            y = xp.new_zeros(xp.shape[0], self.label_dim) if y is None else y
+            y = _null_label(self, x) if y is None else y
             emb = mp_sum(emb, self.emb_label(y * math.sqrt(self.label_dim)), self.label_balance)
         emb = mp_silu(emb)
         x = cat([x, torch.ones_like(xp[:, :1])], dim=1)
@@ -994,7 +1003,8 @@ NETS = {
     "adm": (DhariwalUNet, dict()),  # EDM's ImageNet-64 ADM
     "adm-tiny": (DhariwalUNet, dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
                                     channels_per_head=8)),
-    # EDM2 ImageNet-64 sizes (XXL, 448, is EDM2's ImageNet-512 latent preset); dropout at 16x16 and 8x8 only
+    # EDM2 ImageNet-64 sizes (XXL, 448, is EDM2's ImageNet-512 latent preset); dropout at every resolution unless
+    # dropout_res says otherwise (the CM/TCM presets: 16x16 and 8x8)
     **{f"edm2-{size}": (EDM2UNet, dict(model_channels=c))
        for size, c in dict(xs=128, s=192, m=256, l=320, xl=384, xxl=448).items()},
     "edm2-tiny": (EDM2UNet, dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),

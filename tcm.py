@@ -167,9 +167,9 @@ PRESETS = {
     ),
     # Reference TCM ImageNet-64, EDM2-S (REFERENCE §4.3) on the cm.py imagenet64 run; power EMAs whose step count
     # continues from stage 1. Deviation: bf16 autocast instead of fp16 with a loss scaler.
-    "imagenet64": dict(IN64, net="edm2-s", dropout=0.4, lr=5e-4),
+    "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=5e-4),
     # EDM2-XL (1-step FID 2.23 in the reference) on the cm.py imagenet64-xl run.
-    "imagenet64-xl": dict(IN64, net="edm2-xl", dropout=0.5, lr=1e-4),
+    "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=1e-4),
     # 2-D points on CPU, on top of the cm.py toy run. Two changes for a 1000-step run: the ratio limit is 0.99, not
     # 0.999 (with 0.999 consistency crawls from sigma = 1 up to 80 through ~4000 tiny gaps and the 1-step sample first
     # gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything

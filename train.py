@@ -42,6 +42,7 @@ METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
 TRAIN = dict(
     net=("mlp", str, f"network: {', '.join(nets.NETS)}"),
     dropout=(None, float, "dropout probability (default: the net's)"),
+    dropout_res=(None, tuple, "EDM2 nets: resolutions with dropout, comma-separated (default: all)"),
     cond=(False, bool, "condition on class labels (needs a labelled dataset)"),
     distill=(False, bool, "the recipe distils: --teacher is required"),
     stage1_weights=("online", str, "tcm --stage1: start from that run's online weights (reference) or its first ema"),

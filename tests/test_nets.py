@@ -136,6 +136,22 @@ def test_fused_path_contract(kind):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("kind", list(TINY))
+def test_y_none_is_the_null_label(kind):
+    """y=None on a conditional net means the all-zero label, as EDM's and EDM2's Precond feed it: for DDPM++ and the
+    MLP that includes map_label's bias. Same on the fused tangent path."""
+    net, shape = tiny_net(kind)
+    net.eval()
+    x, t, r, y = inputs(shape)
+    null = torch.zeros_like(y)
+    tangents = (torch.ones_like(x), torch.ones_like(t), torch.zeros_like(r))
+    assert torch.equal(net(x, t, r), net(x, t, r, null))
+    out, d_out = net(x, t, r, tangents=tangents)
+    out_null, d_null = net(x, t, r, null, tangents=tangents)
+    assert torch.equal(out, out_null) and torch.equal(d_out, d_null)
+    assert not torch.allclose(net(x, t, r, y), out)  # guard: the labels do matter
+
+
 def test_dropout_masks_differ_without_replay():
     """Guards the test above: without RNG replay the two passes really would differ."""
     net, shape = tiny_net("mlp", dropout=0.5)

@@ -1,6 +1,7 @@
 """nets.py, ImageNet nets (ADM, EDM2, DiT): official parameter counts and key layouts (on the meta device), EDM2's
 weight normalisation outside forward and resolution-restricted dropout, DiT's zero init and label embedding.
 JVP == finite difference, fused == torch.func.jvp and compile tests for their tiny variants are in test_nets.py."""
+import importlib
 import math
 
 import pytest
@@ -152,11 +153,17 @@ def test_edm2_forward_writes_nothing_in_place():
 
 
 def test_edm2_dropout_only_at_chosen_resolutions():
-    net = meta_net("edm2-s", (3, 64, 64), dropout=0.4)
-    for name, block in [*net.enc.items(), *net.dec.items()]:
-        if isinstance(block, nets.EDM2Block):
-            res = int(name.split("x")[0])
-            assert block.dropout == (0.4 if res in (16, 8) else 0.0), name
+    """dropout_res: every resolution by default (EDM2's own training), 16x16 and 8x8 in the CM/TCM presets."""
+    for dropout_res, chosen in [(None, (64, 32, 16, 8)), ((16, 8), (16, 8)), ((64,), (64,))]:
+        net = meta_net("edm2-s", (3, 64, 64), dropout=0.4, dropout_res=dropout_res)
+        for name, block in [*net.enc.items(), *net.dec.items()]:
+            if isinstance(block, nets.EDM2Block):
+                res = int(name.split("x")[0])
+                assert block.dropout == (0.4 if res in chosen else 0.0), (dropout_res, name)
+    # The consistency recipes on EDM2 (reference CM/TCM/sCM configs: dropout_resolutions [16, 8]).
+    presets = [p for m in ("cm", "tcm", "scm") for p in importlib.import_module(m).PRESETS.values()
+               if p["net"].startswith("edm2")]
+    assert len(presets) == 4 and all(p["dropout_res"] == (16, 8) for p in presets)
     # Functionally, in the tiny net (dropout at 8x8 only): 16x16 encoder outputs ignore the RNG, 8x8 ones do not.
     net = tiny_edm2(dropout=0.5).train()
     x, t, _, y = inputs((3, 16, 16))
