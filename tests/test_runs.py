@@ -227,6 +227,21 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, checkpoints.LOCK))
 
 
+def test_a_non_finite_loss_counts_even_when_its_gradients_are_finite(tmp_path, monkeypatch):
+    """An Inf added as a constant to one example's loss leaves every gradient finite; the step still counts."""
+    loss = meanflow.loss
+
+    def inf_loss(*args, **kwargs):
+        per_example, logs = loss(*args, **kwargs)
+        return per_example + torch.where(torch.arange(len(per_example)) == 0, torch.inf, 0.0), logs
+
+    monkeypatch.setattr(meanflow, "loss", inf_loss)
+    out = str(tmp_path / "run")
+    message = refused(run, "--steps", "5", "--max-nonfinite", "2", "--out", out)
+    assert message.startswith("train.py: error: step 2: 2 consecutive steps with a non-finite loss") and "no checkpoint" in message
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]  # no checkpoint, no samples
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
