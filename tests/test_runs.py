@@ -352,3 +352,20 @@ def has_lock_of(out, pid):
         return json.load(open(os.path.join(out, checkpoints.LOCK)))["pid"] == pid
     except (OSError, ValueError):
         return False
+
+
+def test_the_house_is_one_way():
+    """No two project files import each other; checkpoints.py imports neither train.py nor fid.py, fid.py and
+    convert.py not train.py."""
+    import ast
+    names = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    imports = {}
+    for name in names:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[name] = found & names - {name}
+    assert not imports["checkpoints"] & {"train", "fid", "convert"}
+    assert "train" not in imports["fid"] | imports["convert"]
+    assert {"checkpoints"} <= imports["train"] & imports["fid"]
+    assert not [(a, b) for a in names for b in imports[a] if a in imports.get(b, ())]
