@@ -49,8 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import data
 import checkpoints
+import data
 from checkpoints import UsageError
 
 DETECTOR_URLS = {

@@ -227,6 +227,21 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, checkpoints.LOCK))
 
 
+def test_a_non_finite_loss_counts_even_when_its_gradients_are_finite(tmp_path, monkeypatch):
+    """An Inf added as a constant to one example's loss leaves every gradient finite; the step still counts."""
+    loss = meanflow.loss
+
+    def inf_loss(*args, **kwargs):
+        per_example, logs = loss(*args, **kwargs)
+        return per_example + torch.where(torch.arange(len(per_example)) == 0, torch.inf, 0.0), logs
+
+    monkeypatch.setattr(meanflow, "loss", inf_loss)
+    out = str(tmp_path / "run")
+    message = refused(run, "--steps", "5", "--max-nonfinite", "2", "--out", out)
+    assert message.startswith("train.py: error: step 2: 2 consecutive steps with a non-finite loss") and "no checkpoint" in message
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]  # no checkpoint, no samples
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
@@ -337,3 +352,20 @@ def has_lock_of(out, pid):
         return json.load(open(os.path.join(out, checkpoints.LOCK)))["pid"] == pid
     except (OSError, ValueError):
         return False
+
+
+def test_the_house_is_one_way():
+    """No two project files import each other; checkpoints.py imports neither train.py nor fid.py, fid.py and
+    convert.py not train.py."""
+    import ast
+    names = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    imports = {}
+    for name in names:
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[name] = found & names - {name}
+    assert not imports["checkpoints"] & {"train", "fid", "convert"}
+    assert "train" not in imports["fid"] | imports["convert"]
+    assert {"checkpoints"} <= imports["train"] & imports["fid"]
+    assert not [(a, b) for a in names for b in imports[a] if a in imports.get(b, ())]
