@@ -259,7 +259,8 @@ def main():
 
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
     files, held_out, base = {}, {}, {}
-    for i, d in enumerate(dists):
+    for d in dists:
+        i = list(DISTS).index(d)  # the same points whatever subset runs
         train, test, floor = (draw(d, n, seed) for n, seed in ((args.n, 1000 + i), (4096, 2000 + i), (4096, 3000 + i)))
         train, test, floor = (standardize(x, train) for x in (train, test, floor))
         files[d] = os.path.join(args.out, "data", f"{d}.npy")
