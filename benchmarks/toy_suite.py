@@ -150,9 +150,11 @@ def run_one(args, dist, method, data_file):
            "--seed", str(args.seed), "--device", "cpu", "--log-every", "500", *shlex.split(args.extra)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    if os.path.exists(os.path.join(out, "samples.npy")) and not args.force:
+    if os.path.exists(os.path.join(out, "cost.json")) and not args.force:
         with open(os.path.join(out, "cost.json")) as f:
-            return 0, json.load(f)["cpu_s"], out
+            cost = json.load(f)
+        if cost["command"] == cmd:  # the same run finished before: reuse it
+            return 0, cost["cpu_s"], out
     if os.path.exists(out):
         subprocess.run(["rm", "-rf", out], check=True)
     os.makedirs(out)
@@ -248,7 +250,7 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="train.py processes at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
-    p.add_argument("--force", action="store_true", help="retrain runs that already have samples (default: reuse)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already finished with the same command (default: reuse them)")
     args = p.parse_args()
     dists, methods = args.dists.split(","), args.methods.split(",")
     for name, known in (("dists", DISTS), ("methods", METHODS)):
