@@ -1,0 +1,297 @@
+"""Every method on a suite of 2-D point clouds, trained through the real CLI, scored by one-step sample quality.
+
+    python benchmarks/toy_suite.py                                          # all distributions x all methods
+    python benchmarks/toy_suite.py --dists arms_ring,checkerboard --methods meanflow,sct --jobs 2
+    python benchmarks/toy_suite.py --methods meanflow --extra "--steps 4000 --lr 2e-3"   # try a recipe change
+
+Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
+on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
+would: `python train.py --method M --data <name>.npy` with its toy preset. The teacher-based ones reuse the runs
+before them: sCD and CD take the diffusion run as --init and --teacher, TCM takes the CT run as --stage1.
+
+Score: sliced W2 (256 projections) between the run's 4,096 `samples.npy` (one network evaluation, except the
+diffusion teacher's many-step sampler) and the held-out points, divided by the sliced W2 of a moment-matched
+Gaussian (same mean and covariance, 4,096 points): 1 is "a blob", 0 is perfect. The data-vs-data floor (a second
+4,096 draws of the distribution) is printed for scale: a ratio near floor/gaussian is as good as this metric
+can tell. Cost is the CPU time (user + sys) of each train.py process, which does not depend on how busy the
+machine is; with --threads 1 (default) it is also close to single-core wall-clock time.
+
+Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (distribution x method scatters).
+"""
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --- Distributions -----------------------------------------------------------------------------------------------
+# Each returns n points (n, 2) from a numpy Generator; `standardize` then gives every one zero mean and unit scale.
+
+
+def gaussians8(n, g):
+    k = g.integers(8, size=n)
+    angle = k * (2 * math.pi / 8)
+    return np.stack([np.cos(angle), np.sin(angle)], 1) + 0.1 * g.standard_normal((n, 2))
+
+
+def moons(n, g):
+    k = g.integers(2, size=n)
+    angle = math.pi * g.random(n)
+    upper = np.stack([np.cos(angle), np.sin(angle)], 1)
+    lower = np.stack([1 - np.cos(angle), 0.5 - np.sin(angle)], 1)
+    return np.where(k[:, None] == 0, upper, lower) + 0.05 * g.standard_normal((n, 2))
+
+
+def circles(n, g):
+    radius = np.where(g.random(n) < 0.5, 1.0, 0.5)
+    angle = 2 * math.pi * g.random(n)
+    return radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.03 * g.standard_normal((n, 2))
+
+
+def swissroll(n, g):
+    t = 1.5 * math.pi * (1 + 2 * g.random(n))
+    return np.stack([t * np.cos(t), t * np.sin(t)], 1) / 5 + 0.1 * g.standard_normal((n, 2))
+
+
+def checkerboard(n, g):
+    x1 = 4 * g.random(n) - 2
+    x2 = g.random(n) - 2 * g.integers(2, size=n) + np.floor(x1) % 2  # the column's squares alternate with x1
+    return np.stack([x1, x2], 1)
+
+
+def pinwheel(n, g, arms=5, radial_std=0.3, tangential_std=0.1, rate=0.25):
+    k = g.integers(arms, size=n)
+    p = np.stack([1 + radial_std * g.standard_normal(n), tangential_std * g.standard_normal(n)], 1)
+    angle = k * (2 * math.pi / arms) + rate * np.exp(p[:, 0])
+    c, s = np.cos(angle), np.sin(angle)
+    return np.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1]], 1)
+
+
+def spirals(n, g):
+    r = np.sqrt(g.random(n)) * 3 * math.pi
+    sign = np.where(g.random(n) < 0.5, 1.0, -1.0)[:, None]
+    return sign * np.stack([-np.cos(r) * r, np.sin(r) * r], 1) / 3 + 0.1 * g.standard_normal((n, 2))
+
+
+def arms_ring(n, g):
+    """Thin structures: three curved arms (width 0.02) inside a thin ring (width 0.015) of radius 1."""
+    ring = g.random(n) < 0.4
+    k = g.integers(3, size=n)
+    s = g.random(n)
+    r = np.where(ring, 1.0, 0.1 + 0.7 * s)
+    angle = np.where(ring, 2 * math.pi * s, k * (2 * math.pi / 3) + 2.0 * s)
+    width = np.where(ring, 0.015, 0.02)[:, None]
+    return r[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + width * g.standard_normal((n, 2))
+
+
+DISTS = dict(gaussians8=gaussians8, moons=moons, circles=circles, swissroll=swissroll, checkerboard=checkerboard,
+             pinwheel=pinwheel, spirals=spirals, arms_ring=arms_ring)
+
+
+def standardize(x, ref):
+    """x shifted by ref's mean and divided by ref's RMS deviation (one scale for both axes: shapes stay round)."""
+    mean = ref.mean(0)
+    return (x - mean) / np.sqrt(((ref - mean) ** 2).sum(1).mean() / 2)
+
+
+def draw(name, n, seed):
+    g = np.random.default_rng(seed)
+    return DISTS[name](n, g)
+
+# --- Score ---------------------------------------------------------------------------------------------------------
+
+
+def sliced_w2(a, b, n_proj=256, seed=0):
+    """Sliced 2-Wasserstein distance between two equal-size point sets (N, D), float64."""
+    d = np.random.default_rng(seed).standard_normal((a.shape[1], n_proj))
+    d /= np.linalg.norm(d, axis=0)
+    pa = np.sort(a @ d, axis=0)
+    pb = np.sort(b @ d, axis=0)
+    return float(np.sqrt(((pa - pb) ** 2).mean()))
+
+
+def baselines(train, held_out, floor_set, seed=0):
+    """(moment-matched Gaussian's sliced W2, data-vs-data sliced W2) against the held-out points."""
+    g = np.random.default_rng(seed)
+    gauss = g.multivariate_normal(train.mean(0), np.cov(train.T), size=len(held_out))
+    return sliced_w2(gauss, held_out), sliced_w2(floor_set, held_out)
+
+# --- Runs ----------------------------------------------------------------------------------------------------------
+# name: (train.py arguments, the run it needs first). {data}, {dif}, {ct} are filled in per distribution.
+
+METHODS = dict(
+    meanflow=("--method meanflow --data {data}", None),
+    diffusion=("--method diffusion --data {data}", None),
+    sct=("--method scm --data {data}", None),
+    ct=("--method cm --data {data}", None),
+    scd=("--method scm --data {data} --init {dif} --teacher {dif}", "diffusion"),
+    cd=("--method cm --data {data} --init {dif} --teacher {dif}", "diffusion"),
+    tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
+)
+LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="sCT", ct="CT", scd="sCD", cd="CD",
+              tcm="TCM (on CT)")
+
+
+def run_one(args, dist, method, data_file):
+    """Train one (distribution, method) through train.py; returns (return code, CPU seconds, run folder)."""
+    out = os.path.join(args.out, "runs", f"{dist}-{method}")
+    template, _ = METHODS[method]
+    cli = template.format(data=data_file, dif=os.path.join(args.out, "runs", f"{dist}-diffusion"),
+                          ct=os.path.join(args.out, "runs", f"{dist}-ct"))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *shlex.split(cli), "--out", out, "--num-samples", "4096",
+           "--seed", str(args.seed), "--device", "cpu", "--log-every", "500", *shlex.split(args.extra)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    if os.path.exists(os.path.join(out, "cost.json")) and not args.force:
+        with open(os.path.join(out, "cost.json")) as f:
+            cost = json.load(f)
+        if cost["command"] == cmd:  # the same run finished before: reuse it
+            return 0, cost["cpu_s"], out
+    if os.path.exists(out):
+        subprocess.run(["rm", "-rf", out], check=True)
+    os.makedirs(out)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    with open(os.path.join(os.path.dirname(out), f"{dist}-{method}.log"), "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        p = subprocess.Popen(["nice", "-n", str(args.nice), *cmd], stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    if p.returncode == 0:
+        with open(os.path.join(out, "cost.json"), "w") as f:
+            json.dump(dict(cpu_s=cpu, command=cmd), f)
+    return p.returncode, cpu, out
+
+
+def run_all(args, dists, methods, files):
+    """Runs in dependency order (teachers and stage-1 runs first), --jobs at a time."""
+    jobs = [(d, m) for d in dists for m in methods]
+    need = {(d, m): (d, METHODS[m][1]) for d, m in jobs if METHODS[m][1]}
+    for d, m in need.values():
+        if m not in methods:
+            raise SystemExit(f"toy_suite.py: error: {METHODS[m][0].split()[1]} runs need --methods to include {m}")
+    done, results = set(), {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        pending = {}
+        while jobs or pending:
+            ready = [j for j in jobs if j not in need or need[j] in done]
+            for j in ready[:max(0, args.jobs - len(pending))]:
+                jobs.remove(j)
+                pending[pool.submit(run_one, args, *j, files[j[0]])] = j
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in finished:
+                j = pending.pop(f)
+                rc, cpu, out = f.result()
+                results[j] = dict(rc=rc, cpu_s=cpu, out=out)
+                print(f"{j[0]:>12s} {j[1]:>9s}: {'ok' if rc == 0 else f'FAILED (rc {rc})'} {cpu:6.1f} s CPU", flush=True)
+                if rc == 0:
+                    done.add(j)
+                else:  # whatever depends on it cannot run
+                    for k in [k for k in jobs if need.get(k) == j]:
+                        jobs.remove(k)
+                        results[k] = dict(rc=-1, cpu_s=0.0, out=None)
+    return results
+
+# --- Picture -------------------------------------------------------------------------------------------------------
+
+
+def scatter_tile(points, size, lim=3.0, color=(20, 80, 200)):
+    tile = np.full((size, size, 3), 255, dtype=np.uint8)
+    if points is None:
+        return tile
+    col = np.clip(((points[:, 0] / lim + 1) / 2 * (size - 1)).astype(int), 0, size - 1)
+    row = np.clip(((1 - points[:, 1] / lim) / 2 * (size - 1)).astype(int), 0, size - 1)
+    tile[row, col] = color
+    return tile
+
+
+def save_grid(path, dists, methods, held_out, samples, ratios, size=160, pad=4, head=18, side=90):
+    """Rows: distributions; columns: held-out data, then each method's samples with its ratio above."""
+    cols = ["data"] + methods
+    W, H = side + len(cols) * (size + pad), head + len(dists) * (size + pad + 14)
+    canvas = Image.new("RGB", (W, H), "white")
+    pen = ImageDraw.Draw(canvas)
+    for j, c in enumerate(cols):
+        pen.text((side + j * (size + pad) + 4, 2), c if c == "data" else LABELS[c].split(" (")[0], fill="black")
+    for i, d in enumerate(dists):
+        y = head + i * (size + pad + 14)
+        pen.text((4, y + size // 2), d, fill="black")
+        for j, c in enumerate(cols):
+            x = side + j * (size + pad)
+            pts = held_out[d] if c == "data" else samples.get((d, c))
+            canvas.paste(Image.fromarray(scatter_tile(pts, size, color=(90, 90, 90) if c == "data" else (20, 80, 200))),
+                         (x, y + 14))
+            if c != "data":
+                r = ratios.get((d, c))
+                pen.text((x + 4, y), "failed" if r is None else f"{r:.2f}", fill="black" if r is None or r <= 0.35 else "red")
+    canvas.save(path)
+
+# --- Main ----------------------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated subset of: {', '.join(DISTS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, help="override every run's --steps (default: each preset's)")
+    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--lr 2e-3\"")
+    p.add_argument("--out", default="runs/toy-suite")
+    p.add_argument("--n", type=int, default=20_000, help="training points per distribution")
+    p.add_argument("--seed", type=int, default=0, help="train.py --seed")
+    p.add_argument("--jobs", type=int, default=1, help="train.py processes at a time")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
+    p.add_argument("--force", action="store_true", help="retrain runs that already finished with the same command (default: reuse them)")
+    args = p.parse_args()
+    dists, methods = args.dists.split(","), args.methods.split(",")
+    for name, known in (("dists", DISTS), ("methods", METHODS)):
+        bad = [v for v in getattr(args, name).split(",") if v not in known]
+        if bad:
+            raise SystemExit(f"toy_suite.py: error: unknown --{name} {bad}; choose from {', '.join(known)}")
+    methods = [m for m in METHODS if m in methods]  # dependency order
+
+    os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
+    files, held_out, base = {}, {}, {}
+    for d in dists:
+        i = list(DISTS).index(d)  # the same points whatever subset runs
+        train, test, floor = (draw(d, n, seed) for n, seed in ((args.n, 1000 + i), (4096, 2000 + i), (4096, 3000 + i)))
+        train, test, floor = (standardize(x, train) for x in (train, test, floor))
+        files[d] = os.path.join(args.out, "data", f"{d}.npy")
+        np.save(files[d], train.astype(np.float32))
+        held_out[d] = test
+        base[d] = baselines(train, test, floor)
+
+    results = run_all(args, dists, methods, files)
+    samples, ratios = {}, {}
+    for (d, m), r in results.items():
+        if r["rc"] == 0:
+            samples[d, m] = np.load(os.path.join(r["out"], "samples.npy")).astype(np.float64)
+            r["sw2"] = sliced_w2(samples[d, m], held_out[d])
+            ratios[d, m] = r["sw2"] / base[d][0]
+
+    print(f"\nratio = sliced W2 to held-out points / a moment-matched Gaussian's (1 = a blob); CPU s per run in brackets")
+    print("| distribution | data floor | " + " | ".join(LABELS[m] for m in methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    for d in dists:
+        cells = [f"{ratios[d, m]:.2f} ({results[d, m]['cpu_s']:.0f} s)" if (d, m) in ratios else "failed" for m in methods]
+        print(f"| {d} | {base[d][1] / base[d][0]:.2f} | " + " | ".join(cells) + " |")
+    worst = {m: max((ratios.get((d, m), math.inf) for d in dists)) for m in methods}
+    print("| worst | | " + " | ".join(f"{worst[m]:.2f}" for m in methods) + " |")
+    save_grid(os.path.join(args.out, "grid.png"), dists, methods, held_out, samples, ratios)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(args=vars(args), baselines={d: dict(gaussian=g, floor=fl) for d, (g, fl) in base.items()},
+                       runs={f"{d}/{m}": dict(r, ratio=ratios.get((d, m))) for (d, m), r in results.items()}), f, indent=1)
+    print(f"wrote {args.out}/grid.png, {args.out}/results.json")
+
+
+if __name__ == "__main__":
+    main()
