@@ -242,10 +242,8 @@ def to_our_net(weights, info, net_name=None):
         res = kw.get("img_resolution", info["precond_kwargs"].get("img_resolution"))
         shape, label_dim, net_kwargs = [channels, res, res], kw.get("label_dim", 0), {}
     if kw.get("augment_dim"):
-        # map_augment is a bias-free linear map of the augmentation labels, which are zero at sampling and in our
-        # training (no augmentation pipeline): dropping it changes no output.
-        dropped = [k for k in weights if k.startswith("map_augment.")]
-        weights = {k: v for k, v in weights.items() if k not in dropped}
+        # Kept: EDM's CIFAR-10 nets see augment.py's "edm" labels (9-d); zero at sampling, as aug=None is.
+        net_kwargs["augment_dim"] = kw["augment_dim"]
     if info["precond"] == "VPPrecond":
         notes.append("trained with VP preconditioning; as an EDM-preconditioned net it is an initialisation for "
                      "consistency tuning (as in ECT), not an accurate EDM denoiser")

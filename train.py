@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import augment
 import data
 import nets
 
@@ -44,6 +46,8 @@ TRAIN = dict(
     distill=(False, bool, "the recipe distils: --teacher is required"),
     stage1_weights=("online", str, "tcm --stage1: start from that run's online weights (reference) or its first ema"),
     xflip=(False, bool, "random horizontal flips (images)"),
+    augment=(0.0, float, "EDM's augmentation pipeline (augment.py) with probability p, labels to the net (0: off)"),
+    augment_pipe=("edm", str, "augmentations of --augment: edm (9-d labels) or meanflow (6-d)"),
     batch=(256, int, "global batch per optimizer step"),
     batch_gpu=(None, int, "micro-batch per rank and accumulation round (default: batch / ranks)"),
     steps=(1000, int, "total optimizer steps"),
@@ -62,7 +66,7 @@ TRAIN = dict(
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
 CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
-               stage1_weights=("online", "ema"), ema_kind=("const", "power"))
+               stage1_weights=("online", "ema"), ema_kind=("const", "power"), augment_pipe=tuple(augment.PIPES))
 
 
 class UsageError(Exception):
@@ -363,6 +367,8 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
 def build_net(cfg, method, shape, label_dim):
     """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
     overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
+    if cfg.get("augment", 0) > 0:
+        overrides["augment_dim"] = augment.label_dim(cfg["augment_pipe"])
     overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
         return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
@@ -423,12 +429,33 @@ def init_from(net, path, method, device, rank):
     """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
     one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
     state = load_compatible(path, method, device)
-    missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
+    weights = state["ema"][0]
+    if "map_augment.weight" not in net.state_dict():  # an unaugmented student: the augment map only ever sees zeros
+        weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}
+    missing, unexpected = load_weights(net, weights, f"--init {path}", strict=False)
     if any(not k.startswith("logvar") for k in missing + unexpected):
         raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if rank == 0:
         print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
 
+
+@contextlib.contextmanager
+def augment_labels(net, aug):
+    """Inside, every call of `net` (through DDP or bare, in the method's loss) gets the augmentation labels aug
+    (B, augment_dim): the method files need not know about augmentation. None: no labels (zero at sampling)."""
+    if aug is None:
+        yield
+        return
+
+    def feed(module, args, kwargs):
+        if args[0].shape[0] != aug.shape[0]:
+            raise RuntimeError(f"augmentation labels for {aug.shape[0]} samples, net called on {args[0].shape[0]}")
+        return args, {**kwargs, "aug": aug}
+    handle = net.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 # --- Main ------------------------------------------------------------------------------------------------------
 
@@ -454,6 +481,9 @@ def main(argv=None):
     if cfg["cond"] and ds.labels is None:
         raise UsageError(f"--cond needs class labels, but {args.data} has none")
     label_dim = ds.label_dim if cfg["cond"] else 0
+    if cfg["augment"] > 0 and not (ds.is_image and "augment_dim" in inspect.signature(nets.NETS[cfg["net"]][0]).parameters):
+        raise UsageError(f"--augment is for images and a net with augmentation labels (ddpmpp, adm); "
+                         f"got {args.data} and --net {cfg['net']}")
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
@@ -507,6 +537,7 @@ def main(argv=None):
     model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
     gen = torch.Generator(device)
+    aug_gen = torch.Generator(device)
     sampler = data.EpochSampler(len(ds), args.seed)
     if rank == 0:
         print(f"{args.method} on {args.data} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
@@ -528,9 +559,13 @@ def main(argv=None):
             flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 2))) < 0.5
             noise = torch.Generator().manual_seed(data.mix_seed(args.seed, step, m, 3))  # latents: posterior samples
             x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
+            aug = None
+            if cfg["augment"] > 0:
+                x, aug = augment.augment(x, cfg["augment"], cfg["augment_pipe"],
+                                         aug_gen.manual_seed(data.mix_seed(args.seed, step, m, 4)))
             y = ds.one_hot(idx, device) if label_dim else None
             with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
-                with autocast:
+                with autocast, augment_labels(net, aug):
                     per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
                                                     images=(step - 1) * cfg["batch"])
                 (per_example.mean() / accum).backward()
