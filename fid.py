@@ -418,7 +418,7 @@ def vae_decoder(name=VAE_DEFAULT, device="cpu", dtype="auto"):
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     dt = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
     try:
-        vae = AutoencoderKL.from_pretrained(name).to(device, dt).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dt).to(device).eval().requires_grad_(False)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy") from None
 

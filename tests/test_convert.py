@@ -117,18 +117,19 @@ def test_edm_pickle_converts_without_running_module_src(tiny_edm, tmp_path, monk
     assert cfg["label_dim"] == 0 and cfg["cond"] is False and cfg["logvar"] is False and cfg["dropout"] is None
     src = cfg["source"]
     assert src["precond"] == "VPPrecond" and src["file"] == "edm.pkl" and len(src["sha256"]) == 64
-    assert src["net_kwargs"]["augment_dim"] == 9 and src["dropped"] == ["map_augment.weight"]
+    assert src["net_kwargs"]["augment_dim"] == 9 and src["dropped"] == [] and cfg["net_kwargs"] == {"augment_dim": 9}
     assert any("VP preconditioning" in n for n in src["notes"])
-    # Identical outputs in float64: the converted net without map_augment equals the source net with aug = None.
-    net = nets.build_net(cfg["net"], cfg["shape"], label_dim=cfg["label_dim"], use_r=False, logvar=cfg["logvar"])
+    # Identical outputs in float64, with and without augmentation labels: map_augment is kept (augment.py's 9-d labels).
+    net = nets.build_net(cfg["net"], cfg["shape"], label_dim=cfg["label_dim"], use_r=False, logvar=cfg["logvar"],
+                         **cfg["net_kwargs"])
     net.load_state_dict(state["ema"][0], strict=True)
     net, src_net = net.double().eval(), src_net.double()
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(net(x, t), src_net(x, t))
-        # ... and with zero augmentation labels, which is what dropping the augment map assumes.
-        assert torch.equal(net(x, t), src_net(x, t, aug=torch.zeros(2, 9, dtype=torch.float64)))
+        aug = torch.randn(2, 9, generator=g, dtype=torch.float64)
+        assert torch.equal(net(x, t, aug=aug), src_net(x, t, aug=aug)) and not torch.equal(net(x, t, aug=aug), net(x, t))
 
 
 def test_cli_one_line_errors(tiny_edm, tmp_path, capsys):

@@ -508,10 +508,10 @@ class AutoencoderKL(torch.nn.Module):
             self.proj.bias.zero_()
 
     @classmethod
-    def from_pretrained(cls, name):
+    def from_pretrained(cls, name, torch_dtype=torch.float32):
         if name != "stabilityai/sd-vae-ft-mse":
             raise OSError(f"no such model {name}")
-        return cls()
+        return cls().to(torch_dtype)
 
     def decode(self, z):
         AutoencoderKL.calls.append((len(z), z.dtype, torch.is_grad_enabled()))
