@@ -360,8 +360,12 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
               "--log-every", "1", "--num-samples", "4", "--cache", str(tmp_path)]
     train.cli(["--method", "cm", "--init", ckpt, "--out", str(tmp_path / "cm"), *common])
     train.cli(["--method", "scm", "--init", ckpt, "--teacher", ckpt, "--out", str(tmp_path / "scd"), *common])
-    for run in ("cm", "scd"):
+    train.cli(["--method", "diffusion", "--init", ckpt, "--augment", "0.5", "--out", str(tmp_path / "edm"), *common])
+    for run in ("cm", "scd", "edm"):
         assert os.path.exists(tmp_path / run / "ckpt.pt")
+    nets_of = {run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["net"] for run in ("cm", "edm")}
+    assert "map_augment.weight" not in nets_of["cm"]  # dropped: it only ever saw zero labels
+    assert nets_of["edm"]["map_augment.weight"].shape == (16, 9)  # kept: EDM's labels, training continues with them
     # The teacher is exactly the converted net (frozen, eval mode).
     ds = train.data.load(str(tmp_path / "imgs.zip"), str(tmp_path))
     teacher = train.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))
