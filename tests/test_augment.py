@@ -256,7 +256,8 @@ def test_two_gloo_ranks_match_one_process_with_augmentation(tmp_path):
     """Augmentations are drawn per (seed, step, micro-batch): 2 ranks x 1 round == 1 rank x 2 rounds."""
     write_image_zip(tmp_path / "imgs.zip", n=8, res=16, labels=False)
     common = ["--method", "diffusion", "--data", str(tmp_path / "imgs.zip"), "--net", "ddpmpp-tiny", "--steps", "2",
-              "--batch", "8", "--batch-gpu", "4", "--augment", "0.5", "--log-every", "1", "--num-samples", "4"]
+              "--batch", "8", "--batch-gpu", "4", "--augment", "0.5", "--lr-warmup", "0",  # warm-up: updates too small
+              "--log-every", "1", "--num-samples", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *common, "--out", str(tmp_path / "ddp")],
@@ -266,6 +267,8 @@ def test_two_gloo_ranks_match_one_process_with_augmentation(tmp_path):
     train.cli([*common, "--out", str(tmp_path / "single")])
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["net"]
     b = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["net"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # Adam at lr 1e-3 from step 1 turns float-rounding differences of near-zero gradients into rare ~lr steps;
+    # augmentations drawn from another seed move almost every weight.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-5).double().mean() < 0.01, float((diff > 1e-5).double().mean())
     assert a["map_augment.weight"].shape == (16, 9)
