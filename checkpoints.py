@@ -25,6 +25,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+import augment
 import nets
 
 LOCK = "run.lock"
@@ -133,6 +134,8 @@ def build_net(cfg, method, shape, label_dim):
         if cfg["net"] in nets.NETS and nets.NETS[cfg["net"]][0] is not nets.EDM2UNet:
             raise UsageError(f"--dropout-res applies to EDM2 nets only, not {cfg['net']}")
         overrides.update(dropout_res=tuple(int(res) for res in cfg["dropout_res"]))
+    if cfg.get("augment", 0) > 0:
+        overrides["augment_dim"] = augment.label_dim(cfg["augment_pipe"])
     overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
         return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
@@ -185,7 +188,10 @@ def init_from(net, path, method, device, rank):
     """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
     one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
     state = load_compatible(path, method, device)
-    missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
+    weights = state["ema"][0]
+    if "map_augment.weight" not in net.state_dict():  # an unaugmented student: the augment map only ever sees zeros
+        weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}
+    missing, unexpected = load_weights(net, weights, f"--init {path}", strict=False)
     if any(not k.startswith("logvar") for k in missing + unexpected):
         raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if rank == 0:

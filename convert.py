@@ -303,7 +303,7 @@ def match_net(info, net_name=None):
 
 def to_our_net(weights, info, net_name=None):
     """(state_dict, config) for our net, checked by a strict load into the net built from that config."""
-    kw, notes, dropped = info["net_kwargs"], [], []
+    kw, notes = info["net_kwargs"], []
     if info["format"] == "dit-pt":
         shape, label_dim = [kw["in_channels"], kw["img_resolution"], kw["img_resolution"]], kw["label_dim"]
         net_kwargs = {} if kw["learn_sigma"] else dict(learn_sigma=False)  # official DiT: learn_sigma, our default
@@ -313,10 +313,8 @@ def to_our_net(weights, info, net_name=None):
         res = kw.get("img_resolution", info["precond_kwargs"].get("img_resolution"))
         shape, label_dim, net_kwargs = [channels, res, res], kw.get("label_dim", 0), {}
     if kw.get("augment_dim"):
-        # map_augment is a bias-free linear map of the augmentation labels, which are zero at sampling and in our
-        # training (no augmentation pipeline): dropping it changes no output.
-        dropped = [k for k in weights if k.startswith("map_augment.")]
-        weights = {k: v for k, v in weights.items() if k not in dropped}
+        # Kept: EDM's CIFAR-10 nets see augment.py's "edm" labels (9-d); zero at sampling, as aug=None is.
+        net_kwargs["augment_dim"] = kw["augment_dim"]
     if info["precond"] not in (None, "EDMPrecond", "Precond"):  # EDMPrecond: EDM's default; Precond: EDM2's
         notes.append(f"the file records {info['precond']}, not EDM preconditioning; as an EDM-preconditioned net it "
                      "is an initialisation for consistency tuning, not an accurate EDM denoiser")
@@ -331,7 +329,7 @@ def to_our_net(weights, info, net_name=None):
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise ConvertError(f"config mismatch: the weights do not fit {name}: {detail[:300]}") from None
-    source = dict(**{k: v for k, v in info.items() if k != "format"}, format=info["format"], dropped=dropped, notes=notes)
+    source = dict(**{k: v for k, v in info.items() if k != "format"}, format=info["format"], notes=notes)
     config = dict(method="diffusion", net=name, dropout=None, cond=label_dim > 0, label_dim=label_dim, shape=shape,
                   seed=0, logvar=logvar, net_kwargs=net_kwargs, source=_jsonable(source))
     return weights, config
@@ -396,7 +394,7 @@ def main(argv=None):
     recorded = f"{src['net_class']} in {src['precond']}" if src["precond"] else src["net_class"]
     print(f"{args.out}: net {config['net']}, shape {config['shape']}, label_dim {config['label_dim']}, logvar head "
           f"{config['logvar']}, from {recorded} (as the file records); sha256 {src['sha256']}")
-    for note in src["notes"] + [f"dropped {', '.join(src['dropped'])} (zero augmentation labels)"] * bool(src["dropped"]):
+    for note in src["notes"]:
         print(f"note: {note}")
 
 

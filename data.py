@@ -388,6 +388,25 @@ def _image_labels(path, names, images, read):
     return None, 0
 
 
+def cropped_images(src, resolution, batch, first=0, every=1):
+    """(start, uint8 (B, 3, res, res)) for the chunks first, first + every, ... of `batch` images of a zip or folder,
+    each converted to RGB and cropped by center_crop_dhariwal(resolution): the crop of encode-latents, and so of
+    `fid.py ref --resolution` for the reference statistics of latent models."""
+    with _members(src) as (names, read):
+        images = [n for n in names if n.lower().endswith(IMAGE_EXTS)]
+        if not images:
+            raise DataError(f"{src}: no images ({', '.join(IMAGE_EXTS)}) found")
+        for start in range(first * batch, len(images), every * batch):
+            chunk = []
+            for n in images[start:start + batch]:
+                try:
+                    img = Image.open(io.BytesIO(read(n))).convert("RGB")
+                except Exception as e:
+                    raise DataError(f"{src}: cannot decode {n} ({e})") from None
+                chunk.append(np.asarray(center_crop_dhariwal(img, resolution)))
+            yield start, torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2)  # (B, 3, res, res)
+
+
 def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
     """Encode every image of src (zip or folder) after center_crop_dhariwal(resolution) and x = uint8 / 127.5 - 1
     with `encoder(x) -> (mean, std)`; writes the latent folder `out` (latents.json last, so a crash leaves no
@@ -397,28 +416,20 @@ def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
         if not images:
             raise DataError(f"{src}: no images ({', '.join(IMAGE_EXTS)}) found")
         labels, label_dim = _image_labels(src, names, images, read)
-        os.makedirs(out, exist_ok=True)
-        files = None
-        for start in range(0, len(images), batch):
-            chunk = []
-            for n in images[start:start + batch]:
-                try:
-                    img = Image.open(io.BytesIO(read(n))).convert("RGB")
-                except Exception as e:
-                    raise DataError(f"{src}: cannot decode {n} ({e})") from None
-                chunk.append(np.asarray(center_crop_dhariwal(img, resolution)))
-            x = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, res, res)
-            mean, std = encoder(x)
-            if files is None:
-                files = [np.lib.format.open_memmap(os.path.join(out, f), mode="w+", dtype=np.float16,
-                                                   shape=(len(images), *mean.shape[1:])) for f in ("mean.npy", "std.npy")]
-            for f, a in zip(files, (mean, std)):
-                f[start:start + len(chunk)] = a.float().cpu().numpy().astype(np.float16)
-            print(f"encoded {start + len(chunk)}/{len(images)}", flush=True)
-        for f in files:
-            f.flush()
-        if labels is not None:
-            np.save(os.path.join(out, "labels.npy"), labels)
+    os.makedirs(out, exist_ok=True)
+    files = None
+    for start, chunk in cropped_images(src, resolution, batch):
+        mean, std = encoder(chunk.float() / 127.5 - 1)
+        if files is None:
+            files = [np.lib.format.open_memmap(os.path.join(out, f), mode="w+", dtype=np.float16,
+                                               shape=(len(images), *mean.shape[1:])) for f in ("mean.npy", "std.npy")]
+        for f, a in zip(files, (mean, std)):
+            f[start:start + len(chunk)] = a.float().cpu().numpy().astype(np.float16)
+        print(f"encoded {start + len(chunk)}/{len(images)}", flush=True)
+    for f in files:
+        f.flush()
+    if labels is not None:
+        np.save(os.path.join(out, "labels.npy"), labels)
     meta = dict(format=LATENTS_FORMAT, count=len(images), shape=list(files[0].shape[1:]), label_dim=label_dim,
                 scale=SD_VAE_SCALE, vae=vae_name, resolution=resolution, crop="center-crop-dhariwal", source=os.path.basename(src))
     with open(os.path.join(out, LATENTS_JSON), "w") as f:

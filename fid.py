@@ -4,6 +4,9 @@
     python fid.py calc --ckpt runs/cm-cifar10-000/ckpt.pt --steps 1 --num 50000 --ref cifar10-ref.npz
     torchrun --nproc_per_node=8 fid.py calc --ckpt RUN/ckpt.pt --num-images 50000 --ref cifar10-ref.npz --json fid.json
     python fid.py calc ... --steps 2 --sigmas 80,0.821,0                            # an explicit 2-step list
+    python fid.py calc ... --repeats 3              # EDM's habit: 3 disjoint seed sets; each FID, their min and mean
+    python fid.py ref  --data imagenet.zip --resolution 256 --out in256-ref.npz     # latent models: the encoding's crop
+    python fid.py calc --ckpt runs/meanflow-latents-000 --ref in256-ref.npz        # SD-VAE latents: decoded first
 
 Protocol (the same for `ref`, `calc` and train.py's compute_fid):
   * Detector: Inception-v3 "2015-12-05" (the TF graph FID has always used), 2048-d pool3 features in float32 (TF32 off).
@@ -29,6 +32,11 @@ Protocol (the same for `ref`, `calc` and train.py's compute_fid):
     default Karras-index list sigma_k, k = floor(linspace(998, 2, N + 1)), last set to 0 (REFERENCE §1.4), or
     --sigmas. meanflow: 1 = (sample_ts[0], 0); N > 1 = linspace(1, 0, N + 1) with the first entry sample_ts[0]
     (2 steps: 0.999, 0.5, 0), or --ts. diffusion: N Heun steps (2 N - 1 evaluations) on its Karras grid.
+  * Latent models (checkpoints of 4-channel data, the imagenet256 presets): samples / 0.18215 go through the SD-VAE
+    decoder (--vae, diffusers' AutoencoderKL; bf16 on CUDA) in chunks of --vae-batch, then the uint8 rule above. The
+    reference statistics come from the images with the crop the latents were encoded with (ref --resolution).
+  * --repeats K: K disjoint seed sets (repeat k: images k num .. (k + 1) num - 1, as EDM's seeds 0-49999,
+    50000-99999, ...); prints every FID, their minimum (what EDM reports) and mean. "fid" stays the first set's.
 """
 import argparse
 import contextlib
@@ -339,13 +347,14 @@ class FeatureStats:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), float64. S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is
-    symmetric PSD: its eigenvalues (eigvalsh, clipped at 0 against rounding) give the trace without sqrtm."""
+    symmetric PSD: its eigenvalues (eigvalsh, clipped at 0 against rounding) give the trace without sqrtm.
+    Clamped at 0: for two nearly equal sets (tiny tests) rounding can otherwise leave a value like -1e-9."""
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
     w, V = torch.linalg.eigh(sigma1)
     root1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T  # sqrt(S1)
     M = root1 @ sigma2 @ root1
     tr_sqrt = torch.linalg.eigvalsh((M + M.T) / 2).clamp(min=0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
+    return max(0.0, float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt))
 
 
 def load_ref(path):
@@ -394,9 +403,48 @@ def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
         raise UsageError(f"sampler list: {e}") from None
 
 
+# --- Latent models: the SD-VAE decoder ---------------------------------------------------------------------------
+
+VAE_DEFAULT = "stabilityai/sd-vae-ft-mse"  # the VAE of the ImageNet-256 latents (REFERENCE §8)
+VAE_FACTOR = 8  # pixels per latent position, along each axis
+
+
+def vae_decoder(name=VAE_DEFAULT, device="cpu", dtype="auto"):
+    """The SD-VAE decoder as a function: unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), about [-1, 1],
+    float32. diffusers (optional) is imported here only. dtype auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise UsageError("FID of a latent model decodes with the SD-VAE, which needs diffusers: pip install diffusers") from None
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    dt = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
+    try:
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dt).to(device).eval().requires_grad_(False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy") from None
+
+    def decode(z):
+        return vae.decode(z.to(device, dt)).sample.float()
+    return decode
+
+
 @torch.no_grad()
-def generate(net, method, mcfg, shape, label_dim, start, count, seed, chunk, device):
-    """uint8 images start .. start + count - 1 (one chunk) and their number of non-finite samples."""
+def decode_latents(decode, z, chunk=32):
+    """Images from latents z (B, 4, h, w) as trained on (scaled by 0.18215): decode(z / 0.18215), `chunk` at a time."""
+    return torch.cat([decode(z[i:i + chunk] / data.SD_VAE_SCALE).float() for i in range(0, len(z), chunk)])
+
+
+def image_shape(shape, decode):
+    """Shape of the images FID sees: the samples' own, or the decoded latents'."""
+    return tuple(shape) if decode is None else (3, shape[1] * VAE_FACTOR, shape[2] * VAE_FACTOR)
+
+
+@torch.no_grad()
+def generate(net, method, mcfg, shape, label_dim, start, count, seed, chunk, device, decode=None, vae_batch=32):
+    """uint8 images start .. start + count - 1 (one chunk) and their number of non-finite samples. decode: None for
+    image models; for latent models the VAE decoder (vae_decoder), applied to the samples by decode_latents."""
     eps, labels = [], []
     for i in range(start, start + count):
         g = torch.Generator().manual_seed(data.mix_seed(seed, i))  # per image, on the CPU: any device, any split
@@ -409,19 +457,27 @@ def generate(net, method, mcfg, shape, label_dim, start, count, seed, chunk, dev
     if "gen" in inspect.signature(method.sample).parameters:  # re-noising of multi-step CM samplers
         extra["gen"] = torch.Generator(device).manual_seed(data.mix_seed(seed, chunk, 1))
     x = method.sample(net, eps, mcfg, y=y, **extra)
+    if decode is not None:
+        finite = torch.isfinite(x).flatten(1).all(1)  # a NaN latent may decode to a finite image
+        x = decode_latents(decode, x, vae_batch)
+        x = torch.where(finite.reshape(-1, 1, 1, 1).to(x.device), x, torch.nan)
     bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
     return quantize(x), bad
 
 
-def sample_stats(net, method, mcfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False):
+def sample_stats(net, method, mcfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False,
+                 decode=None, repeat=0, vae_batch=32):
     """Feature statistics of `num` samples of `net` (an EMA copy in eval mode) on every rank: chunk c of `batch`
-    images goes to rank c % world. Returns (mu, sigma, non-finite count, all uint8 images on rank 0 or None)."""
+    images goes to rank c % world. repeat k uses images k num .. (k + 1) num - 1 (and chunk seeds after those of
+    repeat k - 1). Returns (mu, sigma, non-finite count, all uint8 images on rank 0 or None)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     stats = FeatureStats(device)
-    kept = torch.zeros((num, *shape), dtype=torch.uint8, device=device) if keep else None
-    for c in range(rank, -(-num // batch), world):
+    chunks = -(-num // batch)
+    kept = torch.zeros((num, *image_shape(shape, decode)), dtype=torch.uint8, device=device) if keep else None
+    for c in range(rank, chunks, world):
         start, count = c * batch, min(batch, num - c * batch)
-        images, bad = generate(net, method, mcfg, shape, label_dim, start, count, seed, c, device)
+        images, bad = generate(net, method, mcfg, shape, label_dim, repeat * num + start, count, seed,
+                               repeat * chunks + c, device, decode, vae_batch)
         stats.add(features(detector, images), bad)
         if keep:
             kept[start:start + count] = images
@@ -442,6 +498,11 @@ def compute_fid(net, method, mcfg, shape, label_dim, num, ref_stats, detector, d
 
 def run_ref(args, rank, world, device):
     detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
+    if args.resolution:  # images of any size, cropped as data.py encode-latents crops them
+        stats = FeatureStats(device)
+        for _, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
+            stats.add(features(detector, images))
+        return save_ref(args, *stats.result()[:3], digest, rank)
     if rank == 0:  # rank 0 first (it may download), then the others
         ds = data.load(args.data, args.cache)
     if world > 1:
@@ -453,13 +514,17 @@ def run_ref(args, rank, world, device):
     stats = FeatureStats(device)
     for c in range(rank, -(-len(ds) // args.batch), world):
         stats.add(features(detector, ds.x[c * args.batch:(c + 1) * args.batch]))
-    mu, sigma, n, _ = stats.result()
+    return save_ref(args, *stats.result()[:3], digest, rank)
+
+
+def save_ref(args, mu, sigma, n, digest, rank):
     if rank == 0:
         tmp = args.out + ".tmp"
         with open(tmp, "wb") as f:
             np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
         os.replace(tmp, args.out)
-        print(f"{args.out}: statistics of {n} images of {args.data} (detector {digest[:8]})")
+        crop = f", center-crop-dhariwal {args.resolution}" if args.resolution else ""
+        print(f"{args.out}: statistics of {n} images of {args.data}{crop} (detector {digest[:8]})")
 
 
 def run_calc(args, rank, world, device):
@@ -467,9 +532,9 @@ def run_calc(args, rank, world, device):
     state = checkpoints.load_checkpoint(args.ckpt, device)
     cfg = state["config"]
     shape = tuple(cfg.get("shape") or ())
-    if len(shape) != 3 or shape[0] != 3:
-        raise UsageError(f"{args.ckpt} was trained on data of shape {shape or 'unknown'}, not RGB images: "
-                         "FID is for 3-channel images")
+    if len(shape) != 3 or shape[0] not in (3, 4):
+        raise UsageError(f"{args.ckpt} was trained on data of shape {shape or 'unknown'}, neither RGB images nor "
+                         "SD-VAE latents: FID is for 3-channel images (or 4-channel latents, decoded)")
     if not 0 <= args.ema < len(state["ema"]):
         raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
     ref = load_ref(args.ref)
@@ -477,19 +542,37 @@ def run_calc(args, rank, world, device):
     mcfg = sampler_config(method, checkpoints.method_config(method, cfg), args.steps, args.sigmas, args.ts)
     net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
     detector, digest = load_detector(args.detector, device, args.cache)
-    mu, sigma, bad, images = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
-                                          device, args.seed, args.batch, keep=bool(args.save_samples))
-    if bad:
-        raise UsageError(f"{bad} of {args.num} samples are not finite: the model diverged")
-    fid = frechet_distance(mu, sigma, *ref)
+    decode = None
+    if shape[0] == 4:  # SD-VAE latents; rank 0 loads first (it may download), then the others
+        if rank == 0:
+            decode = vae_decoder(args.vae, device, args.vae_dtype)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            decode = vae_decoder(args.vae, device, args.vae_dtype)
+    fids = []
+    for k in range(args.repeats):
+        mu, sigma, bad, kept = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
+                                            device, args.seed, args.batch, keep=bool(args.save_samples) and k == 0,
+                                            decode=decode, repeat=k, vae_batch=args.vae_batch)
+        if bad:
+            raise UsageError(f"{bad} of {args.num} samples are not finite: the model diverged")
+        fids.append(frechet_distance(mu, sigma, *ref))
+        if k == 0:
+            images = kept
+    fid = fids[0]
     sampler = {k: getattr(mcfg, k) for k in ("sample_sigmas", "sample_ts", "sample_steps") if hasattr(mcfg, k)}
-    rec = dict(fid=fid, num=args.num, steps=args.steps, sampler=sampler, method=cfg["method"], ckpt=args.ckpt,
+    rec = dict(fid=fid, fids=fids, fid_min=min(fids), fid_mean=sum(fids) / len(fids), repeats=args.repeats,
+               num=args.num, steps=args.steps, sampler=sampler, method=cfg["method"], ckpt=args.ckpt,
                step=state["step"], ema=args.ema, seed=args.seed, batch=args.batch, ref=args.ref,
                detector=args.detector, detector_sha256=digest, protocol=PROTOCOL, world_size=world,
-               seconds=round(time.time() - t0, 1))
+               vae=args.vae if decode is not None else None, seconds=round(time.time() - t0, 1))
     if rank == 0:
         print(f"FID {fid:.4f} | {args.num} samples of {args.ckpt} (step {state['step']}, ema {args.ema}, {sampler}) "
               f"vs {args.ref} | {world} ranks | {rec['seconds']} s")
+        if args.repeats > 1:
+            print(f"FID of {args.repeats} seed sets: {', '.join(f'{v:.4f}' for v in fids)} | min {rec['fid_min']:.4f} | "
+                  f"mean {rec['fid_mean']:.4f}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rec, f, indent=2)
@@ -518,6 +601,13 @@ def build_parser():
     calc.add_argument("--ema", type=int, default=0, help="which EMA of the checkpoint")
     calc.add_argument("--save-samples", help="folder for samples.png and samples.npz (uint8 images)")
     calc.add_argument("--json", help="write the result as JSON here")
+    calc.add_argument("--repeats", type=int, default=1, help="disjoint seed sets of --num images each (EDM: 3, min)")
+    calc.add_argument("--vae", default=VAE_DEFAULT, help="latent models: diffusers AutoencoderKL name or path")
+    calc.add_argument("--vae-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                      help="latent models: decoder precision (auto: bf16 on CUDA, fp32 on the CPU)")
+    calc.add_argument("--vae-batch", type=int, default=32, help="latent models: latents per decoder call")
+    ref.add_argument("--resolution", type=int, help="center-crop-dhariwal every image to this size first, as "
+                     "data.py encode-latents did (reference statistics for latent models)")
     for q in (ref, calc):
         q.add_argument("--detector", default=DETECTOR_DEFAULT, help="Inception weights: path, URL or known file name")
         q.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
@@ -528,8 +618,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch < 1 or (args.command == "calc" and args.num < 2):
-        raise UsageError("--batch must be >= 1 and --num >= 2")
+    if args.batch < 1 or (args.command == "calc" and (args.num < 2 or args.repeats < 1 or args.vae_batch < 1)):
+        raise UsageError("--batch, --repeats and --vae-batch must be >= 1 and --num >= 2")
     ddp, rank, world, device = checkpoints.setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it

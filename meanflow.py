@@ -245,10 +245,11 @@ IN256 = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, 
              ema=(0.9999, 0.99995, 0.9996), precision="bf16", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0,
              ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
 PRESETS = {
-    # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Deviation: EDM's augmentation pipeline
-    # (p = 0.12, 6-d labels) is not implemented yet; x-flips only.
+    # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Dataset x-flips plus EDM's augmentation
+    # pipeline at p = 0.12 without y-flips and rotations (augment.py "meanflow": 6-d labels, augment_dim=6).
     "cifar10": dict(
-        net="ddpmpp", dropout=0.2, cond=False, xflip=True, batch=1024, steps=1_000_000,
+        net="ddpmpp", dropout=0.2, cond=False, xflip=True, augment=0.12, augment_pipe="meanflow",
+        batch=1024, steps=1_000_000,
         optimizer="adam", lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=(0.9999, 0.99995, 0.9996),
         tangent="fused",
     ),

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import augment
 import checkpoints
 import data
 import nets
@@ -47,6 +49,8 @@ TRAIN = dict(
     distill=(False, bool, "the recipe distils: --teacher is required"),
     stage1_weights=("online", str, "tcm --stage1: start from that run's online weights (reference) or its first ema"),
     xflip=(False, bool, "random horizontal flips (images)"),
+    augment=(0.0, float, "EDM's augmentation pipeline (augment.py) with probability p, labels to the net (0: off)"),
+    augment_pipe=("edm", str, "augmentations of --augment: edm (9-d labels) or meanflow (6-d)"),
     batch=(256, int, "global batch per optimizer step"),
     batch_gpu=(None, int, "micro-batch per rank and accumulation round (default: batch / ranks)"),
     steps=(1000, int, "total optimizer steps"),
@@ -65,7 +69,7 @@ TRAIN = dict(
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
 CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
-               stage1_weights=("online", "ema"), ema_kind=("const", "power"))
+               stage1_weights=("online", "ema"), ema_kind=("const", "power"), augment_pipe=tuple(augment.PIPES))
 
 
 # --- Configuration -----------------------------------------------------------------------------------------
@@ -328,6 +332,24 @@ def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
     return torch.cat(out)
 
 
+@contextlib.contextmanager
+def augment_labels(net, aug):
+    """Inside, every call of `net` (through DDP or bare, in the method's loss) gets the augmentation labels aug
+    (B, augment_dim): the method files need not know about augmentation. None: no labels (zero at sampling)."""
+    if aug is None:
+        yield
+        return
+
+    def feed(module, args, kwargs):
+        if args[0].shape[0] != aug.shape[0]:
+            raise RuntimeError(f"augmentation labels for {aug.shape[0]} samples, net called on {args[0].shape[0]}")
+        return args, {**kwargs, "aug": aug}
+    handle = net.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
 # --- Main ------------------------------------------------------------------------------------------------------
 
 
@@ -365,6 +387,9 @@ def main(argv=None):
     label_dim = ds.label_dim if cfg["cond"] else 0
     if state is not None:
         checkpoints.check_resume_data(state["config"], ds.shape, label_dim, args.resume)
+    if cfg["augment"] > 0 and not (ds.is_image and "augment_dim" in inspect.signature(nets.NETS[cfg["net"]][0]).parameters):
+        raise UsageError(f"--augment is for images and a net with augmentation labels (ddpmpp, adm); "
+                         f"got {cfg['data']} and --net {cfg['net']}")
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
@@ -410,6 +435,7 @@ def main(argv=None):
         fid_of = fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
         stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0
         saved_step, bad_run, bad_steps = start, 0, 0  # last checkpoint, consecutive and interval non-finite steps
+        aug_gen = torch.Generator(device)
         for step in range(start + 1, cfg["steps"] + 1):
             lr = learning_rate(cfg, step)
             for group in opt.param_groups:
@@ -424,9 +450,13 @@ def main(argv=None):
                 flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(seed, step, m, 2))) < 0.5
                 noise = torch.Generator().manual_seed(data.mix_seed(seed, step, m, 3))  # latents: posterior samples
                 x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
+                aug = None
+                if cfg["augment"] > 0:
+                    x, aug = augment.augment(x, cfg["augment"], cfg["augment_pipe"],
+                                             aug_gen.manual_seed(data.mix_seed(seed, step, m, 4)))
                 y = ds.one_hot(idx, device) if label_dim else None
                 with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
-                    with autocast:
+                    with autocast, augment_labels(net, aug):
                         per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
                                                         images=(step - 1) * cfg["batch"])
                     (per_example.mean() / accum).backward()

@@ -168,18 +168,19 @@ def test_edm_pickle_converts_without_running_module_src(tmp_path, monkeypatch, n
     assert cfg["label_dim"] == 0 and cfg["cond"] is False and cfg["logvar"] is False and cfg["dropout"] is None
     src = cfg["source"]
     assert src["precond"] == "EDMPrecond" and src["file"] == "edm.pkl" and len(src["sha256"]) == 64
-    assert src["net_kwargs"]["augment_dim"] == 9 and src["dropped"] == ["map_augment.weight"]
+    assert src["net_kwargs"]["augment_dim"] == 9 and cfg["net_kwargs"] == {"augment_dim": 9}
     assert src["notes"] == ["trained with dropout 0.13; use it in eval mode as a teacher (train.py does)"]
-    # Identical outputs in float64: the converted net without map_augment equals the source net with aug = None.
-    net = nets.build_net(cfg["net"], cfg["shape"], label_dim=cfg["label_dim"], use_r=False, logvar=cfg["logvar"])
+    # Identical outputs in float64, with and without augmentation labels: map_augment is kept (augment.py's 9-d labels).
+    net = nets.build_net(cfg["net"], cfg["shape"], label_dim=cfg["label_dim"], use_r=False, logvar=cfg["logvar"],
+                         **cfg["net_kwargs"])
     net.load_state_dict(state["ema"][0], strict=True)
     net, src_net = net.double().eval(), src_net.double()
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(net(x, t), src_net(x, t))
-        # ... and with zero augmentation labels, which is what dropping the augment map assumes.
-        assert torch.equal(net(x, t), src_net(x, t, aug=torch.zeros(2, 9, dtype=torch.float64)))
+        aug = torch.randn(2, 9, generator=g, dtype=torch.float64)
+        assert torch.equal(net(x, t, aug=aug), src_net(x, t, aug=aug)) and not torch.equal(net(x, t, aug=aug), net(x, t))
 
 
 def test_precond_note_follows_what_the_file_records(tmp_path, capsys):
@@ -191,7 +192,7 @@ def test_precond_note_follows_what_the_file_records(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "from SongUNet in VPPrecond (as the file records)" in out
     notes = [line for line in out.splitlines() if line.startswith("note:")]
-    assert len(notes) == 2 and "records VPPrecond, not EDM preconditioning" in notes[0] and "map_augment" in notes[1]
+    assert len(notes) == 1 and "records VPPrecond, not EDM preconditioning" in notes[0]
 
 
 def test_cli_one_line_errors(tiny_edm, tmp_path, capsys):
@@ -547,8 +548,12 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
               "--log-every", "1", "--num-samples", "4", "--cache", str(tmp_path)]
     train.cli(["--method", "cm", "--init", ckpt, "--out", str(tmp_path / "cm"), *common])
     train.cli(["--method", "scm", "--init", ckpt, "--teacher", ckpt, "--out", str(tmp_path / "scd"), *common])
-    for run in ("cm", "scd"):
+    train.cli(["--method", "diffusion", "--init", ckpt, "--augment", "0.5", "--out", str(tmp_path / "edm"), *common])
+    for run in ("cm", "scd", "edm"):
         assert os.path.exists(tmp_path / run / "ckpt.pt")
+    nets_of = {run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["net"] for run in ("cm", "edm")}
+    assert "map_augment.weight" not in nets_of["cm"]  # dropped: it only ever saw zero labels
+    assert nets_of["edm"]["map_augment.weight"].shape == (16, 9)  # kept: EDM's labels, training continues with them
     # The teacher is exactly the converted net (frozen, eval mode).
     ds = train.data.load(str(tmp_path / "imgs.zip"), str(tmp_path))
     teacher = checkpoints.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))

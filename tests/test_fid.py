@@ -1,17 +1,20 @@
 """fid.py: the Frechet distance in float64, the Inception-v3 port's layout, the weight loader and its checks, the
 TF1 resize, and the ref/calc commands end to end (per-image seeds; 2 gloo ranks equal 1 process). The published
 detector weights cannot be fetched here: every test uses random weights saved under a hub-style file name."""
+import io
 import json
 import math
 import os
 import subprocess
 import sys
 import urllib.error
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import fid
@@ -403,7 +406,7 @@ def test_calc_bad_input(detector, image_run, tmp_path):
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=np.eye(2048))
     np.savez(tmp_path / "bad.npz", mu=mu[:10], sigma=np.eye(10))
     ref, img = str(tmp_path / "ref.npz"), str(image_run / "img" / "ckpt.pt")
-    cases = [([str(image_run / "toy"), ref], "not RGB images"), ([str(tmp_path / "nope.pt"), ref], "no checkpoint"),
+    cases = [([str(image_run / "toy"), ref], "neither RGB images nor"), ([str(tmp_path / "nope.pt"), ref], "no checkpoint"),
              ([img, str(tmp_path / "bad.npz")], r"mu \(2048,\)"), ([img, str(tmp_path / "none.npz")], "cannot read"),
              ([img, ref, "--ema", "3"], "holds 3 EMA nets"), ([img, ref, "--ts", "0.5,0"], "--ts for meanflow")]
     for (ckpt, r, *extra), message in cases:
@@ -481,3 +484,162 @@ def test_train_fid_every_bad_input(tmp_path, args, message):
     with pytest.raises(SystemExit) as e:
         train.cli(argv)
     assert message in e.value.code and "\n" not in e.value.code
+
+# --- Latent models: SD-VAE decoding (a stand-in diffusers package), crops, repeats ----------------------------------
+
+FAKE_DIFFUSERS = '''
+import torch
+
+
+class Decoded:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class AutoencoderKL(torch.nn.Module):
+    """Stand-in with the SD-VAE decoder's interface: 4 latent channels -> 3, 8x nearest upsampling, tanh."""
+    calls = []  # (batch size, dtype, grad enabled) per decode
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(4, 3, 1)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.linspace(-1, 1, 12).reshape(3, 4, 1, 1))
+            self.proj.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, name, torch_dtype=torch.float32):
+        if name != "stabilityai/sd-vae-ft-mse":
+            raise OSError(f"no such model {name}")
+        return cls().to(torch_dtype)
+
+    def decode(self, z):
+        AutoencoderKL.calls.append((len(z), z.dtype, torch.is_grad_enabled()))
+        x = torch.tanh(self.proj(z))
+        return Decoded(torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest"))
+'''
+
+
+@pytest.fixture(scope="session")
+def fake_diffusers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fake-diffusers")
+    (root / "diffusers" / "models").mkdir(parents=True)
+    (root / "diffusers" / "__init__.py").write_text("")
+    (root / "diffusers" / "models" / "__init__.py").write_text(FAKE_DIFFUSERS)
+    return str(root)
+
+
+@pytest.fixture
+def stand_in_vae(fake_diffusers, monkeypatch):
+    monkeypatch.syspath_prepend(fake_diffusers)
+    for name in ("diffusers", "diffusers.models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import diffusers.models
+    diffusers.models.AutoencoderKL.calls.clear()
+    return diffusers.models.AutoencoderKL
+
+
+@pytest.fixture(scope="session")
+def latent_run(tmp_path_factory):
+    """A 1-step meanflow run (ddpmpp-tiny) on 4 x 4 x 4 latents of 32 x 32 crops, 3 classes."""
+    from test_data import StandInEncoder, write_photo_zip
+    tmp = tmp_path_factory.mktemp("latent-run")
+    write_photo_zip(tmp / "photos.zip", [(40, 32), (32, 48), (32, 32), (64, 40), (33, 35)], [0, 2, 1, 2, 0])
+    data.encode_latents(str(tmp / "photos.zip"), str(tmp / "lat"), StandInEncoder(), batch=2, resolution=32)
+    train.cli(["--method", "meanflow", "--data", str(tmp / "lat"), "--net", "ddpmpp-tiny", "--steps", "1", "--batch",
+               "2", "--log-every", "1", "--num-samples", "2", "--out", str(tmp / "run")])
+    return tmp
+
+
+def test_latent_calc_decodes_scaled_samples(detector, latent_run, stand_in_vae, tmp_path):
+    """calc on a latent checkpoint: the VAE sees sample / 0.18215 in chunks of --vae-batch under no_grad, and FID
+    sees the decoded 32 x 32 images, quantised as images are."""
+    import meanflow
+    ref = tiny_ref(tmp_path / "ref.npz")
+    rec = fid.cli(["calc", "--ckpt", str(latent_run / "run"), "--ref", ref, "--detector", detector[0], "--num", "5",
+                   "--batch", "3", "--vae-batch", "2", "--device", "cpu", "--save-samples", str(tmp_path / "s")])
+    assert rec["vae"] == "stabilityai/sd-vae-ft-mse" and math.isfinite(rec["fid"])
+    assert [c[0] for c in stand_in_vae.calls] == [2, 1, 2]  # chunks of 3 + 2 images, at most 2 per decode
+    assert all(dtype == torch.float32 and not grad for _, dtype, grad in stand_in_vae.calls)
+    images = np.load(tmp_path / "s" / "samples.npz")["images"]
+    assert images.shape == (5, 3, 32, 32) and images.dtype == np.uint8
+    # By hand: per-image noise and label, the meanflow 1-step sample, / 0.18215, the stand-in decoder, uint8.
+    state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
+    net = train.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
+    eps, y = [], []
+    for i in range(5):
+        g = torch.Generator().manual_seed(data.mix_seed(0, i))
+        eps.append(torch.randn((4, 4, 4), generator=g))
+        y.append(torch.randint(3, (), generator=g))
+    z = meanflow.sample(net, torch.stack(eps), train.method_config(meanflow, state["config"]),
+                        y=torch.nn.functional.one_hot(torch.stack(y), 3).float())
+    with torch.no_grad():
+        x = stand_in_vae().decode(z / 0.18215).sample
+    expect = fid.quantize(x).numpy()
+    assert np.abs(images.astype(int) - expect).max() <= 1 and (images == expect).mean() > 0.99
+    assert images.std() > 0
+
+
+def test_latent_images_do_not_depend_on_the_split(latent_run, stand_in_vae):
+    """Per-image seeds survive decoding: 5 images in one chunk equal chunks of 2 + 3, as ranks would make them."""
+    import meanflow
+    state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
+    net = train.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
+    mcfg = train.method_config(meanflow, state["config"])
+    decode = fid.vae_decoder("stabilityai/sd-vae-ft-mse", "cpu")
+    whole, bad = fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, 0, 5, 0, 0, "cpu", decode)
+    parts = torch.cat([fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, s, n, 0, c, "cpu", decode)[0]
+                       for c, (s, n) in enumerate([(0, 2), (2, 3)])])
+    assert bad == 0 and whole.shape == (5, 3, 32, 32) and fid.image_shape((4, 4, 4), decode) == (3, 32, 32)
+    assert (whole.int() - parts.int()).abs().max() <= 1 and (whole == parts).float().mean() > 0.99
+
+
+def test_latent_calc_without_diffusers_says_what_to_install(detector, latent_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    with pytest.raises(SystemExit, match="needs diffusers: pip install diffusers"):
+        fid.cli(["calc", "--ckpt", str(latent_run / "run"), "--ref", tiny_ref(tmp_path / "ref.npz"), "--detector",
+                 detector[0], "--num", "2", "--device", "cpu"])
+
+
+def test_ref_crops_like_the_latent_encoding(detector, tmp_path):
+    """ref --resolution: statistics of the images after center_crop_dhariwal, the crop encode-latents uses."""
+    from test_data import write_photo_zip
+    write_photo_zip(tmp_path / "photos.zip", [(40, 32), (32, 48), (24, 24)], [0, 1, 0])
+    fid.cli(["ref", "--data", str(tmp_path / "photos.zip"), "--resolution", "16", "--detector", detector[0],
+             "--batch", "2", "--device", "cpu", "--out", str(tmp_path / "ref.npz")])
+    crops = torch.cat([x for _, x in data.cropped_images(str(tmp_path / "photos.zip"), 16, 3)])
+    with zipfile.ZipFile(tmp_path / "photos.zip") as z:
+        first = Image.open(io.BytesIO(z.read(sorted(n for n in z.namelist() if n.endswith(".png"))[0]))).convert("RGB")
+    assert crops.shape == (3, 3, 16, 16)
+    assert np.array_equal(crops[0].permute(1, 2, 0).numpy(), np.asarray(data.center_crop_dhariwal(first, 16)))
+    net, _ = fid.load_detector(detector[0], "cpu")
+    stats = fid.FeatureStats("cpu")
+    stats.add(fid.features(net, crops))
+    mu, sigma, _, _ = stats.result()
+    got = fid.load_ref(tmp_path / "ref.npz")
+    np.testing.assert_allclose(got[0], mu.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], sigma.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_repeats_use_disjoint_seed_sets(detector, image_run, tmp_path, monkeypatch):
+    """--repeats 2: images 0-2 then 3-5 (and other re-noising chunk seeds), one FID each, their min and mean."""
+    seen, real = [], fid.generate
+    monkeypatch.setattr(fid, "generate", lambda *a, **k: seen.append((a[5], a[6], a[8])) or real(*a, **k))
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu, *_: float(mu.sum()))  # per set; skips 2048-d eigh
+    rec = fid.cli(["calc", "--ckpt", str(image_run / "img" / "ckpt.pt"), "--ref", tiny_ref(tmp_path / "ref.npz"),
+                   "--detector", detector[0], "--num", "3", "--batch", "3", "--steps", "1", "--device", "cpu",
+                   "--repeats", "2", "--json", str(tmp_path / "r.json")])
+    assert seen == [(0, 3, 0), (3, 3, 1)]  # (first image, count, chunk seed)
+    assert len(rec["fids"]) == 2 and rec["fids"][0] != rec["fids"][1] and rec["fid"] == rec["fids"][0]
+    assert rec["fid_min"] == min(rec["fids"]) and rec["fid_mean"] == pytest.approx(sum(rec["fids"]) / 2)
+    assert json.load(open(tmp_path / "r.json"))["fids"] == rec["fids"]
+
+
+def test_frechet_distance_is_clamped_at_zero():
+    """Equal statistics of rank 10 in 256-d: the unclamped formula gives about -5e-4 (rounding of the near-zero
+    eigenvalues); the result is 0."""
+    g = np.random.default_rng(3)
+    A = g.normal(size=(256, 10))
+    mu, sigma = g.normal(size=256), A @ A.T
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
