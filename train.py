@@ -103,6 +103,10 @@ def build_parser(method=None):
     p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the loss step (compiled once per input shape: the first steps are slow)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 for point data, torch's default otherwise)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures (0: end only)")
@@ -454,6 +458,10 @@ def main(argv=None):
     if cfg["cond"] and ds.labels is None:
         raise UsageError(f"--cond needs class labels, but {args.data} has none")
     label_dim = ds.label_dim if cfg["cond"] else 0
+    if device.type == "cpu" and (args.threads or len(ds.shape) == 1):
+        # Point-data nets do too little per op to gain from threads, and on a busy machine the contention made a
+        # step 5-10x slower (BENCHMARKS.md, CPU threads).
+        torch.set_num_threads(args.threads or 1)
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
@@ -505,6 +513,9 @@ def main(argv=None):
         dist.barrier()
 
     model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
+    # --compile: dynamo compiles the loss (net forward, tangent, loss arithmetic, backward) on the first step and again
+    # when an input shape changes; random draws from `gen` stay eager (graph breaks).
+    loss_fn = torch.compile(method.loss) if args.compile else method.loss
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
     gen = torch.Generator(device)
     sampler = data.EpochSampler(len(ds), args.seed)
@@ -531,8 +542,8 @@ def main(argv=None):
             y = ds.one_hot(idx, device) if label_dim else None
             with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
                 with autocast:
-                    per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
-                                                    images=(step - 1) * cfg["batch"])
+                    per_example, logs = loss_fn(model, x, y, mcfg, step, gen, teacher=teacher,
+                                                images=(step - 1) * cfg["batch"])
                 (per_example.mean() / accum).backward()
             stats.add(per_example, logs)
         grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])

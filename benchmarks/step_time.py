@@ -3,7 +3,7 @@
     python benchmarks/step_time.py                                   # DDPM++ CIFAR-10 config, batch 128 on CUDA
     python benchmarks/step_time.py --precision bf16
     python benchmarks/step_time.py --device cpu --net ddpmpp --batch 4 --iters 3 --warmup 1
-    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30
+    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30 --threads 1
     python benchmarks/step_time.py --device cpu --net ddpmpp --batch 2 --iters 2 --warmup 1 --memory  # + saved bytes, FLOPs
 
 Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
@@ -86,10 +86,13 @@ def main():
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     p.add_argument("--memory", action="store_true", help="also report saved-activation bytes and FLOPs per step")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.data_shape.split(","))
     x = torch.randn(args.batch, *shape, device=device).clamp(-1, 1)
