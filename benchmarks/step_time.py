@@ -4,7 +4,7 @@
     python benchmarks/step_time.py --precision bf16
     python benchmarks/step_time.py --device cpu --net ddpmpp --batch 4 --iters 3 --warmup 1
     python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30 --threads 1
-    python benchmarks/step_time.py --device cpu --net ddpmpp --batch 2 --iters 2 --warmup 1 --memory  # + saved bytes, FLOPs
+    python benchmarks/step_time.py --device cpu --net ddpmpp --batch 1 --iters 0 --warmup 0 --memory  # saved bytes, FLOPs
 
 Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
 time input r to the net and sCM a log-variance head (both negligible in size). CD's and sCD's teacher is a second
@@ -127,7 +127,8 @@ def main():
         if args.memory:
             with autocast:
                 saved, flops = saved_bytes_and_flops(step_loss, x, gen, [m for m in (net, teacher) if m is not None])
-        results[variant] = (statistics.median(times) * 1e3, mem, saved / 2**20, flops / 1e9)
+        ms = statistics.median(times) * 1e3 if times else float("nan")  # --iters 0: only the --memory step
+        results[variant] = (ms, mem, saved / 2**20, flops / 1e9)
         del net, opt
 
     base = results.get("plain", (None,))[0]
