@@ -14,8 +14,10 @@ Call signature shared by every net here (each method file documents what it feed
                                  (EDM's and EDM2's Precond feed zero labels for None)
     aug  (B, augment_dim) or None  augmentation labels (zero at sampling)
 
-All nets are plain PyTorch: explicit group norm, einsum attention, no custom autograd.Function, no numpy
-constants in modules. So `torch.func.jvp`, `torch.compile` and float64 all work (REFERENCE.md §6.7, §11).
+All nets are plain PyTorch: no custom autograd.Function, no numpy constants in modules. Group/layer norm and
+attention run the native kernels (F.group_norm, F.layer_norm, F.scaled_dot_product_attention), which save little for
+backward; inside torch.func transforms, where those kernels have no usable forward-mode rule, the same ops run
+written out (`_in_func_transform`). So `torch.func.jvp`, `torch.compile` and float64 all work (REFERENCE.md §6.7, §11).
 
 Fused JVP: `net(x, t, r, y, tangents=(dx, dt, dr))` returns the pair `(out, d_out)`. `out` is a normal
 differentiable forward; `d_out`, the JVP along the tangents (None = zero), is computed in the same pass, in
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 # --- Tangent propagation -------------------------------------------------------------------------------
@@ -85,9 +88,6 @@ class Dual(NamedTuple):
 
     def unsqueeze(self, dim):
         return Dual(self.p.unsqueeze(dim), self.d.unsqueeze(dim))
-
-    def permute(self, *dims):
-        return Dual(self.p.permute(*dims), self.d.permute(*dims))
 
 
 def lin(f, x):
@@ -166,18 +166,42 @@ def gelu_tanh(x):
     return Dual(F.gelu(x.p, approximate="tanh"), x.d * d_gelu)
 
 
+def _in_func_transform():
+    """True inside torch.func transforms (jvp, grad, vmap). There the norms and attention run written out: the native
+    fused kernels lack forward-mode rules that torch.func.jvp and torch.compile can trace together (REFERENCE §6.7).
+    torch.compile reads this depth while tracing, so a compiled torch.func.jvp takes the written-out branch too."""
+    return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
+
+
+def _fp32_stats(x):
+    """x as it enters normalisation statistics: at least fp32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _norm_tangent(xp, d, eps):
+    """Tangent of (x - mean) / sqrt(var + eps) over the last dim, from the primal's statistics, without a graph:
+    d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx))."""
+    with torch.no_grad():
+        xf = _tan(xp)
+        var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        x_hat = (xf - mean) * rstd
+        return rstd * (d - d.mean(-1, keepdim=True) - x_hat * (x_hat * d).mean(-1, keepdim=True))
+
+
 def layer_norm(x, eps=1e-6):
-    """Layer norm over the last dim without affine (DiT), mean/var in fp32."""
+    """Layer norm over the last dim without affine (DiT), statistics in fp32."""
     xp = x.p if isinstance(x, Dual) else x
-    xf = xp.to(torch.promote_types(xp.dtype, torch.float32))
-    mean = xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + eps)
-    x_hat = (xf - mean) * rstd
+    xf = _fp32_stats(xp)
+    if _in_func_transform():  # written out (a Dual never gets here: the fused path runs outside torch.func)
+        mean = xf.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + eps)
+        return ((xf - mean) * rstd).to(xp.dtype)
+    with _fp32(xf):
+        out = F.layer_norm(xf, xf.shape[-1:], eps=eps).to(xp.dtype)
     if not isinstance(x, Dual):
-        return x_hat.to(xp.dtype)
-    xh, d = _tan(x_hat), x.d
-    d_hat = rstd.detach() * (d - d.mean(-1, keepdim=True) - xh * (xh * d).mean(-1, keepdim=True))  # as GroupNorm
-    return Dual(x_hat.to(xp.dtype), d_hat)
+        return out
+    return Dual(out, _norm_tangent(xp, x.d, eps))
 
 
 def pixel_norm(x, dim=1, eps=1e-4):
@@ -286,7 +310,9 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group norm written out (mean/var in fp32) so torch.compile can trace it under torch.func.jvp."""
+    """Group norm with statistics in fp32. The primal runs F.group_norm, which saves only x and two (B, G) statistics
+    for backward; the fused tangent is computed from the same statistics without a graph. Inside torch.func
+    transforms it runs written out (see `_in_func_transform`)."""
 
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
@@ -295,47 +321,47 @@ class GroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def _normalize(self, x):
-        """Returns x_hat (same shape as x, fp32) and 1/std per group (B, G, 1)."""
-        B = x.shape[0]
-        xg = x.reshape(B, self.num_groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+    def _written_out(self, x):
+        xg = _fp32_stats(x).reshape(x.shape[0], self.num_groups, -1)
         mean = xg.mean(dim=2, keepdim=True)
         var = (xg - mean).square().mean(dim=2, keepdim=True)
-        rstd = torch.rsqrt(var + self.eps)
-        return ((xg - mean) * rstd).reshape(x.shape), rstd
+        x_hat = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return (x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)).to(x.dtype)
 
-    def _affine(self, x_hat, dtype):
-        shape = [1, -1] + [1] * (x_hat.ndim - 2)
-        return (x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)).to(dtype)
+    def _native(self, x):
+        xf = _fp32_stats(x)
+        with _fp32(xf):
+            out = F.group_norm(xf, self.num_groups, self.weight.to(xf.dtype), self.bias.to(xf.dtype), self.eps)
+        return out.to(x.dtype)
 
     def forward(self, x):
         if not isinstance(x, Dual):
-            return self._affine(self._normalize(x)[0], x.dtype)
-        x_hat, rstd = self._normalize(x.p)
+            return self._written_out(x) if _in_func_transform() else self._native(x)
         B, G = x.d.shape[0], self.num_groups
-        xh = _tan(x_hat).reshape(B, G, -1)
-        dg = x.d.reshape(B, G, -1)
-        # d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx)), per group
-        dx_hat = rstd.detach() * (dg - dg.mean(2, keepdim=True) - xh * (xh * dg).mean(2, keepdim=True))
+        d_hat = _norm_tangent(x.p.reshape(B, G, -1), x.d.reshape(B, G, -1), self.eps).reshape(x.d.shape)
         shape = [1, -1] + [1] * (x.d.ndim - 2)
-        return Dual(self._affine(x_hat, x.p.dtype), dx_hat.reshape(x.d.shape) * _tan(self.weight).reshape(shape))
+        return Dual(self._native(x.p), d_hat * _tan(self.weight).reshape(shape))
 
 
 def attention(q, k, v):
-    """Single-head softmax attention over tokens. q, k, v: (N, C, L). Plain einsum + softmax: fused SDPA
-    kernels have no forward-mode AD (REFERENCE §6.7)."""
-    scale = 1 / math.sqrt(q.shape[1])
+    """Softmax attention per head. q, k, v: (B, heads, L, C) -> (B, heads, L, C), logits scaled by 1/sqrt(C).
+    The primal runs F.scaled_dot_product_attention (flash / memory-efficient kernels: no (L, L) weights saved for
+    backward). The fused tangent recomputes the weights without a graph; inside torch.func transforms, where the
+    fused kernels have no forward-mode rule (REFERENCE §6.7), the attention runs written out."""
+    scale = 1 / math.sqrt(q.shape[-1])
     if not isinstance(q, Dual):
-        w = torch.einsum("ncq,nck->nqk", q, k * scale).softmax(dim=2)  # (N, Lq, Lk)
-        return torch.einsum("nqk,nck->ncq", w, v)
-    logits = torch.einsum("ncq,nck->nqk", q.p, k.p * scale)
-    w = logits.softmax(dim=2)
-    a = torch.einsum("nqk,nck->ncq", w, v.p)
-    qp, kp, vp, wp = _tan(q.p), _tan(k.p), _tan(v.p), _tan(w)
-    with _fp32(q.d):
-        d_logits = (torch.einsum("ncq,nck->nqk", q.d, kp) + torch.einsum("ncq,nck->nqk", qp, k.d)) * scale
-        d_w = wp * (d_logits - (wp * d_logits).sum(dim=2, keepdim=True))  # softmax JVP
-        d_a = torch.einsum("nqk,nck->ncq", d_w, vp) + torch.einsum("nqk,nck->ncq", wp, v.d)
+        if _in_func_transform():
+            w = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, heads, Lq, Lk)
+            return w @ v
+        return F.scaled_dot_product_attention(q, k, v)
+    a = F.scaled_dot_product_attention(q.p, k.p, v.p)
+    with torch.no_grad(), _fp32(q.d):
+        qp, kp, vp = _tan(q.p), _tan(k.p), _tan(v.p)
+        w = (qp @ kp.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, heads, Lq, Lk), no graph
+        d_logits = (q.d @ kp.transpose(-1, -2) + qp @ k.d.transpose(-1, -2)) * scale
+        d_w = w * (d_logits - (w * d_logits).sum(dim=-1, keepdim=True))  # softmax JVP
+        d_a = d_w @ vp + w @ v.d
     return Dual(a, d_a)
 
 
@@ -404,10 +430,12 @@ class UNetBlock(nn.Module):
         x = self.conv1(dropout(x, self.dropout, self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
-            B, C, H, W = x.shape
-            qkv = self.qkv(self.norm2(x)).reshape(B * self.num_heads, C // self.num_heads, 3, H * W)
-            q, k, v = qkv.unbind(2)  # (B * heads, C / heads, H * W) each
-            a = attention(q, k, v).reshape(B, C, H, W)
+            H = x.shape[2]
+            # EDM's qkv channel layout is (heads, C / heads, 3)
+            qkv = lin(lambda a: rearrange(a, "b (h c s) x y -> s b h (x y) c", h=self.num_heads, s=3),
+                      self.qkv(self.norm2(x)))
+            a = attention(*qkv.unbind(0))  # (B, heads, H * W, C / heads)
+            a = lin(lambda a: rearrange(a, "b h (x y) c -> b (h c) x y", x=H), a)
             x = (self.proj(a) + x) * self.skip_scale
         return x
 
@@ -749,10 +777,11 @@ class EDM2Block(nn.Module):
             x = self.conv_skip(x)
         x = mp_sum(x, y, self.res_balance)
         if self.num_heads:
-            B, C, H, W = x.shape
-            qkv = self.attn_qkv(x).reshape(B * self.num_heads, C // self.num_heads, 3, H * W)
-            q, k, v = pixel_norm(qkv, dim=1).unbind(2)  # cosine attention: q, k, v normalised per head
-            a = attention(q, k, v).reshape(B, C, H, W)
+            H = x.shape[2]
+            # EDM2's qkv channel layout is (heads, C / heads, 3)
+            qkv = lin(lambda a: rearrange(a, "b (h c s) x y -> s b h (x y) c", h=self.num_heads, s=3), self.attn_qkv(x))
+            q, k, v = pixel_norm(qkv, dim=-1).unbind(0)  # cosine attention: q, k, v normalised per head
+            a = lin(lambda a: rearrange(a, "b h (x y) c -> b (h c) x y", x=H), attention(q, k, v))
             x = mp_sum(x, self.attn_proj(a), self.attn_balance)
         return clamp(x, self.clip_act) if self.clip_act is not None else x
 
@@ -886,9 +915,9 @@ class PatchEmbed(nn.Module):
             out = self(x.p)
             with _fp32(x.d):
                 d = F.conv2d(x.d, _tan(self.weight).to(x.d.dtype), stride=self.patch_size)
-            return Dual(out, d.flatten(2).transpose(1, 2))
+            return Dual(out, rearrange(d, "b d h w -> b (h w) d"))
         x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), stride=self.patch_size)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+        return rearrange(x, "b d h w -> b (h w) d")  # (B, L, D), tokens in row-major order
 
 
 def modulate(x, shift, scale):
@@ -907,11 +936,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(SiLU(), Linear(hidden_size, 6 * hidden_size, init_weight=0))  # adaLN-Zero
 
     def _attention(self, x):
-        B, L, D = x.shape
-        H = self.num_heads
         # timm's qkv layout is (3, heads, head_dim) along the features
-        qkv = self.attn.qkv(x).reshape(B, L, 3, H, D // H).permute(2, 0, 3, 4, 1).reshape(3, B * H, D // H, L)
-        a = attention(*qkv.unbind(0)).reshape(B, H, D // H, L).permute(0, 3, 1, 2).reshape(B, L, D)
+        qkv = lin(lambda a: rearrange(a, "b l (s h c) -> s b h l c", s=3, h=self.num_heads), self.attn.qkv(x))
+        a = lin(lambda a: rearrange(a, "b h l c -> b l (h c)"), attention(*qkv.unbind(0)))
         return self.attn.proj(a)
 
     def forward(self, x, c):
@@ -986,8 +1013,8 @@ class DiT(nn.Module):
             x = block(x, c)
         shift, scale = self.final_layer.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=2)
         x = self.final_layer.linear(modulate(layer_norm(x), shift, scale))  # (B, L, p * p * C_out)
-        p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
-        x = lin(lambda a: a.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)[:, :C], x)
+        p = self.patch_size
+        x = lin(lambda a: rearrange(a, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)[:, :C], x)
         if not return_logvar:
             return x
         return x, _logvar(self.logvar_linear, t_freq)

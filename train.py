@@ -100,6 +100,10 @@ def build_parser(method=None, preset=None):
     p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
     p.add_argument("--seed", type=int, help="default 0, or the resumed run's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the loss step (compiled once per input shape: the first steps are slow)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 for point data, torch's default otherwise)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures (0: end only)")
@@ -129,7 +133,7 @@ LIMITS = dict(steps=(1, math.inf), batch=(1, math.inf), batch_gpu=(1, math.inf),
               adam_eps=(0, math.inf), weight_decay=(0, math.inf), lr_warmup=(0, math.inf), lr_ref_steps=(0, math.inf),
               grad_clip=(0, math.inf), seed=(0, math.inf), log_every=(1, math.inf), ckpt_every=(1, math.inf),
               sample_every=(0, math.inf), num_samples=(1, math.inf), max_nonfinite=(1, math.inf),
-              fid_every=(0, math.inf), fid_num=(2, math.inf))
+              fid_every=(0, math.inf), fid_num=(2, math.inf), threads=(1, math.inf))
 
 
 def resolve_config(argv):
@@ -168,6 +172,8 @@ def check_config(args, cfg, method):
         if v is not None and not lo <= v < hi:
             raise UsageError(f"--{k.replace('_', '-')} must be " + (f">= {lo}" if hi == math.inf else f"in [{lo}, {hi})")
                              + f", got {v}")
+    if not 0 <= cfg["augment"] <= 1:
+        raise UsageError(f"--augment is a probability in [0, 1], got {cfg['augment']}")
     if len(cfg["betas"]) != 2 or not all(0 <= b < 1 for b in cfg["betas"]):
         raise UsageError(f"--betas needs two values in [0, 1), got {show(cfg['betas'])}")
     lo, hi = (0, 1) if cfg["ema_kind"] == "const" else (0, 0.28)
@@ -390,6 +396,10 @@ def main(argv=None):
     if cfg["augment"] > 0 and not (ds.is_image and "augment_dim" in inspect.signature(nets.NETS[cfg["net"]][0]).parameters):
         raise UsageError(f"--augment is for images and a net with augmentation labels (ddpmpp, adm); "
                          f"got {cfg['data']} and --net {cfg['net']}")
+    if device.type == "cpu" and (args.threads or len(ds.shape) == 1):
+        # Point-data nets do too little per op to gain from threads, and on a busy machine the contention made a
+        # step 5-10x slower (BENCHMARKS.md, CPU threads).
+        torch.set_num_threads(args.threads or 1)
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
@@ -457,8 +467,8 @@ def main(argv=None):
                 y = ds.one_hot(idx, device) if label_dim else None
                 with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
                     with autocast, augment_labels(net, aug):
-                        per_example, logs = method.loss(model, x, y, mcfg, step, gen, teacher=teacher,
-                                                        images=(step - 1) * cfg["batch"])
+                        per_example, logs = loss_fn(model, x, y, mcfg, step, gen, teacher=teacher,
+                                                    images=(step - 1) * cfg["batch"])
                     (per_example.mean() / accum).backward()
                 bad_loss += (~torch.isfinite(per_example.detach())).sum()
                 stats.add(per_example, logs)

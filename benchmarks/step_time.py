@@ -3,13 +3,21 @@
     python benchmarks/step_time.py                                   # DDPM++ CIFAR-10 config, batch 128 on CUDA
     python benchmarks/step_time.py --precision bf16
     python benchmarks/step_time.py --device cpu --net ddpmpp --batch 4 --iters 3 --warmup 1
-    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30
+    python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30 --threads 1
+    python benchmarks/step_time.py --device cpu --net ddpmpp --batch 1 --iters 0 --warmup 0 --memory  # saved bytes, FLOPs
 
 Each step is forward + backward + Adam on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
 time input r to the net and sCM a log-variance head (both negligible in size). CD's and sCD's teacher is a second
 copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its first ECT stage. Prints the
 median ms per step, the ratio to the plain step measured in the same run and, on CUDA, peak memory. Not a test: the
 numbers depend on the machine.
+
+--memory adds one more, untimed step per variant that reports two device-independent costs:
+- saved MiB: the bytes autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`), each storage counted
+  once and the net's own parameters and buffers left out. This is the activation memory of the step, the part of peak
+  training memory that grows with the batch.
+- GFLOP: floating-point operations of the step's forward + backward as `torch.utils.flop_counter` counts them
+  (matmuls, convolutions and attention; elementwise ops are not counted).
 """
 import argparse
 import os
@@ -18,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cm  # noqa: E402
@@ -45,7 +54,26 @@ def setup(variant, args, shape, device):
 
     def step_loss(x, gen):
         return module.loss(net, x, None, cfg, 1, gen, teacher=teacher, images=0)[0]
-    return net, step_loss
+    return net, step_loss, teacher
+
+
+def saved_bytes_and_flops(step_loss, x, gen, modules):
+    """(bytes autograd saves for backward, FLOPs of forward + backward) of one step. A storage saved by several ops
+    counts once; storages of the modules' parameters and buffers are excluded (they are not activations)."""
+    own = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with FlopCounterMode(display=False) as flops:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            per_example = step_loss(x, gen)
+        per_example.mean().backward()
+    return sum(saved.values()), flops.get_total_flops()
 
 
 def main():
@@ -58,9 +86,13 @@ def main():
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    p.add_argument("--memory", action="store_true", help="also report saved-activation bytes and FLOPs per step")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.data_shape.split(","))
     x = torch.randn(args.batch, *shape, device=device).clamp(-1, 1)
@@ -71,7 +103,7 @@ def main():
 
     results = {}
     for variant in args.variants.split(","):
-        net, step_loss = setup(variant, args, shape, device)
+        net, step_loss, teacher = setup(variant, args, shape, device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-5)
         gen = torch.Generator(device).manual_seed(0)
         if device.type == "cuda":
@@ -91,14 +123,19 @@ def main():
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        results[variant] = (statistics.median(times) * 1e3, mem)
+        saved, flops = float("nan"), float("nan")
+        if args.memory:
+            with autocast:
+                saved, flops = saved_bytes_and_flops(step_loss, x, gen, [m for m in (net, teacher) if m is not None])
+        ms = statistics.median(times) * 1e3 if times else float("nan")  # --iters 0: only the --memory step
+        results[variant] = (ms, mem, saved / 2**20, flops / 1e9)
         del net, opt
 
     base = results.get("plain", (None,))[0]
-    print(f"{'step':<18}{'ms/step':>10}{'img/s':>10}{'x plain':>9}{'peak GiB':>10}")
-    for variant, (ms, mem) in results.items():
+    print(f"{'step':<18}{'ms/step':>10}{'img/s':>10}{'x plain':>9}{'peak GiB':>10}{'saved MiB':>11}{'GFLOP':>9}")
+    for variant, (ms, mem, saved, gflop) in results.items():
         ratio = f"{ms / base:.2f}" if base else "-"
-        print(f"{variant:<18}{ms:>10.1f}{args.batch / ms * 1e3:>10.1f}{ratio:>9}{mem:>10.2f}")
+        print(f"{variant:<18}{ms:>10.1f}{args.batch / ms * 1e3:>10.1f}{ratio:>9}{mem:>10.2f}{saved:>11.1f}{gflop:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,34 @@ def test_y_none_is_the_null_label(kind):
     assert not torch.allclose(net(x, t, r, y), out)  # guard: the labels do matter
 
 
+def saved_for_backward(fn, *args):
+    """Sizes (numel) of the tensors autograd saves while fn(*args) runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sizes
+
+
+def test_norms_and_attention_run_native_kernels_outside_torch_func():
+    """Outside torch.func the primal goes through the native kernels: group/layer norm save their input and per-group
+    statistics, never a second full-size tensor; attention saves nothing of (L, L) size. The written-out forms
+    (taken inside torch.func) would save both."""
+    B, C, L, heads = 2, 16, 64, 2
+    x = torch.randn(B, C, 8, 8, dtype=torch.float64, requires_grad=True)
+    gn = nets.GroupNorm(C).double()
+    assert sorted(saved_for_backward(gn, x))[-2] < x.numel()  # x itself, then statistics of (B, G) size
+    tokens = torch.randn(B, L, C, dtype=torch.float64, requires_grad=True)
+    assert sorted(saved_for_backward(nets.layer_norm, tokens))[-2] < tokens.numel()
+    q, k, v = torch.randn(3, B, heads, L, C // heads, dtype=torch.float64, requires_grad=True).unbind(0)
+    assert max(saved_for_backward(nets.attention, q, k, v)) < B * heads * L * L
+    assert not nets._in_func_transform()
+    assert jvp(lambda a: torch.tensor(nets._in_func_transform()), (x,), (x,))[0]
+
+
 def test_dropout_masks_differ_without_replay():
     """Guards the test above: without RNG replay the two passes really would differ."""
     net, shape = tiny_net("mlp", dropout=0.5)

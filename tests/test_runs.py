@@ -250,6 +250,8 @@ def test_a_non_finite_loss_counts_even_when_its_gradients_are_finite(tmp_path, m
     (["--ckpt-every", "0"], "--ckpt-every must be >= 1, got 0"),
     (["--sample-every", "-1"], "--sample-every must be >= 0, got -1"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--augment", "1.5"], "--augment is a probability in [0, 1], got 1.5"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
     (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
