@@ -59,10 +59,11 @@ TRAIN = dict(
     ema_kind=("const", str, "const: fixed decays; power: EDM2's power-function EMA with --ema as sigma_rel"),
     ema_warmup=(False, bool, "const EMA: use decay min(beta, (1 + step) / (10 + step)) for short runs"),
     precision=("fp32", str, "fp32 or bf16 (autocast; JVPs stay fp32)"),
+    tf32=("off", str, "off (the reference's recipes) or on: TF32 matmuls and cuDNN convolutions on Ampere or newer"),
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
 CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
-               stage1_weights=("online", "ema"), ema_kind=("const", "power"))
+               stage1_weights=("online", "ema"), ema_kind=("const", "power"), tf32=("off", "on"))
 
 
 class UsageError(Exception):
@@ -370,13 +371,14 @@ def build_net(cfg, method, shape, label_dim):
         raise UsageError(str(e)) from None
 
 
-def load_compatible(path, method, device):
-    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
+def load_compatible(path, method, device, role):
+    """A checkpoint whose method is in method.TEACHERS (role "teacher") or method.INIT (role "init")."""
     state = load_checkpoint(path, device)
     other = state["config"]["method"]
-    if other != method.__name__ and other not in method.TEACHERS:
-        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
-                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
+    allowed = method.TEACHERS if role == "teacher" else method.INIT
+    if other not in allowed:
+        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint as --{role} ({path}); "
+                         f"it takes {', '.join(allowed)} checkpoints")
     return state
 
 
@@ -400,7 +402,7 @@ def frozen_ema(state, shape, label_dim, device, what, i=0):
 
 def load_teacher(path, method, ds, label_dim, device):
     """The first EMA net of a checkpoint, frozen, in eval mode."""
-    state = load_compatible(path, method, device)
+    state = load_compatible(path, method, device, "teacher")
     return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
 
 
@@ -422,7 +424,7 @@ def load_stage1(path, method, net, device, which, init):
 def init_from(net, path, method, device, rank):
     """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
     one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
-    state = load_compatible(path, method, device)
+    state = load_compatible(path, method, device, "init")
     missing, unexpected = load_weights(net, state["ema"][0], f"--init {path}", strict=False)
     if any(not k.startswith("logvar") for k in missing + unexpected):
         raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -437,6 +439,8 @@ def main(argv=None):
     args, cfg, method = resolve_config(sys.argv[1:] if argv is None else argv)
     ddp, rank, world, device = setup_distributed(args.device)
     mcfg = method_config(method, cfg)
+    # PyTorch leaves cuDNN convolutions in TF32 by default, so "fp32" would not be fp32 on Ampere or newer.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"] == "on"
 
     # Batch split (assert exact: the reference silently rounds, REFERENCE §9.7).
     batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
