@@ -163,10 +163,10 @@ def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
     # fp32, no graph; fork_rng restores the RNG after each pass, so all passes draw the same dropout masks.
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
         if cfg.tangent == "jvp":
-            def u_fn(z_, t_, r_):
+            def u_fn(z_, t_, r_):  # tangents (v~, 1, 0) along (z, t, r)
                 return bare(z_, t_, r_, y)
             with torch.random.fork_rng(devices):
-                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt.to(z.dtype), torch.ones_like(tt), torch.zeros_like(rr)))  # (v~, 1, 0)
+                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt.to(z.dtype), torch.ones_like(tt), torch.zeros_like(rr)))
             dudt = dudt.double()
         else:  # "fd"
             dudt = _dudt_fd(bare, z, t, r, y, v_tgt, cfg, devices)

@@ -5,11 +5,13 @@
 Each entry of MUTATIONS replaces one exact piece of one line (it must occur exactly once in its file; a default test
 checks that). The mutations are applied one at a time to a temporary copy of the repository, and that method's default
 tests run on it (tests/test_fidelity_<method>.py first, then tests/test_<method>.py, `-m "not slow"`, stopping at the
-first failure). A mutation is "killed" when a test fails, and "SURVIVED" otherwise. --quick runs the fidelity file
-only (enough to show a kill; a survivor there still has to face the full set). Prints one line per mutation and a
-summary; the exit status is 1 when a mutation survives.
+first failure; one process per method reloads the mutated module, so torch is imported once). A mutation is "killed"
+when a test fails, and "SURVIVED" otherwise. --quick runs the fidelity file only (enough to show a kill; a survivor
+there still has to face the full set). Prints one line per mutation and a summary; the exit status is 1 when a
+mutation survives.
 """
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -171,11 +173,42 @@ def check_lines(method):
             if src.count(old) != 1]
 
 
+def worker(method, quick):
+    """Inside the copy: one process for all of a method's mutations (torch is imported once). Each mutation rewrites
+    <method>.py, reloads the module in place (the tests hold the module object, so they see the new code) and runs
+    pytest in this process; then the original is restored. Prints "<status> <seconds>" per mutation."""
+    import importlib
+    import pytest
+    sys.path.insert(0, os.getcwd())
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    module = importlib.import_module(method)
+    path = f"{method}.py"
+    original = open(path).read()
+    args = ["-q", "-x", "-p", "no:cacheprovider", *tests_for(method, quick)]
+    for old, new, _ in MUTATIONS[method]:
+        with open(path, "w") as f:
+            f.write(original.replace(old, new))
+        t0 = time.time()
+        try:
+            importlib.reload(module)
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                rc = int(pytest.main(args))
+        except Exception:  # the mutated module does not even import: a test would fail
+            rc = 1
+        with open(path, "w") as f:
+            f.write(original)
+        importlib.reload(module)
+        print(f"{rc} {time.time() - t0:.1f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=list(MUTATIONS), action="append", help="default: all")
     p.add_argument("--quick", action="store_true", help="run only tests/test_fidelity_<method>.py")
+    p.add_argument("--worker", choices=list(MUTATIONS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.quick)
     methods = args.method or list(MUTATIONS)
     bad = [m for method in methods for m in check_lines(method)]
     if bad:
@@ -184,20 +217,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         copy_repo(tmp)
         for method in methods:
-            path = os.path.join(tmp, f"{method}.py")
-            original = open(path).read()
-            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests_for(method, args.quick)]
-            for old, new, why in MUTATIONS[method]:
-                with open(path, "w") as f:
-                    f.write(original.replace(old, new))
-                t0 = time.time()
-                rc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True).returncode
-                with open(path, "w") as f:
-                    f.write(original)
-                status = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else f"error (pytest exit {rc})")
-                if rc != 1:
+            cmd = [sys.executable, "benchmarks/mutations.py", "--worker", method] + (["--quick"] if args.quick else [])
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, text=True)
+            for (_, _, why), line in zip(MUTATIONS[method], proc.stdout):
+                rc, seconds = line.split()
+                status = {"1": "killed", "0": "SURVIVED"}.get(rc, f"error (pytest exit {rc})")
+                if rc != "1":
                     survivors.append(f"{method}: {why}")
-                print(f"{method:9s} {status:8s} {time.time() - t0:6.1f} s  {why}", flush=True)
+                print(f"{method:9s} {status:8s} {float(seconds):6.1f} s  {why}", flush=True)
+            if proc.wait() != 0:
+                sys.exit(f"the {method} worker failed")
     n = sum(len(MUTATIONS[m]) for m in methods)
     print(f"{n - len(survivors)} of {n} mutations killed" + (": survivors " + "; ".join(survivors) if survivors else ""))
     sys.exit(1 if survivors else 0)
