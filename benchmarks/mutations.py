@@ -1,6 +1,6 @@
 """Mutation check: can the default tests see the one-line mistakes a careful reader could make copying a method file?
 
-    python benchmarks/mutations.py [--method meanflow] [--quick]
+    python benchmarks/mutations.py [--method meanflow] [--quick] [--match TEXT]
 
 Each entry of MUTATIONS replaces one exact piece of one line (it must occur exactly once in its file; a default test
 checks that). The mutations are applied one at a time to a temporary copy of the repository, and that method's default
@@ -205,8 +205,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=list(MUTATIONS), action="append", help="default: all")
     p.add_argument("--quick", action="store_true", help="run only tests/test_fidelity_<method>.py")
+    p.add_argument("--match", default="", help="only the mutations whose description contains this text")
     p.add_argument("--worker", choices=list(MUTATIONS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    for method in MUTATIONS:
+        MUTATIONS[method] = [m for m in MUTATIONS[method] if args.match in m[2]]
     if args.worker:
         return worker(args.worker, args.quick)
     methods = args.method or list(MUTATIONS)
@@ -217,7 +220,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         copy_repo(tmp)
         for method in methods:
-            cmd = [sys.executable, "benchmarks/mutations.py", "--worker", method] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, "benchmarks/mutations.py", "--worker", method, "--match", args.match]
+            cmd += ["--quick"] if args.quick else []
             proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, text=True)
             for (_, _, why), line in zip(MUTATIONS[method], proc.stdout):
                 rc, seconds = line.split()
