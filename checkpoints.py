@@ -143,13 +143,14 @@ def build_net(cfg, method, shape, label_dim):
         raise UsageError(str(e)) from None
 
 
-def load_compatible(path, method, device):
-    """A checkpoint of this method or of one whose nets it accepts (method.TEACHERS)."""
+def load_compatible(path, method, device, role):
+    """A checkpoint whose method is in method.TEACHERS (role "teacher") or method.INIT (role "init")."""
     state = load_checkpoint(path, device)
     other = state["config"]["method"]
-    if other != method.__name__ and other not in method.TEACHERS:
-        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint ({path}); "
-                         f"it takes {', '.join(sorted({method.__name__, *method.TEACHERS}))} checkpoints")
+    allowed = method.TEACHERS if role == "teacher" else method.INIT
+    if other not in allowed:
+        raise UsageError(f"{method.__name__} cannot use a {other} checkpoint as --{role} ({path}); "
+                         f"it takes {', '.join(allowed)} checkpoints")
     return state
 
 
@@ -165,7 +166,7 @@ def frozen_ema(state, shape, label_dim, device, what, i=0):
 
 def load_teacher(path, method, ds, label_dim, device):
     """The first EMA net of a checkpoint, frozen, in eval mode."""
-    state = load_compatible(path, method, device)
+    state = load_compatible(path, method, device, "teacher")
     return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
 
 
@@ -187,7 +188,7 @@ def load_stage1(path, method, net, device, which, init):
 def init_from(net, path, method, device, rank):
     """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
     one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
-    state = load_compatible(path, method, device)
+    state = load_compatible(path, method, device, "init")
     weights = state["ema"][0]
     if "map_augment.weight" not in net.state_dict():  # an unaugmented student: the augment map only ever sees zeros
         weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}

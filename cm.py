@@ -71,7 +71,8 @@ class Config:
 WEIGHTINGS = ("inv_gap", "inv_sqrt_gap", "inv_c_out_sq", "inv_c_out", "inv_sigma_sq", "one")
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict()  # a plain EDM net
-TEACHERS = ("diffusion", "cm", "tcm", "scm")  # EDM-preconditioned checkpoints: CD teachers and --init sources
+TEACHERS = ("diffusion",)  # --teacher: a denoiser D(x, sigma) whose PF-ODE the CD step follows (a CM is not one)
+INIT = ("diffusion", "cm", "tcm", "scm")  # --init: any EDM-preconditioned checkpoint
 NEEDS_INIT = True  # ECT tunes a pretrained diffusion model (--init)
 
 # --- Time distribution -------------------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     with torch.no_grad():
         x_r = x + bcast(r, x) * eps if teacher is None else teacher_step(teacher, x_sigma, sigma, r, y, cfg)
         target = target_fn(getattr(net, "module", net), x, x_r, r, y, cfg)
+    # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
+    torch.clear_autocast_cache()
     f = consistency_fn(net, x_sigma, sigma, y, cfg)
     per_example, d = distance_loss(f, target, sigma, r, cfg)
     return per_example, dict(t=sigma, gap=sigma - r, d=d.detach(), ratio=torch.full_like(sigma, ratio))

@@ -50,6 +50,7 @@ class Config:
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict()  # a plain EDM net: no second time input, no log-variance head
 TEACHERS = ()  # trained from data only
+INIT = ("diffusion",)  # --init: continue from a diffusion checkpoint
 NEEDS_INIT = False  # trains from scratch
 
 # --- Time distribution ------------------------------------------------------------------------------------------

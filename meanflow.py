@@ -75,6 +75,7 @@ class Config:
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
 TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)
+INIT = ("meanflow",)  # checkpoints train.py accepts as --init
 NEEDS_INIT = False  # trains from scratch
 
 # --- Time distribution --------------------------------------------------------------------------------------
@@ -162,10 +163,10 @@ def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
     # fp32, no graph; fork_rng restores the RNG after each pass, so all passes draw the same dropout masks.
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
         if cfg.tangent == "jvp":
-            def u_fn(z_, t_, r_):
+            def u_fn(z_, t_, r_):  # tangents (v~, 1, 0) along (z, t, r)
                 return bare(z_, t_, r_, y)
             with torch.random.fork_rng(devices):
-                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt, torch.ones_like(tt), torch.zeros_like(rr)))  # tangents (v~, 1, 0)
+                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt.to(z.dtype), torch.ones_like(tt), torch.zeros_like(rr)))
             dudt = dudt.double()
         else:  # "fd"
             dudt = _dudt_fd(bare, z, t, r, y, v_tgt, cfg, devices)
@@ -241,9 +242,11 @@ def sample(net, eps, cfg, y=None, ts=None, euler=False):
 # Config fields plus the training recipe train.py reads (net, batch, steps, optimizer, lr, ema, ...).
 
 
+# bf16 with tangent="jvp": the JVP pass runs fully in fp32, as the reference's; "fused" under bf16 would linearise
+# around the bf16 primal instead (a few % off, README "Precision").
 IN256 = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
-             ema=(0.9999, 0.99995, 0.9996), precision="bf16", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0,
-             ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
+             ema=(0.9999, 0.99995, 0.9996), precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4,
+             P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
 PRESETS = {
     # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Dataset x-flips plus EDM's augmentation
     # pipeline at p = 0.12 without y-flips and rotations (augment.py "meanflow": 6-d labels, augment_dim=6).

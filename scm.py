@@ -69,7 +69,8 @@ class Config:
 
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict(logvar=True)  # the learned adaptive weight is the net's log-variance head
-TEACHERS = ("diffusion", "scm")  # EDM-preconditioned checkpoints: sCD teachers and --init sources
+TEACHERS = ("diffusion",)  # --teacher: a diffusion model, whose sigma_data F_trig is the PF-ODE velocity (a CM is not)
+INIT = ("diffusion", "scm")  # --init: EDM-preconditioned checkpoints (a diffusion model's net lacks the logvar head)
 NEEDS_INIT = True  # sCT and sCD start from a pretrained diffusion model (--init); from scratch is possible but slow
 
 # --- Time distribution -------------------------------------------------------------------------------------------
@@ -248,11 +249,12 @@ PRESETS = {
         betas=(0.9, 0.99), ema=EMA3, sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent="fused",
     ),
     # Reference sCD ImageNet-64 with EDM's ADM (teacher: convert.py on edm-imagenet-64x64-cond-adm.pkl): bf16 with an
-    # fp32 JVP.
+    # fp32 JVP, hence tangent="jvp" ("fused" under bf16 linearises around the bf16 primal: on this full-size net its dF
+    # differs from the fp32 JVP by 1.7-2.0 %, its g by up to 1.4 %; benchmarks/bf16_tangent.py, README "Precision").
     "imagenet64-scd": dict(
         net="adm", dropout=0.0, cond=True, distill=True, batch=1024, steps=600_000, optimizer="adam", lr=7e-5,
         betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000, grad_clip=10.0, precision="bf16", ema=EMA3,
-        sigma_max=80.0, P_std=1.6, sample_sigmas=(79.5638, 0.0), tangent="fused",
+        sigma_max=80.0, P_std=1.6, sample_sigmas=(79.5638, 0.0), tangent="jvp",
     ),
     # 2-D points on CPU, sCT from scratch (or sCD with --teacher); short warm-up for a short run. lr 1e-3 diverges
     # here (1-step sliced W2 0.25 at 2k steps, 0.5 at 6k), 1e-4 gives 0.08 (sCT) and 0.04 (sCD).

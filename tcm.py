@@ -67,6 +67,7 @@ class Config:
 TIME_BINS = (0.0, 1.0, 1.1, 1.5, 3.0, 10.0, 1000.0)  # edges in sigma: the distribution is concentrated just above 1
 NET_NEEDS = dict()
 TEACHERS = ()  # no --teacher; the frozen network comes from --stage1
+INIT = ("tcm",)  # --init (rarely useful: --stage1 already sets the weights)
 STAGE1 = ("cm", "tcm")  # --stage1 checkpoints: their online weights start everything
 NEEDS_INIT = False  # --stage1 is required instead (train.py fails without it)
 
@@ -140,6 +141,7 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     x_r = x + bcast(r, x) * eps
     with torch.no_grad():
         target = torch.nan_to_num(route(getattr(net, "module", net), teacher, x_r, r, y, cfg))
+    torch.clear_autocast_cache()  # as cm.loss: no cast cached under no_grad may reach the differentiable pass
     f = consistency_fn(net, x_sigma, sigma, y, cfg)  # sigma >= transition: always the student
     per_example, d = distance_loss(f, target, sigma, r, cfg)
     n_b = on_boundary.sum().double().clamp_min(1)

@@ -66,10 +66,12 @@ TRAIN = dict(
     ema_kind=("const", str, "const: fixed decays; power: EDM2's power-function EMA with --ema as sigma_rel"),
     ema_warmup=(False, bool, "const EMA: use decay min(beta, (1 + step) / (10 + step)) for short runs"),
     precision=("fp32", str, "fp32 or bf16 (autocast; JVPs stay fp32)"),
+    tf32=("off", str, "off (the reference's recipes) or on: TF32 matmuls and cuDNN convolutions on Ampere or newer"),
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
 CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
-               stage1_weights=("online", "ema"), ema_kind=("const", "power"), augment_pipe=tuple(augment.PIPES))
+               stage1_weights=("online", "ema"), ema_kind=("const", "power"), augment_pipe=tuple(augment.PIPES),
+               tf32=("off", "on"))
 
 
 # --- Configuration -----------------------------------------------------------------------------------------
@@ -374,6 +376,8 @@ def main(argv=None):
     if rank == 0 and state is not None:
         for notice in notices:
             print(f"resume: {notice}")
+    # PyTorch leaves cuDNN convolutions in TF32 by default, so "fp32" would not be fp32 on Ampere or newer.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"] == "on"
 
     # Batch split (assert exact: the reference silently rounds, REFERENCE §9.7).
     batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world

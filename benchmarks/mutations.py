@@ -1,0 +1,240 @@
+"""Mutation check: can the default tests see the one-line mistakes a careful reader could make copying a method file?
+
+    python benchmarks/mutations.py [--method meanflow] [--quick] [--match TEXT]
+
+Each entry of MUTATIONS replaces one exact piece of one line (it must occur exactly once in its file; a default test
+checks that). The mutations are applied one at a time to a temporary copy of the repository, and that method's default
+tests run on it (tests/test_fidelity_<method>.py first, then tests/test_<method>.py, `-m "not slow"`, stopping at the
+first failure; one process per method reloads the mutated module, so torch is imported once). A mutation is "killed"
+when a test fails, and "SURVIVED" otherwise. --quick runs the fidelity file only (enough to show a kill; a survivor
+there still has to face the full set). Prints one line per mutation and a summary; the exit status is 1 when a
+mutation survives.
+"""
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# method -> [(old, new, what a reader got wrong)]; old is replaced by new in <method>.py.
+MUTATIONS = {
+    "meanflow": [
+        ("w = 1 / (L.detach() + cfg.norm_c)", "w = 1 / (L + cfg.norm_c)", "adaptive weight without sg(L)"),
+        ("L = err.square().sum(dim=1)", "L = err.square().mean(dim=1)", "mean over dimensions instead of the sum"),
+        ("u_tgt = v_tgt.double() - rho", "u_tgt = v_tgt.double() + rho", "sign of the MeanFlow identity"),
+        ("with torch.no_grad(), torch.autocast(z.device.type, enabled=False):",
+         "with torch.autocast(z.device.type, enabled=False):", "JVP / FD passes with grad enabled"),
+        ("(v_tgt.to(z.dtype), torch.ones_like(tt), torch.zeros_like(rr))",
+         "(v_tgt.to(z.dtype), torch.zeros_like(tt), torch.ones_like(rr))", "JVP tangents (v, 0, 1): t and r swapped"),
+        ("tangents=(v_tgt, torch.ones_like(tt), torch.zeros_like(rr))",
+         "tangents=(v, torch.ones_like(tt), torch.zeros_like(rr))", "fused tangent along v, not the target v~"),
+        ("(1 - omega - kappa) * v_null", "(1 - omega + kappa) * v_null", "CFG mix: sign of kappa"),
+        ("return v_null + omega * (v_c - v_null)", "return v_c + omega * (v_null - v_c)", "teacher CFG sign"),
+        ("(t <= cfg.cfg_t_max)).double(), z)", "(t <= 1.0)).double(), z)", "guidance interval ignored"),
+        ("return torch.where(bcast(dropped, z) > 0, v, v_tgt)", "return v_tgt", "dropped labels guided as well"),
+        ("u, dudt = u_and_dudt(net, z, t, r, y_mixed, v_tgt, cfg)", "u, dudt = u_and_dudt(net, z, t, r, y, v_tgt, cfg)",
+         "JVP / grad passes see the labels before dropout"),
+        ("z = bcast(1 - t, x) * x + bcast(t, x) * eps", "z = bcast(t, x) * x + bcast(1 - t, x) * eps",
+         "interpolation with data at t = 1"),
+        ("P_mean_r: float = -4.0", "P_mean_r: float = -2.0", "r distribution of the paper's v0, not the reference's"),
+        ("ratio_r_neq_t: float = 0.75", "ratio_r_neq_t: float = 0.25", "CIFAR-10 fraction r != t"),
+        ("rho = min(1.0, step / cfg.tangent_warmup)", "rho = min(1.0, cfg.tangent_warmup / step)", "warm-up ramp inverted"),
+        ("torch.clear_autocast_cache()", "pass", "autocast cache kept between the no-grad and the gradient passes"),
+        ("lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765", "lr=6e-4, betas=(0.9, 0.999), lr_warmup=9766",
+         "CIFAR-10 warm-up steps"),
+        ("ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0", "ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1e-3",
+         "DiT adaptive-weight constant of the paper"),
+        ('cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75', 'cfg_omega=0.2, cfg_kappa=0.92', "XL/2 guidance interval"),
+    ],
+    "scm": [
+        ("g = tangent_g(F.detach(), dF,", "g = tangent_g(F, dF,", "sg(F) dropped inside g"),
+        ("diff = (F.double() - F.detach().double() - g)", "diff = (F.double() - F.detach().double() + g)",
+         "sign of g in the loss (value unchanged, gradient reversed)"),
+        ("per_example = torch.exp(-logvar) * L / (sigma * D) + logvar",
+         "per_example = torch.exp(-logvar) * L / sigma + logvar", "the reference's extra 1/D dropped"),
+        ("per_example = torch.exp(-logvar) * L / (sigma * D) + logvar",
+         "per_example = torch.exp(-logvar) * L / D + logvar", "prior weight 1/sigma dropped"),
+        ("per_example = torch.exp(-logvar) * L / (sigma * D) + logvar",
+         "per_example = torch.exp(logvar) * L / (sigma * D) - logvar", "paper's w_phi sign with EDM2's head"),
+        ("norm = norm / math.sqrt(g[0].numel())", "norm = norm / g[0].numel()", "RMS as mean, not root-mean"),
+        ("g = -cos**2 * (sd * F - dxdt) - rho", "g = -cos**2 * (sd * F - dxdt) + rho", "sign of g's second term"),
+        ("g = -cos**2 * (sd * F - dxdt)", "g = -cos * (sd * F - dxdt)", "cos t instead of cos^2 t"),
+        ("dc = torch.full_like(c, 0.25)", "dc = torch.full_like(c, 1.0)", "c_noise tangent 1 instead of 1/4"),
+        ("with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):",
+         "with torch.autocast(x_t.device.type, enabled=False):", "JVP with grad enabled"),
+        ("v = v + (cfg.guidance_scale - 1) * (v - v_null)", "v = v + (cfg.guidance_scale - 1) * (v_null - v)",
+         "teacher CFG sign"),
+        ("t = torch.atan2(sigma, torch.full_like(sigma, sd))", "t = torch.atan2(torch.full_like(sigma, sd), sigma)",
+         "arctan(sigma_data / sigma)"),
+        ("L = diff.mean(dim=1) if", "L = diff.sum(dim=1) if", "sum over dimensions with RMS normalisation"),
+        ("dx_in = bcast(cs, x_t) * dxdt.to(x_t.dtype) / sd", "dx_in = bcast(cs, x_t) * dxdt.to(x_t.dtype)",
+         "input tangent without 1/sigma_data"),
+        ("P_std: float = 1.4", "P_std: float = 1.6", "ImageNet P_std as the default"),
+        ("tangent_warmup: int = 10000", "tangent_warmup: int = 1000", "warm-up length"),
+        ("tangent_norm_c: float = 0.1", "tangent_norm_c: float = 0.01", "normalisation constant"),
+        ("sigma_max=80.0, P_std=1.6, sample_sigmas=(79.5638, 0.0)", "sigma_max=80.0, P_std=1.4, sample_sigmas=(79.5638, 0.0)",
+         "imagenet64-scd P_std"),
+        ('TEACHERS = ("diffusion",)', 'TEACHERS = ("diffusion", "scm")', "an sCM checkpoint accepted as a teacher"),
+    ],
+    "cm": [
+        ("    with torch.no_grad():\n        x_r = x + bcast(r, x) * eps", "    if True:\n        x_r = x + bcast(r, x) * eps",
+         "target pass with grad enabled"),
+        ("d = (f.double() - target.double()).flatten(1).norm(dim=1)",
+         "d = (f.double() - target.double()).flatten(1).square().sum(dim=1)", "squared distance instead of the norm"),
+        ("d = (f.double() - target.double()).flatten(1).norm(dim=1)",
+         "d = (f.double() - target.double()).flatten(1).square().mean(dim=1).sqrt()", "RMS instead of the L2 norm"),
+        ("(d**2 + cfg.huber_c**2).sqrt() - cfg.huber_c)", "(d**2 + cfg.huber_c**2).sqrt())", "pseudo-Huber without - c"),
+        ("weights = dict(inv_gap=1 / gap,", "weights = dict(inv_gap=1 / sigma,", "1/sigma instead of 1/(sigma - r)"),
+        ("inv_c_out_sq=c_out**-2", "inv_c_out_sq=c_out**-1", "1/c_out instead of 1/c_out^2"),
+        ("(1 + 8 * torch.sigmoid(-sigma))", "(1 + 8 * torch.sigmoid(sigma))", "ECT gap: sigmoid(sigma)"),
+        ("x_r = x + bcast(r, x) * eps if", "x_r = x + bcast(r, x) * torch.randn_like(eps) if", "fresh noise at r"),
+        ("D = D + (cfg.guidance_scale - 1) * (D - denoise(", "D = D - (cfg.guidance_scale - 1) * (D - denoise(",
+         "teacher CFG sign"),
+        ("d = (x_sigma - guided_D(x_sigma, sigma)) / bcast(sigma, x_sigma)",
+         "d = (x_sigma - guided_D(x_sigma, sigma)) / bcast(r, x_sigma)", "PF-ODE slope divided by r"),
+        ("P_mean: float = -1.1", "P_mean: float = -1.2", "EDM's P_mean"),
+        ("q: float = 2.0", "q: float = 4.0", "ImageNet q as the default"),
+        ("ratio_limit: float = 0.999", "ratio_limit: float = 0.9961", "ImageNet ratio limit as the default"),
+        ("torch.clear_autocast_cache()", "pass", "autocast cache kept between the no-grad and the gradient passes"),
+        ("stage = math.floor(images / (1000 * cfg.kimg_per_stage))", "stage = math.floor(images / cfg.kimg_per_stage)",
+         "stage counted in kimg as images"),
+        ("target = torch.where(bcast(r, x) > 0, target, x)", "target = torch.where(bcast(r, x) > 0, x, target)",
+         "data target where r > 0"),
+        ("kimg_per_stage=3200.0,\n", "kimg_per_stage=6400.0,\n", "ImageNet stage length"),
+        ('TEACHERS = ("diffusion",)', 'TEACHERS = ("diffusion", "cm", "tcm", "scm")', "consistency models as teachers"),
+    ],
+    "tcm": [
+        ("scale = torch.where(on_boundary, cfg.boundary_weight * B / n_b, B / n_nb)",
+         "scale = torch.where(on_boundary, cfg.boundary_weight * B / n_nb, B / n_b)", "boundary / interior counts swapped"),
+        ("scale = torch.where(on_boundary, cfg.boundary_weight * B / n_b, B / n_nb)",
+         "scale = torch.where(on_boundary, cfg.boundary_weight, 1.0)", "weights without the per-set means"),
+        ("n_nb = (~on_boundary).sum()", "n_nb = on_boundary.sum()", "interior count"),
+        ("boundary_weight: float = 0.1", "boundary_weight: float = 1.0", "boundary weight"),
+        ("torch.full_like(sigma, cfg.transition_sigma + 1e-8)", "torch.full_like(sigma, cfg.transition_sigma - 1e-8)",
+         "boundary samples below the transition"),
+        ("sigma, r = partner_sigma(sigma, cfg.ratio_limit, cfg)", "sigma, r = partner_sigma(sigma, 0.999, cfg)",
+         "ratio fixed at CIFAR's limit"),
+        ("    with torch.no_grad():\n        target = torch.nan_to_num(route(",
+         "    if True:\n        target = torch.nan_to_num(route(", "routed target with grad enabled"),
+        ("x_r = x + bcast(r, x) * eps", "x_r = x + bcast(sigma, x) * eps", "target at sigma, not r"),
+        ("low = consistency_fn(stage1, x, sigma, y, cfg)", "low = consistency_fn(student, x, sigma, y, cfg)",
+         "student below the transition"),
+        ("k = math.floor(cfg.boundary_prob * n)", "k = math.ceil(cfg.boundary_prob * n)", "boundary count rounded up"),
+        ("student_t_nu: float = 0.01", "student_t_nu: float = 0.1", "Student-t degrees of freedom"),
+        ("student_t_scale: float = 0.2", "student_t_scale: float = 0.25", "Student-t scale"),
+        ("torch.clear_autocast_cache()", "pass", "autocast cache kept between the no-grad and the gradient passes"),
+        ("lr_ref_steps=8000", "lr_ref_steps=2000", "stage-1 (CM) inverse-sqrt reference steps"),
+    ],
+    "diffusion": [
+        ("weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2",
+         "weight = (sigma**2 + cfg.sigma_data**2) / sigma**2", "lambda(sigma) without sigma_data^2"),
+        ("weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2",
+         "weight = 1 / (sigma * cfg.sigma_data) ** 2", "lambda(sigma) = 1/(sigma sigma_data)^2"),
+        ("err = (D.double() - x.double()).flatten(1).square().sum(dim=1)",
+         "err = (D.double() - x.double()).flatten(1).square().mean(dim=1)", "mean over dimensions"),
+        ("c_noise = sigma.clamp_min(1e-6).log() / 4", "c_noise = sigma.clamp_min(1e-6).log() / 2", "c_noise ln(sigma)/2"),
+        ("c_in = 1 / (sigma**2 + sigma_data**2).sqrt()", "c_in = 1 / (sigma**2 + sigma_data**2)", "c_in without sqrt"),
+        ("P_mean: float = -1.2", "P_mean: float = -1.1", "CM's P_mean"),
+        ("P_std: float = 1.2", "P_std: float = 1.4", "P_std"),
+        ("D = denoise(net, x + bcast(sigma, x) * eps,", "D = denoise(net, x + eps,", "noise not scaled by sigma"),
+        ("u = a + (b - a) * torch.rand(", "u = a + b * torch.rand(", "truncation interval"),
+        ("rho: float = 7.0", "rho: float = 5.0", "Karras rho"),
+        ("x_next = x + (s_next - s_cur).to(x.dtype) * (d + d_next) / 2",
+         "x_next = x + (s_next - s_cur).to(x.dtype) * d_next", "Heun without the average"),
+        ("dropout=0.13", "dropout=0.1", "CIFAR-10 dropout"),
+    ],
+}
+
+
+def tests_for(method, quick):
+    files = [f"tests/test_fidelity_{method}.py"] + ([] if quick else [f"tests/test_{method}.py"])
+    return [f for f in files if os.path.exists(os.path.join(ROOT, f))]
+
+
+def copy_repo(dst):
+    """Tracked and untracked-but-not-ignored files of the repository (no run folders, caches or data)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    for rel in out:
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)) or dst, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), os.path.join(dst, rel))
+
+
+def check_lines(method):
+    """Messages for mutations whose original text does not occur exactly once in <method>.py."""
+    src = open(os.path.join(ROOT, f"{method}.py")).read()
+    return [f"{method}.py: {old!r} occurs {src.count(old)} times" for old, _, _ in MUTATIONS[method]
+            if src.count(old) != 1]
+
+
+def worker(method, quick):
+    """Inside the copy: one process for all of a method's mutations (torch is imported once). Each mutation rewrites
+    <method>.py, reloads the module in place (the tests hold the module object, so they see the new code) and runs
+    pytest in this process; then the original is restored. Prints "<status> <seconds>" per mutation."""
+    import importlib
+    import pytest
+    sys.path.insert(0, os.getcwd())
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    module = importlib.import_module(method)
+    path = f"{method}.py"
+    original = open(path).read()
+    args = ["-q", "-x", "-p", "no:cacheprovider", *tests_for(method, quick)]
+    for old, new, _ in MUTATIONS[method]:
+        with open(path, "w") as f:
+            f.write(original.replace(old, new))
+        t0 = time.time()
+        try:
+            importlib.reload(module)
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                rc = int(pytest.main(args))
+        except Exception:  # the mutated module does not even import: a test would fail
+            rc = 1
+        with open(path, "w") as f:
+            f.write(original)
+        importlib.reload(module)
+        print(f"{rc} {time.time() - t0:.1f}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=list(MUTATIONS), action="append", help="default: all")
+    p.add_argument("--quick", action="store_true", help="run only tests/test_fidelity_<method>.py")
+    p.add_argument("--match", default="", help="only the mutations whose description contains this text")
+    p.add_argument("--worker", choices=list(MUTATIONS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    for method in MUTATIONS:
+        MUTATIONS[method] = [m for m in MUTATIONS[method] if args.match in m[2]]
+    if args.worker:
+        return worker(args.worker, args.quick)
+    methods = args.method or list(MUTATIONS)
+    bad = [m for method in methods for m in check_lines(method)]
+    if bad:
+        sys.exit("\n".join(bad))
+    survivors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_repo(tmp)
+        for method in methods:
+            cmd = [sys.executable, "benchmarks/mutations.py", "--worker", method, "--match", args.match]
+            cmd += ["--quick"] if args.quick else []
+            proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, text=True)
+            for (_, _, why), line in zip(MUTATIONS[method], proc.stdout):
+                rc, seconds = line.split()
+                status = {"1": "killed", "0": "SURVIVED"}.get(rc, f"error (pytest exit {rc})")
+                if rc != "1":
+                    survivors.append(f"{method}: {why}")
+                print(f"{method:9s} {status:8s} {float(seconds):6.1f} s  {why}", flush=True)
+            if proc.wait() != 0:
+                sys.exit(f"the {method} worker failed")
+    n = sum(len(MUTATIONS[m]) for m in methods)
+    print(f"{n - len(survivors)} of {n} mutations killed" + (": survivors " + "; ".join(survivors) if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
