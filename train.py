@@ -438,6 +438,9 @@ def main(argv=None):
         seed, ckpt_path = cfg["seed"], os.path.join(out, "ckpt.pt")
         ddp_ids = [device] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ddp_ids) if ddp else net
+        # --compile: dynamo compiles the loss (net forward, tangent, loss arithmetic, backward) on the first step and
+        # again when an input shape changes; random draws from `gen` stay eager (graph breaks).
+        loss_fn = torch.compile(method.loss) if args.compile else method.loss
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
         gen = torch.Generator(device)
         sampler = data.EpochSampler(len(ds), seed)

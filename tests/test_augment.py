@@ -239,7 +239,7 @@ def test_labels_reach_the_net_only_inside_the_loss():
                                                      ("diffusion", "edm", 9, 55_733_891)])
 def test_cifar10_presets(method, pipe, dim, count):
     """REFERENCE §5.7: the MeanFlow CIFAR-10 net with augment_dim 6 has 55,799,811 parameters; EDM's is 55,733,891."""
-    _, cfg, m = train.resolve_config(["--method", method, "--data", "cifar10"])
+    _, cfg, m, _ = train.resolve_config(["--method", method, "--data", "cifar10"])
     assert cfg["augment"] == 0.12 and cfg["augment_pipe"] == pipe and cfg["xflip"] == (method == "meanflow")
     with torch.device("meta"):
         net = train.build_net(cfg, m, (3, 32, 32), 0)

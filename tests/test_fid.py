@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
 import data
 import fid
 import train
@@ -565,7 +566,7 @@ def test_latent_calc_decodes_scaled_samples(detector, latent_run, stand_in_vae, 
     assert images.shape == (5, 3, 32, 32) and images.dtype == np.uint8
     # By hand: per-image noise and label, the meanflow 1-step sample, / 0.18215, the stand-in decoder, uint8.
     state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
-    net = train.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
+    net = checkpoints.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
     eps, y = [], []
     for i in range(5):
         g = torch.Generator().manual_seed(data.mix_seed(0, i))
@@ -584,7 +585,7 @@ def test_latent_images_do_not_depend_on_the_split(latent_run, stand_in_vae):
     """Per-image seeds survive decoding: 5 images in one chunk equal chunks of 2 + 3, as ranks would make them."""
     import meanflow
     state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
-    net = train.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
+    net = checkpoints.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
     mcfg = train.method_config(meanflow, state["config"])
     decode = fid.vae_decoder("stabilityai/sd-vae-ft-mse", "cpu")
     whole, bad = fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, 0, 5, 0, 0, "cpu", decode)

@@ -174,7 +174,7 @@ def test_presets_match_the_reference_tables(name):
     JVP (tangent "jvp"), the fp32 presets the fused tangent."""
     import train
     teacher = ["--teacher", "T"] if "scd" in name else []
-    _, cfg, _ = train.resolve_config(["--method", "scm", "--data", "toy", "--preset", name, *teacher])
+    _, cfg, _, _ = train.resolve_config(["--method", "scm", "--data", "toy", "--preset", name, *teacher])
     for k, v in PRESETS[name].items():
         got = tuple(cfg[k]) if isinstance(v, tuple) else cfg[k]
         assert got == v, f"{name}.{k}: {got} != {v}"
