@@ -132,8 +132,8 @@ PRESETS = {
     # 200 Mimg), with EDM's augmentation pipeline at p = 0.12 (9-d labels, augment_dim=9 as EDM's checkpoints) and
     # no dataset x-flips. Deviation: constant EMA 0.9999 instead of EDM's 0.5 Mimg half-life.
     "cifar10": dict(
-        net="ddpmpp", dropout=0.13, cond=False, xflip=False, augment=0.12, augment_pipe="edm", batch=512, steps=390_625, optimizer="adam", lr=1e-3,
-        betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531, ema=(0.9999,),
+        net="ddpmpp", dropout=0.13, cond=False, xflip=False, augment=0.12, augment_pipe="edm", batch=512, steps=390_625,
+        optimizer="adam", lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531, ema=(0.9999,),
     ),
     # 2-D points on CPU: a teacher for the sCD / MeanFlow distillation demos and tests.
     "toy": dict(
