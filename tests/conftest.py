@@ -32,6 +32,19 @@ def sliced_wasserstein(a, b, n_proj=256, seed=0):
     return (pa - pb).square().mean().sqrt().item()
 
 
+def points_and_labels(B, D, K, scale=1.0, seed=100, labels=False):
+    """B float64 points of dimension D (N(0, scale^2)) and, if asked, one-hot labels of K classes, from one seed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * scale
+    y = torch.nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double() if labels else None
+    return x, y
+
+
+def param_grads(net, loss):
+    """Gradient of loss.sum() for every parameter of net (zeros where it does not depend on one)."""
+    return torch.autograd.grad(loss.sum(), list(net.parameters()), allow_unused=True, materialize_grads=True)
+
+
 @pytest.fixture
 def float64():
     old = torch.get_default_dtype()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import cm
+from conftest import param_grads, points_and_labels
 
 D, K = 3, 4
 
@@ -88,14 +89,7 @@ def expected(net, x, y, cfg, seed, images, teacher=None):
 
 
 def data(B=10, labels=False):
-    g = torch.Generator().manual_seed(100)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5
-    y = nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double() if labels else None
-    return x, y
-
-
-def grads(net, loss):
-    return torch.autograd.grad(loss.sum(), list(net.parameters()), allow_unused=True, materialize_grads=True)
+    return points_and_labels(B, D, K, scale=0.5, labels=labels)
 
 
 CASES = {  # (Config kwargs, images seen, teacher, labels)
@@ -127,7 +121,7 @@ def test_loss_value_and_gradient(case):
     torch.testing.assert_close(logs["t"], sigma, rtol=1e-12, atol=0)
     torch.testing.assert_close(logs["gap"], sigma - r, rtol=1e-9, atol=1e-15)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for a, b in zip(grads(net, got), grads(net, prescribed)):
+    for a, b in zip(param_grads(net, got), param_grads(net, prescribed)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

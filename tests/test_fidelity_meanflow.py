@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import meanflow
+from conftest import param_grads, points_and_labels
 
 D, K = 3, 4  # dimensions, classes
 
@@ -82,14 +83,7 @@ def expected(net, x, y, cfg, seed, teacher=None, step=1):
 
 
 def data(B=12, seed=0, labels=True):
-    g = torch.Generator().manual_seed(100 + seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    y = nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double() if labels else None
-    return x, y
-
-
-def grads(net, loss):
-    return torch.autograd.grad(loss.sum(), list(net.parameters()), allow_unused=True, materialize_grads=True)
+    return points_and_labels(B, D, K, seed=100 + seed, labels=labels)
 
 
 CASES = {
@@ -118,7 +112,7 @@ def test_loss_value_and_gradient(case, tangent):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for k in ("t", "L", "mse_v"):
         torch.testing.assert_close(logs[k], wlogs[k].detach(), rtol=tol, atol=tol)
-    for a, b in zip(grads(net, got), grads(net, prescribed)):
+    for a, b in zip(param_grads(net, got), param_grads(net, prescribed)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     if spec["labels"]:  # the guidance passes ran in eval mode and the net is back in train mode
         assert net.calls[:2] == [False, False] and net.training
@@ -143,7 +137,7 @@ def test_distillation_value_and_teacher_guidance_sign(labels):
     got, _ = meanflow.loss(net, x, y, cfg, 1, torch.Generator().manual_seed(2), teacher=teacher)
     want, prescribed, _ = expected(net, x, y, cfg, 2, teacher=teacher)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for a, b in zip(grads(net, got), grads(net, prescribed)):
+    for a, b in zip(param_grads(net, got), param_grads(net, prescribed)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

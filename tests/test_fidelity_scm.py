@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import scm
+from conftest import param_grads, points_and_labels
 
 D, K = 3, 4
 
@@ -87,14 +88,7 @@ def expected(net, x, y, cfg, seed, teacher=None, step=1):
 
 
 def data(B=8, labels=False):
-    g = torch.Generator().manual_seed(100)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5
-    y = nn.functional.one_hot(torch.randint(K, (B,), generator=g), K).double() if labels else None
-    return x, y
-
-
-def grads(net, loss):
-    return torch.autograd.grad(loss.sum(), list(net.parameters()), allow_unused=True, materialize_grads=True)
+    return points_and_labels(B, D, K, scale=0.5, labels=labels)
 
 
 CASES = {
@@ -124,7 +118,7 @@ def test_loss_value_and_gradient(case, tangent):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     torch.testing.assert_close(logs["t"], wlogs["t"], rtol=1e-12, atol=0)
     torch.testing.assert_close(logs["g_sq"], wlogs["g_sq"].detach(), rtol=tol, atol=tol)
-    for a, b in zip(grads(net, got), grads(net, prescribed)):
+    for a, b in zip(param_grads(net, got), param_grads(net, prescribed)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
