@@ -22,6 +22,7 @@ fair coin whatever p). The pixel transforms move whole pixels (reflected at the 
 composed into one affine map and resampled once: reflect-pad, 2x upsample with the sym6 wavelet low-pass filter,
 bilinear sampling, 2x downsample with the same filter.
 """
+import contextlib
 import math
 
 import torch
@@ -253,3 +254,20 @@ def _resample(x, G_inv):
     return x
 
 
+@contextlib.contextmanager
+def augment_labels(net, aug):
+    """Inside, every call of `net` (through DDP or bare, in the method's loss) gets the augmentation labels aug
+    (B, augment_dim): the method files need not know about augmentation. None: no labels (zero at sampling)."""
+    if aug is None:
+        yield
+        return
+
+    def feed(module, args, kwargs):
+        if args[0].shape[0] != aug.shape[0]:
+            raise RuntimeError(f"augmentation labels for {aug.shape[0]} samples, net called on {args[0].shape[0]}")
+        return args, {**kwargs, "aug": aug}
+    handle = net.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

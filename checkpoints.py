@@ -89,12 +89,20 @@ def setup_distributed(device_flag):
 # --- Checkpoint files --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path, net, emas, opt, step, cfg):
-    """state_dicts + the resolved config, written to a temp file and renamed (a crash never leaves half a file)."""
-    state = dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(), step=step, config=cfg)
+def atomic_save(state, path):
+    """torch.save to path.tmp, flushed to disk, then renamed over path: a crash leaves the old file or the new one."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, net, emas, opt, step, cfg):
+    """state_dicts + the resolved config, saved atomically."""
+    state = dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(), step=step, config=cfg)
+    atomic_save(state, path)
 
 
 def load_checkpoint(path, device):

@@ -42,6 +42,7 @@ import zipfile
 
 import torch
 
+import checkpoints
 import data
 import nets
 
@@ -360,9 +361,7 @@ def convert(src, out, net_name=None, expect_sha256=None):
     sd, config = to_our_net(weights, info, net_name)
     config["source"].update(file=os.path.basename(src), sha256=digest)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save(dict(net=sd, ema=[sd], step=0, config=config), tmp)  # net and ema share storages: saved once
-    os.replace(tmp, out)
+    checkpoints.atomic_save(dict(net=sd, ema=[sd], step=0, config=config), out)  # net and ema share storages
     return config
 
 

@@ -8,7 +8,7 @@
     python fid.py ref  --data imagenet.zip --resolution 256 --out in256-ref.npz     # latent models: the encoding's crop
     python fid.py calc --ckpt runs/meanflow-latents-000 --ref in256-ref.npz        # SD-VAE latents: decoded first
 
-Protocol (the same for `ref`, `calc` and train.py's compute_fid):
+Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
   * Detector: Inception-v3 "2015-12-05" (the TF graph FID has always used), 2048-d pool3 features in float32 (TF32 off).
     Weights: the torchvision-style state dict pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or its copy
     weights-inception-2015-12-05-6726825d.pth (torch-fidelity); --detector takes a path, a URL or one of these names
@@ -492,6 +492,23 @@ def compute_fid(net, method, mcfg, shape, label_dim, num, ref_stats, detector, d
     any sample is not finite."""
     mu, sigma, bad, _ = sample_stats(net, method, mcfg, tuple(shape), label_dim, num, detector, device, seed, batch)
     return float("nan") if bad else frechet_distance(mu, sigma, *ref_stats)
+
+
+def fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device):
+    """train.py --fid-every: a function ema -> FID (this file's protocol, per-image seeds), to call on every rank."""
+    if not ds.is_image or ds.shape[0] != 3:
+        raise UsageError(f"--fid-every needs RGB images; {cfg['data']} has samples of shape {ds.shape}")
+    ref = load_ref(args.fid_ref)
+    spec = args.fid_detector or DETECTOR_DEFAULT
+    if rank == 0:  # may download the weights once into the cache
+        detector, _ = load_detector(spec, device, args.cache)
+    if ddp:
+        dist.barrier()
+    if rank != 0:
+        detector, _ = load_detector(spec, device, args.cache)
+    return lambda ema: compute_fid(ema, method, mcfg, ds.shape, label_dim, args.fid_num, ref, detector, device,
+                                   seed=cfg["seed"])
+
 
 # --- Command line --------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 
 import augment
 import nets
+import recipe
 import train
 from conftest import ROOT
 from test_data import write_image_zip
@@ -228,10 +229,10 @@ def test_labels_reach_the_net_only_inside_the_loss():
     aug = torch.randn(2, 6, dtype=torch.float64)
     with torch.no_grad():
         net.map_augment.weight.normal_()
-        with train.augment_labels(net, aug):
+        with augment.augment_labels(net, aug):
             inside = net(x, t)
         assert torch.equal(inside, net(x, t, aug=aug)) and not torch.equal(net(x, t), inside)
-        with train.augment_labels(net, None):
+        with augment.augment_labels(net, None):
             assert torch.equal(net(x, t), net(x, t, aug=torch.zeros_like(aug)))
 
 
@@ -239,7 +240,7 @@ def test_labels_reach_the_net_only_inside_the_loss():
                                                      ("diffusion", "edm", 9, 55_733_891)])
 def test_cifar10_presets(method, pipe, dim, count):
     """REFERENCE §5.7: the MeanFlow CIFAR-10 net with augment_dim 6 has 55,799,811 parameters; EDM's is 55,733,891."""
-    _, cfg, m, _ = train.resolve_config(["--method", method, "--data", "cifar10"])
+    _, cfg, m, _ = recipe.resolve_config(["--method", method, "--data", "cifar10"])
     assert cfg["augment"] == 0.12 and cfg["augment_pipe"] == pipe and cfg["xflip"] == (method == "meanflow")
     with torch.device("meta"):
         net = train.build_net(cfg, m, (3, 32, 32), 0)

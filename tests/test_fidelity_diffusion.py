@@ -38,11 +38,11 @@ def test_config_defaults_are_edm_table_1():
 def test_cifar10_preset_is_edm_table_7():
     """Batch 512, 200 Mimg = 390,625 steps, Adam lr 1e-3 (eps 1e-8) warmed up over 10 Mimg = 19,531 steps, dropout
     0.13, EDM's augmentation pipeline at p = 0.12 (its x-flips included, no dataset x-flips); TF32 off."""
-    import train
-    _, cfg, _, _ = train.resolve_config(["--method", "diffusion", "--data", "toy", "--preset", "cifar10"])
+    import recipe
+    _, cfg, _, _ = recipe.resolve_config(["--method", "diffusion", "--data", "toy", "--preset", "cifar10"])
     want = dict(net="ddpmpp", dropout=0.13, cond=False, xflip=False, augment=0.12, augment_pipe="edm", batch=512,
-                steps=390_625, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531, ema=(0.9999,), precision="fp32",
-                tf32="off", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+                steps=390_625, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531,
+                ema=(0.9999,), precision="fp32", tf32="off", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     for k, v in want.items():
         got = tuple(cfg[k]) if isinstance(v, tuple) else cfg[k]
         assert got == v, f"cifar10.{k}: {got} != {v}"

@@ -197,8 +197,8 @@ PRESETS = {  # REFERENCE §5.8, column by column
 def test_presets_match_the_reference_tables(name):
     """Every value of REFERENCE §5.8's column, resolved as train.py does (preset over Config defaults over the recipe
     defaults), and TF32 off as the reference runs."""
-    import train
-    _, cfg, _, _ = train.resolve_config(["--method", "meanflow", "--data", "toy", "--preset", name])
+    import recipe
+    _, cfg, _, _ = recipe.resolve_config(["--method", "meanflow", "--data", "toy", "--preset", name])
     for k, v in PRESETS[name].items():
         got = tuple(cfg[k]) if isinstance(v, tuple) else cfg[k]
         assert got == v, f"{name}.{k}: {got} != {v}"

@@ -166,9 +166,9 @@ PRESETS = {  # REFERENCE §3.7, column by column
 def test_presets_match_the_reference_tables(name):
     """Every value of REFERENCE §3.7's column as train.py resolves it; TF32 off; the bf16 preset runs the exact fp32
     JVP (tangent "jvp"), the fp32 presets the fused tangent."""
-    import train
+    import recipe
     teacher = ["--teacher", "T"] if "scd" in name else []
-    _, cfg, _, _ = train.resolve_config(["--method", "scm", "--data", "toy", "--preset", name, *teacher])
+    _, cfg, _, _ = recipe.resolve_config(["--method", "scm", "--data", "toy", "--preset", name, *teacher])
     for k, v in PRESETS[name].items():
         got = tuple(cfg[k]) if isinstance(v, tuple) else cfg[k]
         assert got == v, f"{name}.{k}: {got} != {v}"

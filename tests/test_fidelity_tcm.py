@@ -129,8 +129,8 @@ PRESETS = {  # REFERENCE §4.3, column by column
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_match_the_reference_tables(name):
-    import train
-    _, cfg, _, _ = train.resolve_config(["--method", "tcm", "--data", "toy", "--preset", name, "--stage1", "S"])
+    import recipe
+    _, cfg, _, _ = recipe.resolve_config(["--method", "tcm", "--data", "toy", "--preset", name, "--stage1", "S"])
     for k, v in PRESETS[name].items():
         got = tuple(cfg[k]) if isinstance(v, tuple) else cfg[k]
         assert got == v, f"{name}.{k}: {got} != {v}"

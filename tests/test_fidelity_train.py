@@ -3,6 +3,7 @@ and --tf32 (off in every preset, as the reference runs)."""
 import pytest
 import torch
 
+import recipe
 import train
 from test_train import run
 
@@ -38,7 +39,7 @@ def test_tf32_flag_sets_both_backends(tmp_path, monkeypatch, flag, on):
 
 def test_tf32_off_in_every_preset():
     import importlib
-    for name in train.METHODS:
+    for name in recipe.METHODS:
         method = importlib.import_module(name)
         for preset, values in method.PRESETS.items():
-            assert values.get("tf32", train.TRAIN_DEFAULTS["tf32"]) == "off", f"{name} {preset}"
+            assert values.get("tf32", recipe.TRAIN_DEFAULTS["tf32"]) == "off", f"{name} {preset}"

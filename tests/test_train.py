@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
+import recipe
 import train
 from conftest import ROOT
 from test_data import write_image_zip
@@ -65,24 +67,24 @@ def test_image_zip_smoke_conditional(tmp_path):
     assert load(out)["net"]["map_label.weight"].shape[1] == 3  # conditioned on the 3 classes of dataset.json
 
 
-@pytest.mark.parametrize("name", train.METHODS)
+@pytest.mark.parametrize("name", recipe.METHODS)
 def test_help_lists_every_config_field(name):
     method = importlib.import_module(name)
-    text = train.build_parser(method).format_help()
-    for field in list(method.Config.__dataclass_fields__) + list(train.TRAIN):
+    text = recipe.build_parser(method).format_help()
+    for field in list(method.Config.__dataclass_fields__) + list(recipe.TRAIN):
         assert "--" + field.replace("_", "-") in text, field
 
 
-@pytest.mark.parametrize("name", train.METHODS)
+@pytest.mark.parametrize("name", recipe.METHODS)
 def test_presets_are_valid_configs(name):
     """Every preset uses only known keys and builds a valid Config; every method has a toy preset."""
     method = importlib.import_module(name)
-    known = set(method.Config.__dataclass_fields__) | set(train.TRAIN)
+    known = set(method.Config.__dataclass_fields__) | set(recipe.TRAIN)
     assert "toy" in method.PRESETS
     for preset_name, preset in method.PRESETS.items():
         assert set(preset) <= known, (preset_name, set(preset) - known)
-        cfg = {**train.TRAIN_DEFAULTS, **{f: d.default for f, d in method.Config.__dataclass_fields__.items()}, **preset}
-        train.method_config(method, cfg)
+        cfg = {**recipe.TRAIN_DEFAULTS, **{f: d.default for f, d in method.Config.__dataclass_fields__.items()}, **preset}
+        checkpoints.method_config(method, cfg)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -265,12 +267,12 @@ def test_power_ema_exponent(sigma_rel, gamma):
 
 
 def test_power_ema_decays():
-    cfg = dict(train.TRAIN_DEFAULTS, ema=(0.05, 0.1), ema_kind="power")
+    cfg = dict(recipe.TRAIN_DEFAULTS, ema=(0.05, 0.1), ema_kind="power")
     assert train.ema_decays(cfg, 1) == [0.0, 0.0]  # the first step copies the net
     k = 1000
     assert train.ema_decays(cfg, k)[0] == pytest.approx((1 - 1 / k) ** (train.power_gamma(0.05) + 1), rel=1e-15)
     assert train.ema_decays(cfg, k)[0] < train.ema_decays(cfg, k)[1]  # narrower width: the average covers less of the run
-    cfg = dict(train.TRAIN_DEFAULTS, ema=(0.999,), ema_warmup=True)
+    cfg = dict(recipe.TRAIN_DEFAULTS, ema=(0.999,), ema_warmup=True)
     assert train.ema_decays(cfg, 5) == [6 / 15] and train.ema_decays(dict(cfg, ema_warmup=False), 5) == [0.999]
 
 
@@ -304,11 +306,11 @@ def test_default_preset_follows_the_data(tmp_path):
     expect = {"toy": "toy", str(tmp_path / "c32.zip"): "cifar10", str(tmp_path / "in64.zip"): "imagenet64",
               str(tmp_path / "lat"): "imagenet256"}
     for spec, preset in expect.items():
-        assert train.default_preset(spec) == preset
-    _, cfg, _, _ = train.resolve_config(["--method", "cm", "--data", str(tmp_path / "in64.zip")])
+        assert recipe.default_preset(spec) == preset
+    _, cfg, _, _ = recipe.resolve_config(["--method", "cm", "--data", str(tmp_path / "in64.zip")])
     assert (cfg["preset"], cfg["net"], cfg["ema_kind"]) == ("imagenet64", "edm2-s", "power")
     with pytest.raises(train.UsageError, match="default for --data"):
-        train.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])
+        recipe.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])
 
 
 def test_tcm_power_ema_continues_the_stage1_step_count(tmp_path):
