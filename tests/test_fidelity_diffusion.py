@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import diffusion
-from test_fidelity_cm import LinF, data, edm_D, grads, lognormal
+from conftest import param_grads
+from test_fidelity_cm import LinF, data, edm_D, lognormal
 
 
 @pytest.mark.parametrize("labels", [False, True])
@@ -25,7 +26,7 @@ def test_loss_value_and_gradient(labels):
     torch.testing.assert_close(logs["t"], sigma, rtol=1e-12, atol=0)
     torch.testing.assert_close(logs["mse"], err.detach() / x.shape[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for a, b in zip(grads(net, got), grads(net, want)):
+    for a, b in zip(param_grads(net, got), param_grads(net, want)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

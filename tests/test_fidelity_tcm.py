@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import tcm
-from test_fidelity_cm import LinF, data, edm_D, grads, weight
+from conftest import param_grads
+from test_fidelity_cm import LinF, data, edm_D, weight
 
 
 def log_student_t_cdf(sigma, cfg):
@@ -88,7 +89,7 @@ def test_loss_value_and_gradient(case):
     assert (r >= cfg.transition_sigma).any() and (r < cfg.transition_sigma).any()  # both routes are exercised
     torch.testing.assert_close(logs["gap"], sigma_w - r, rtol=1e-9, atol=1e-15)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for a, b in zip(grads(student, got), grads(student, prescribed)):
+    for a, b in zip(param_grads(student, got), param_grads(student, prescribed)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
