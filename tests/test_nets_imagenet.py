@@ -181,6 +181,7 @@ def test_edm2_null_label_and_ones_channel():
     """y=None is EDM2's zero label; the input gets one constant channel (4 input channels for RGB)."""
     net = tiny_edm2().eval()
     x, t, _, _ = inputs((3, 16, 16))
+    # Bitwise: y=None builds the same zero labels and runs the very same ops.
     torch.testing.assert_close(net(x, t), net(x, t, y=torch.zeros(3, 4, dtype=x.dtype)), rtol=0, atol=0)
     assert net.enc["16x16_conv"].weight.shape[1] == 4
 
@@ -212,6 +213,7 @@ def test_dit_label_embedding():
     y = torch.nn.functional.one_hot(torch.tensor([2, 0, 3]), 4).double()
     y[1] = 0
     emb = net.label_embedding(y, 3)
+    # Bitwise on any CPU: y @ table[:L] + (1 - sum y) table[L] with 0/1 entries only adds exact zeros and ones x rows.
     torch.testing.assert_close(emb, table[torch.tensor([2, 4, 3])], rtol=0, atol=0)
     torch.testing.assert_close(net.label_embedding(None, 3), table[[4, 4, 4]], rtol=0, atol=0)
     x, t, _, _ = inputs((4, 8, 8))
