@@ -358,14 +358,27 @@ def center_crop_dhariwal(img, res):
     return img.crop((left, top, left + res, top + res))
 
 
-def sd_vae_encoder(name="stabilityai/sd-vae-ft-mse", device="cuda"):
-    """images (B, 3, H, W) in [-1, 1] -> (posterior mean, posterior std), each (B, 4, H/8, W/8), by diffusers'
-    AutoencoderKL (an optional dependency, needed only here)."""
+SD_VAE = "stabilityai/sd-vae-ft-mse"  # the VAE of the ImageNet-256 latents (REFERENCE §8)
+
+
+def load_sd_vae(name, device, dtype=torch.float32, need="encode-latents"):
+    """diffusers' AutoencoderKL `name` in eval mode, frozen. diffusers is optional: imported here only, for the two
+    jobs that need it (encode-latents here, decoding latent samples in fid.py)."""
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
-        raise DataError("encode-latents needs the diffusers package: pip install diffusers") from None
-    vae = AutoencoderKL.from_pretrained(name).to(device).eval()
+        raise DataError(f"{need} needs diffusers: pip install diffusers") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def sd_vae_encoder(name=SD_VAE, device="cuda"):
+    """images (B, 3, H, W) in [-1, 1] -> (posterior mean, posterior std), each (B, 4, H/8, W/8), by diffusers'
+    AutoencoderKL (an optional dependency, needed only here)."""
+    vae = load_sd_vae(name, device)
 
     @torch.no_grad()
     def encode(images):
@@ -501,7 +514,7 @@ def main(argv=None):
     e = sub.add_parser("encode-latents", help="encode an image zip/folder into SD-VAE latents (ImageNet-256)")
     e.add_argument("--src", required=True, help="image zip or folder (dataset.json labels, or n0xxxxxxx class folders)")
     e.add_argument("--out", required=True, help="output folder for mean.npy, std.npy, labels.npy, latents.json")
-    e.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", help="diffusers AutoencoderKL name or path")
+    e.add_argument("--vae", default=SD_VAE, help="diffusers AutoencoderKL name or path")
     e.add_argument("--batch", type=int, default=64)
     e.add_argument("--resolution", type=int, default=256)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -405,25 +405,17 @@ def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
 
 # --- Latent models: the SD-VAE decoder ---------------------------------------------------------------------------
 
-VAE_DEFAULT = "stabilityai/sd-vae-ft-mse"  # the VAE of the ImageNet-256 latents (REFERENCE §8)
 VAE_FACTOR = 8  # pixels per latent position, along each axis
 
 
-def vae_decoder(name=VAE_DEFAULT, device="cpu", dtype="auto"):
+def vae_decoder(name=data.SD_VAE, device="cpu", dtype="auto"):
     """The SD-VAE decoder as a function: unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), about [-1, 1],
-    float32. diffusers (optional) is imported here only. dtype auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise UsageError("FID of a latent model decodes with the SD-VAE, which needs diffusers: pip install diffusers") from None
+    float32. dtype auto: bf16 on CUDA (fp16 without bf16), fp32 on CPU."""
     device = torch.device(device)
     if dtype == "auto":
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     dt = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
-    try:
-        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dt).to(device).eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the VAE {name!r} ({type(e).__name__}); pass --vae PATH to a local copy") from None
+    vae = data.load_sd_vae(name, device, dt, need="FID of a latent model (decoding with the SD-VAE)")
 
     def decode(z):
         return vae.decode(z.to(device, dt)).sample.float()
@@ -619,7 +611,7 @@ def build_parser():
     calc.add_argument("--save-samples", help="folder for samples.png and samples.npz (uint8 images)")
     calc.add_argument("--json", help="write the result as JSON here")
     calc.add_argument("--repeats", type=int, default=1, help="disjoint seed sets of --num images each (EDM: 3, min)")
-    calc.add_argument("--vae", default=VAE_DEFAULT, help="latent models: diffusers AutoencoderKL name or path")
+    calc.add_argument("--vae", default=data.SD_VAE, help="latent models: diffusers AutoencoderKL name or path")
     calc.add_argument("--vae-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                       help="latent models: decoder precision (auto: bf16 on CUDA, fp32 on the CPU)")
     calc.add_argument("--vae-batch", type=int, default=32, help="latent models: latents per decoder call")

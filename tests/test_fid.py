@@ -595,6 +595,11 @@ def test_latent_images_do_not_depend_on_the_split(latent_run, stand_in_vae):
     assert (whole.int() - parts.int()).abs().max() <= 1 and (whole == parts).float().mean() > 0.99
 
 
+def test_a_vae_that_cannot_be_loaded_is_one_line(stand_in_vae):
+    with pytest.raises(data.DataError, match=r"cannot load the VAE 'nowhere/vae' \(OSError\); pass --vae PATH"):
+        fid.vae_decoder("nowhere/vae", "cpu")
+
+
 def test_latent_calc_without_diffusers_says_what_to_install(detector, latent_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
