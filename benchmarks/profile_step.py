@@ -7,7 +7,6 @@
 Variants and setup as benchmarks/step_time.py (forward + backward of one step after one warm-up step; the optimizer
 step is left out). The table lists the top operators by --sort; memory columns count what each operator allocates.
 """
-import argparse
 import os
 import sys
 
@@ -19,13 +18,7 @@ import step_time  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="ddpmpp")
-    p.add_argument("--data-shape", default="3,32,32", help="C,H,W or D")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--dropout", type=float, default=0.2)
+    p = step_time.step_parser(__doc__)
     p.add_argument("--variant", default="plain", help=f"one of {','.join(step_time.VARIANTS)}")
     p.add_argument("--sort", default="self_cpu_time_total", help="a torch.profiler key_averages column")
     p.add_argument("--rows", type=int, default=25)

@@ -76,14 +76,20 @@ def saved_bytes_and_flops(step_loss, x, gen, modules):
     return sum(saved.values()), flops.get_total_flops()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_parser(doc):
+    """The flags that pick the net, data, batch, device and precision of a step (shared with profile_step.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--net", default="ddpmpp")
     p.add_argument("--data-shape", default="3,32,32", help="C,H,W or D")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--dropout", type=float, default=0.2)
+    return p
+
+
+def main():
+    p = step_parser(__doc__)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
