@@ -119,7 +119,7 @@ LIMITS = dict(steps=(1, math.inf), batch=(1, math.inf), batch_gpu=(1, math.inf),
 def resolve_config(argv):
     """(args, cfg dict, method module, flags given): CLI flags over preset over defaults."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--method", "--data", "--preset"):
+    for flag in ("--method", "--data", "--preset", "--teacher"):
         pre.add_argument(flag)
     known, _ = pre.parse_known_args(argv)
     method, preset_name = None, None
@@ -127,7 +127,7 @@ def resolve_config(argv):
         if known.method not in METHODS:
             raise UsageError(f"unknown method {known.method!r}; choose from {', '.join(METHODS)}")
         method = importlib.import_module(known.method)
-        preset_name = known.preset or default_preset(known.data or "toy")
+        preset_name = known.preset or default_preset(known.data or "toy", method, distill=bool(known.teacher))
         if preset_name not in method.PRESETS:
             why = "" if known.preset else f" (the default for --data {known.data}; pass --preset)"
             raise UsageError(f"unknown preset {preset_name!r} for {known.method}{why}; choose from {', '.join(method.PRESETS)}")
@@ -173,12 +173,17 @@ def check_config(args, cfg, method):
     return method_config(method, cfg)
 
 
-def default_preset(spec):
-    """toy for points, imagenet256 for latents, imagenet64 for 64x64 images, cifar10 for other images."""
+def default_preset(spec, method=None, distill=False):
+    """toy for points, imagenet256 for latents, imagenet64 for 64x64 images, cifar10 for other images. With a
+    teacher (distill) and a method that has one distilling variant of that preset (scm: toy-scd, cifar10-scd; cm:
+    toy-cd), the variant."""
     if spec == "toy" or spec.endswith(".npy"):
-        return "toy"
-    if os.path.isfile(os.path.join(spec, data.LATENTS_JSON)):
-        return "imagenet256"
-    if spec != "cifar10" and data.peek_resolution(spec) == 64:
-        return "imagenet64"
-    return "cifar10"
+        name = "toy"
+    elif os.path.isfile(os.path.join(spec, data.LATENTS_JSON)):
+        name = "imagenet256"
+    elif spec != "cifar10" and data.peek_resolution(spec) == 64:
+        name = "imagenet64"
+    else:
+        name = "cifar10"
+    variants = [k for k, p in getattr(method, "PRESETS", {}).items() if k.startswith(name + "-") and p.get("distill")]
+    return variants[0] if distill and len(variants) == 1 else name

@@ -243,7 +243,7 @@ def main(argv=None):
         if rank == 0:
             print(f"{args.method} on {cfg['data']} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
                   f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
-                  f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | out {out}")
+                  f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | preset {cfg['preset']} | out {out}")
 
         fid_of = fid.fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
         stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0

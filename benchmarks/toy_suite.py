@@ -7,7 +7,8 @@
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
 would: `python train.py --method M --data <name>.npy` with its toy preset. The teacher-based ones reuse the runs
-before them: sCD and CD take the diffusion run as --init and --teacher, TCM takes the CT run as --stage1.
+before them: sCD and CD (presets toy-scd, toy-cd) take the diffusion run as --init and --teacher, TCM takes the CT
+run as --stage1.
 
 Score: sliced W2 (256 projections) between the run's 4,096 `samples.npy` (one network evaluation, except the
 diffusion teacher's many-step sampler) and the held-out points, divided by the sliced W2 of a moment-matched
@@ -132,8 +133,8 @@ METHODS = dict(
     diffusion=("--method diffusion --data {data}", None),
     sct=("--method scm --data {data}", None),
     ct=("--method cm --data {data}", None),
-    scd=("--method scm --data {data} --init {dif} --teacher {dif}", "diffusion"),
-    cd=("--method cm --data {data} --init {dif} --teacher {dif}", "diffusion"),
+    scd=("--method scm --preset toy-scd --data {data} --init {dif} --teacher {dif}", "diffusion"),
+    cd=("--method cm --preset toy-cd --data {data} --init {dif} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
 )
 LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="sCT", ct="CT", scd="sCD", cd="CD",
