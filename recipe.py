@@ -175,8 +175,8 @@ def check_config(args, cfg, method):
 
 def default_preset(spec, method=None, distill=False):
     """toy for points, imagenet256 for latents, imagenet64 for 64x64 images, cifar10 for other images. With a
-    teacher (distill) and a method that has one distilling variant of that preset (scm: toy-scd, cifar10-scd; cm:
-    toy-cd), the variant."""
+    teacher (distill) and a method that has one distilling variant of that preset (scm: toy-scd, cifar10-scd,
+    imagenet64-scd; cm: toy-cd), the variant."""
     if spec == "toy" or spec.endswith(".npy"):
         name = "toy"
     elif os.path.isfile(os.path.join(spec, data.LATENTS_JSON)):
