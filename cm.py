@@ -224,6 +224,8 @@ EMA3 = (0.9999, 0.99995, 0.9996)
 IN64 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
             ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
             ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
+TOY = dict(net="mlp", cond=False, batch=256, steps=2000, optimizer="adam", lr=1e-4, betas=(0.9, 0.999), lr_warmup=100,
+           ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0)
 PRESETS = {
     # Reference ECT CIFAR-10 (REFERENCE §2.5): 1-step FID 2.92 from EDM's unconditional VP checkpoint.
     # 2-step list recommended there: 80, 0.821, 0.
@@ -239,16 +241,10 @@ PRESETS = {
     # 2-D points on CPU, CT (from scratch, or --init a diffusion toy run): stages of 50 kimg, so the ratio reaches its
     # limit after 9 x 50 kimg = 1760 steps of 256. Thin clouds need more steps (benchmarks/toy_suite.py ratio on
     # arms_ring): 0.76 at 2000 steps, 0.53 at 4000, 0.49 at 8000.
-    "toy": dict(
-        net="mlp", cond=False, batch=256, steps=2000, optimizer="adam", lr=1e-4, betas=(0.9, 0.999), lr_warmup=100,
-        ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0,
-    ),
+    "toy": TOY,
     # CD on points (--init and --teacher a diffusion toy run): the ratio stops at 0.95 (after 4 x 50 kimg = 782 steps).
     # With CT's 0.999 CD contracted to a blob on the thin arms_ring cloud of benchmarks/toy_suite.py (ratio 1.76 / 1.09
     # for seeds 0 / 1; checkerboard 0.32 / 0.42); limit 0.95: 0.32 / 0.36 (checkerboard 0.37 / 0.46); 0.9: 0.52 / 0.49
     # (0.55 / 0.60); 0.75: 1.47. CT from scratch does not gain from it (0.95: 0.83 and 0.53, against 0.76 and 0.46).
-    "toy-cd": dict(
-        net="mlp", cond=False, distill=True, batch=256, steps=2000, optimizer="adam", lr=1e-4, betas=(0.9, 0.999),
-        lr_warmup=100, ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, ratio_limit=0.95,
-    ),
+    "toy-cd": dict(TOY, distill=True, ratio_limit=0.95),
 }

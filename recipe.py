@@ -185,5 +185,8 @@ def default_preset(spec, method=None, distill=False):
         name = "imagenet64"
     else:
         name = "cifar10"
-    variants = [k for k, p in getattr(method, "PRESETS", {}).items() if k.startswith(name + "-") and p.get("distill")]
-    return variants[0] if distill and len(variants) == 1 else name
+    if distill:
+        variants = [k for k, p in method.PRESETS.items() if k.startswith(name + "-") and p.get("distill")]
+        if len(variants) == 1:
+            return variants[0]
+    return name
