@@ -137,7 +137,7 @@ PRESETS = {
     ),
     # 2-D points on CPU: a teacher for the sCD / MeanFlow distillation demos and tests.
     "toy": dict(
-        net="mlp", cond=False, batch=256, steps=2000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
+        net="mlp", cond=False, batch=256, steps=4000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
         ema_warmup=True, sample_steps=32,
     ),
 }

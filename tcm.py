@@ -177,7 +177,7 @@ PRESETS = {
     # gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything
     # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05).
     "toy": dict(
-        net="mlp", cond=False, batch=256, steps=1000, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
+        net="mlp", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
         ema_warmup=True, ratio_limit=0.99, stage1_weights="ema",
     ),
 }
