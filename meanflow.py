@@ -265,7 +265,7 @@ PRESETS = {
     # steps (benchmarks/toy_suite.py ratios): circles 0.97 at 2000 steps, 0.43 at 4000, 0.28 at 8000 (batch 128 for
     # 4000 steps, the same CPU time as 2000: 1.08, so it is the images seen, not the step count).
     "toy": dict(
-        net="mlp", cond=False, batch=256, steps=3500, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), lr_warmup=100,
+        net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-3, betas=(0.9, 0.999), lr_warmup=100,
         ema=(0.999,), ema_warmup=True, tangent="fused",
     ),
 }
