@@ -238,11 +238,14 @@ PRESETS = {
     "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=1e-3),
     # The same with EDM2-XL, from the post-hoc 0.040 checkpoint.
     "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
-    # 2-D points on CPU, CT (from scratch, or --init a diffusion toy run): stages of 50 kimg, so the ratio reaches its
-    # limit after 9 x 50 kimg = 1760 steps of 256. Thin clouds need more steps (benchmarks/toy_suite.py ratio on
-    # arms_ring): 0.76 at 2000 steps, 0.53 at 4000, 0.49 at 8000.
+    # 2-D points on CPU, CT (from scratch, or --init a diffusion toy run), one minute with train.py --threads 2: stages
+    # of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256. Nested and thin clouds stay a
+    # blur at this budget (benchmarks/toy_suite.py ratios, circles / arms_ring at 3200 steps: 0.63 / 0.61; ratio limit
+    # 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; sigma_data 1.0: 0.55 on circles).
+    # More steps help slowly (arms_ring: 0.76 at 2000 steps, 0.53 at 4000, 0.49 at 8000).
     "toy": TOY,
-    # CD on points (--init and --teacher a diffusion toy run): the ratio stops at 0.95 (after 4 x 50 kimg = 782 steps).
+    # CD on points (--init and --teacher a diffusion toy run), 2500 steps: the ratio stops at 0.95 (after 4 x 50 kimg =
+    # 782 steps).
     # With CT's 0.999 CD contracted to a blob on the thin arms_ring cloud of benchmarks/toy_suite.py (ratio 1.76 / 1.09
     # for seeds 0 / 1; checkerboard 0.32 / 0.42); limit 0.95: 0.32 / 0.36 (checkerboard 0.37 / 0.46); 0.9: 0.52 / 0.49
     # (0.55 / 0.60); 0.75: 1.47. CT from scratch does not gain from it (0.95: 0.83 and 0.53, against 0.76 and 0.46).

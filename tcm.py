@@ -172,9 +172,9 @@ PRESETS = {
     "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=5e-4),
     # EDM2-XL (1-step FID 2.23 in the reference) on the cm.py imagenet64-xl run.
     "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=1e-4),
-    # 2-D points on CPU, on top of the cm.py toy run. Two changes for a 1000-step run: the ratio limit is 0.99, not
-    # 0.999 (with 0.999 consistency crawls from sigma = 1 up to 80 through ~4000 tiny gaps and the 1-step sample first
-    # gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything
+    # 2-D points on CPU, on top of the cm.py toy run, 2500 steps. Two changes for a short run: the ratio limit is 0.99,
+    # not 0.999 (with 0.999 consistency crawls from sigma = 1 up to 80 through ~4000 tiny gaps and the 1-step sample
+    # first gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything
     # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05).
     "toy": dict(
         net="mlp", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),

@@ -20,6 +20,7 @@ tests/test_train.py checks that 2 gloo ranks end with identical weights, equal t
 import contextlib
 import copy
 import functools
+import gc
 import inspect
 import json
 import math
@@ -343,6 +344,10 @@ def main(argv=None):
             data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
             print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
     if ddp:
+        # Free the DDP wrapper, whose reducer holds the process group, before the group goes: left to the garbage
+        # collector it may be destroyed at interpreter exit, where Gloo's threads can abort the process (SIGABRT).
+        del model, fid_of
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

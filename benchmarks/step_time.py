@@ -6,11 +6,11 @@
     python benchmarks/step_time.py --device cpu --net mlp --data-shape 2 --batch 256 --iters 30 --threads 1
     python benchmarks/step_time.py --device cpu --net ddpmpp --batch 1 --iters 0 --warmup 0 --memory  # saved bytes, FLOPs
 
-Each step is forward + backward + Adam (fused, as train.py) on random data. "plain" is diffusion.py's EDM step; MeanFlow adds a second
-time input r to the net and sCM a log-variance head (both negligible in size). CD's and sCD's teacher is a second
-copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its first ECT stage. Prints the
-median ms per step, the ratio to the plain step measured in the same run and, on CUDA, peak memory. Not a test: the
-numbers depend on the machine.
+Each step is forward + backward + Adam (fused as in train.py, or --adam loop) on random data. "plain" is diffusion.py's
+EDM step; MeanFlow adds a second time input r to the net and sCM a log-variance head (both negligible in size). CD's
+and sCD's teacher is a second copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its
+first ECT stage. Prints the median ms per step, the ratio to the plain step measured in the same run and, on CUDA,
+peak memory. Not a test: the numbers depend on the machine.
 
 --memory adds one more, untimed step per variant that reports two device-independent costs:
 - saved MiB: the bytes autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`), each storage counted
@@ -93,6 +93,8 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    p.add_argument("--adam", default="fused", choices=["fused", "loop"],
+                   help="Adam's fused kernel (train.py) or torch's per-tensor loop (its CPU default)")
     p.add_argument("--memory", action="store_true", help="also report saved-activation bytes and FLOPs per step")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = p.parse_args()
@@ -105,12 +107,12 @@ def main():
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     print(f"torch {torch.__version__} | {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads) | net {args.net} | batch {args.batch} | {args.precision} | "
-          f"dropout {args.dropout}")
+          f"dropout {args.dropout} | Adam {args.adam}")
 
     results = {}
     for variant in args.variants.split(","):
         net, step_loss, teacher = setup(variant, args, shape, device)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-5, fused=True)  # as train.py
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5, fused=args.adam == "fused", foreach=False)
         gen = torch.Generator(device).manual_seed(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
