@@ -16,7 +16,8 @@ Gaussian (same mean and covariance, 4,096 points): 1 is "a blob", 0 is perfect. 
 4,096 draws of the distribution) is printed for scale: a ratio near floor/gaussian is as good as this metric
 can tell. Cost is the wall-clock time of each train.py process (CPU time, user + sys, is in results.json). The
 budget the presets are sized for is one minute on two CPU cores, hence the defaults: one run at a time with
-`train.py --threads 2` (on a busy machine --jobs 2 --threads 1 measures the same ratios, the times then longer).
+`train.py --threads 2` (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios equal
+up to run-to-run noise and each run taking ~1.5x longer).
 
 Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (distribution x method scatters).
 """
