@@ -241,7 +241,8 @@ PRESETS = {
     # 2-D points on CPU, CT (from scratch, or --init a diffusion toy run), one minute with train.py --threads 2: stages
     # of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256. Nested and thin clouds stay a
     # blur at this budget (benchmarks/toy_suite.py ratios, circles / arms_ring at 3200 steps: 0.63 / 0.61; ratio limit
-    # 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; sigma_data 1.0: 0.55 on circles).
+    # 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; P_mean 0.0: 0.65 / 0.65, 1.0: 0.56 /
+    # 1.07; sigma_data 1.0: 0.55 on circles).
     # More steps help slowly (arms_ring: 0.76 at 2000 steps, 0.53 at 4000, 0.49 at 8000).
     "toy": TOY,
     # CD on points (--init and --teacher a diffusion toy run), 2500 steps: the ratio stops at 0.95 (after 4 x 50 kimg =
