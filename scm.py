@@ -265,7 +265,9 @@ PRESETS = {
     # 0.20 / 0.44 / 0.56, arms_ring 0.68 (P_mean 1.0: 0.18 / 0.48 / 0.57, arms_ring 0.96). 2000 steps take ~40 s with
     # train.py --threads 2, but more steps made sCT worse: 3000 with the warm-up at 1500 gave checkerboard / pinwheel
     # 0.62 / 0.45 (seed 1: 1.02 / 0.53) against 0.41 / 0.27, and arms_ring 0.81; with the warm-up at 1000,
-    # gaussians8 / swissroll 0.44 / 0.42; lr 2e-4 with beta2 0.999: circles 0.61, arms_ring 0.70.
+    # gaussians8 / swissroll 0.44 / 0.42; lr 2e-4 with beta2 0.999: circles 0.61, arms_ring 0.70. An lr decay
+    # (lr_ref_steps 1000, i.e. lr / sqrt(step / 1000)) over 3000 steps undoes the loss (checkerboard / pinwheel /
+    # arms_ring / circles 0.36 / 0.30 / 0.56 / 0.57, against 0.41 / 0.27 / 0.68 / 0.56 at 2000) but takes ~55 s.
     "toy": TOY,
     # sCD on points (--init and --teacher a diffusion toy run). The student starts as the teacher, so a gentler lr:
     # sCT's 3e-4 and 1000-step warm-up gave 0.87 on arms_ring against 0.67. The CIFAR sigmas left sCD blurred
