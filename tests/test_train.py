@@ -313,8 +313,6 @@ def test_default_preset_follows_the_data(tmp_path):
         recipe.resolve_config(["--method", "diffusion", "--data", str(tmp_path / "in64.zip")])
 
 
-
-
 def test_a_teacher_picks_the_distilling_preset(tmp_path):
     """With --teacher and no --preset, the data's preset becomes its one distilling variant (scm: toy-scd,
     cifar10-scd, imagenet64-scd; cm: toy-cd); without a teacher, or with --preset, nothing changes."""
@@ -333,6 +331,8 @@ def test_a_teacher_picks_the_distilling_preset(tmp_path):
         assert cfg["distill"] == preset.endswith(("-scd", "-cd"))
         assert json.loads(json.dumps(method.PRESETS[preset])).items() <= cfg.items()  # the preset's values, all of them
         assert ("preset" in given) == ("--preset" in argv)  # a resumed run keeps its own preset
+
+
 def test_tcm_power_ema_continues_the_stage1_step_count(tmp_path):
     """REFERENCE §1.5: in TCM the power EMA's k continues from stage 1, so after stage 1's 3 steps and one TCM step the
     EMA is beta_4 (stage-1 weights) + (1 - beta_4) (new weights), not a copy (which beta_1 = 0 would give)."""
