@@ -238,12 +238,16 @@ PRESETS = {
     "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=1e-3),
     # The same with EDM2-XL, from the post-hoc 0.040 checkpoint.
     "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
-    # 2-D points on CPU, CT (from scratch, or --init a diffusion toy run), one minute with train.py --threads 2: stages
-    # of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256. Nested and thin clouds stay a
-    # blur at this budget (benchmarks/toy_suite.py ratios, circles / arms_ring at 3200 steps: 0.63 / 0.61; ratio limit
-    # 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; P_mean 0.0: 0.65 / 0.65, 1.0: 0.56 /
-    # 1.07; sigma_data 1.0: 0.55 on circles).
-    # More steps help slowly (arms_ring: 0.76 at 2000 steps, 0.53 at 4000, 0.49 at 8000).
+    # 2-D points on CPU, CT tuning a diffusion toy run (--init), as ECT tunes EDM's CIFAR-10 model; one minute with
+    # train.py --threads 2: stages of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256.
+    # benchmarks/toy_suite.py ratios (one seed; ~0.1 is run-to-run noise), arms_ring / circles at 3200 steps: 0.60 /
+    # 0.31 (from scratch 0.61 / 0.63); lr 2e-4: 0.70 / 0.32; lr 5e-5: 0.60 on arms_ring; ratio limit 0.99: 0.62 /
+    # 0.34, 0.95: 0.77 / 0.39; P_mean -0.4: 0.59 / 0.40; EMA 0.9995: 0.60 on arms_ring; weight 1 instead of
+    # 1 / (sigma - r): 0.98 on arms_ring; stages of 25 kimg: 0.60 / 2.06 (circles collapsed to a disc).
+    # From scratch nested and thin clouds stayed a blur at this budget, and no setting beat noise on circles /
+    # arms_ring (ratio limit 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; P_mean 0.0:
+    # 0.65 / 0.65, 1.0: 0.56 / 1.07; sigma_data 1.0: 0.55 on circles); more steps helped slowly (arms_ring: 0.76 at
+    # 2000 steps, 0.53 at 4000, 0.49 at 8000).
     "toy": TOY,
     # CD on points (--init and --teacher a diffusion toy run), 2500 steps: the ratio stops at 0.95 (after 4 x 50 kimg =
     # 782 steps).

@@ -1,14 +1,14 @@
 """Every method on a suite of 2-D point clouds, trained through the real CLI, scored by one-step sample quality.
 
     python benchmarks/toy_suite.py                                          # all distributions x all methods
-    python benchmarks/toy_suite.py --dists arms_ring,checkerboard --methods meanflow,sct --jobs 2 --threads 1
+    python benchmarks/toy_suite.py --dists arms_ring,checkerboard --methods diffusion,sct --jobs 2 --threads 1
     python benchmarks/toy_suite.py --methods meanflow --extra "--steps 4000 --lr 2e-3"   # try a recipe change
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
-would: `python train.py --method M --data <name>.npy` with its toy preset. The teacher-based ones reuse the runs
-before them: sCD and CD (presets toy-scd, toy-cd) take the diffusion run as --init and --teacher, TCM takes the CT
-run as --stage1.
+would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow and the diffusion model start
+from scratch; the others reuse the runs before them, as the reference does: sCT and CT tune the diffusion run
+(--init), sCD and CD (presets toy-scd, toy-cd) take it as --init and --teacher, TCM takes the CT run as --stage1.
 
 Score: sliced W2 (256 projections) between the run's 4,096 `samples.npy` (one network evaluation, except the
 diffusion teacher's many-step sampler) and the held-out points, divided by the sliced W2 of a moment-matched
@@ -134,8 +134,8 @@ def baselines(train, held_out, floor_set, seed=0):
 METHODS = dict(
     meanflow=("--method meanflow --data {data}", None),
     diffusion=("--method diffusion --data {data}", None),
-    sct=("--method scm --data {data}", None),
-    ct=("--method cm --data {data}", None),
+    sct=("--method scm --data {data} --init {dif}", "diffusion"),
+    ct=("--method cm --data {data} --init {dif}", "diffusion"),
     scd=("--method scm --preset toy-scd --data {data} --init {dif} --teacher {dif}", "diffusion"),
     cd=("--method cm --preset toy-cd --data {data} --init {dif} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
