@@ -140,8 +140,8 @@ METHODS = dict(
     cd=("--method cm --preset toy-cd --data {data} --init {dif} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
 )
-LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="sCT", ct="CT", scd="sCD", cd="CD",
-              tcm="TCM (on CT)")
+LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="sCT (tuning)", ct="CT (tuning)",
+              scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
 def run_one(args, dist, method, data_file):
