@@ -3,6 +3,8 @@ measures what it says, and baselines that bracket the ratio."""
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,3 +45,15 @@ def test_baselines_bracket_the_ratio():
     gauss, data_floor = toy_suite.baselines(train, test, floor)
     assert data_floor < 0.4 * gauss
     assert toy_suite.sliced_w2(np.zeros_like(test), test) > gauss  # a point mass is worse than the Gaussian
+
+
+@pytest.mark.parametrize("method, needs", [("sct", "diffusion"), ("ct", "diffusion"), ("scd", "diffusion"),
+                                           ("cd", "diffusion"), ("tcm", "ct")])
+def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, needs):
+    """sCT and CT tune the diffusion run, as the reference's results do; sCD / CD distil it; TCM continues CT. Asking
+    for one without the run it starts from is refused before anything trains."""
+    suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
+    p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", method, "--n", "500", "--steps", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode != 0 and f"need --methods to include {needs}" in p.stderr
+    assert not os.path.exists(tmp_path / "runs")
