@@ -9,7 +9,8 @@
     python fid.py calc --ckpt runs/meanflow-latents-000 --ref in256-ref.npz        # SD-VAE latents: decoded first
 
 Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
-  * Detector: Inception-v3 "2015-12-05" (the TF graph FID has always used), 2048-d pool3 features in float32 (TF32 off).
+  * Detector: Inception-v3 "2015-12-05" (inception.py; the TF graph FID has always used), 2048-d pool3 features in
+    float32 (TF32 off).
     Weights: the torchvision-style state dict pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or its copy
     weights-inception-2015-12-05-6726825d.pth (torch-fidelity); --detector takes a path, a URL or one of these names
     (looked up in the cache, downloaded when a network exists). Checked by SHA-256: the 8 hex digits before .pth are
@@ -45,232 +46,20 @@ import importlib
 import inspect
 import json
 import os
-import re
-import shutil
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 import checkpoints
 import data
+import inception
 from checkpoints import UsageError
 
-DETECTOR_URLS = {
-    "pt_inception-2015-12-05-6726825d.pth":
-        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-    "weights-inception-2015-12-05-6726825d.pth":
-        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-}
-DETECTOR_DEFAULT = "pt_inception-2015-12-05-6726825d.pth"
-PUBLISHED_SHA256_PREFIX = "6726825d"
 PROTOCOL = "inception-2015-12-05 pool3; uint8 floor(127.5x+128); TF1 bilinear to 299; (x-128)/128; float64 stats"
-FETCH_HINT = f"fetch {' or '.join(DETECTOR_URLS.values())} and pass --detector PATH"
-
-# --- Detector: Inception-v3 "2015-12-05" ----------------------------------------------------------------------
-# torchvision's Inception-v3 module names (so the published state dicts load strictly), with the TF graph's
-# differences: 1008 logits, avg-pool branches that do not count the zero padding (A, C, first E block), a max-pool
-# branch in the last E block (Mixed_7c), BN eps 1e-3. No auxiliary head. fc is loaded but FID never uses it.
-
-
-class Conv(nn.Module):
-    """conv (no bias) + BN + ReLU, named like torchvision's BasicConv2d."""
-
-    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)  # TF's BN epsilon
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def chain(x, *layers):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-def tf_avg_pool(x):
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # TF averages over real pixels only
-
-
-class BlockA(nn.Module):  # Mixed_5b, 5c, 5d (35 x 35)
-    def __init__(self, c_in, pool_features):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = Conv(c_in, 48, 1), Conv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 64, 1), Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
-        self.branch_pool = Conv(c_in, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(x, self.branch5x5_1, self.branch5x5_2),
-                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class BlockB(nn.Module):  # Mixed_6a (35 -> 17)
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = Conv(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 64, 1), Conv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class BlockC(nn.Module):  # Mixed_6b..6e (17 x 17), factorised 7 x 7
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = Conv(c_in, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = Conv(c_in, c7, 1), Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = Conv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(c_in, c7, 1), Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                                self.branch7x7dbl_5),
-                          self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class BlockD(nn.Module):  # Mixed_7a (17 -> 8)
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = Conv(c_in, 192, 1), Conv(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = Conv(c_in, 192, 1), Conv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, (7, 1), padding=(3, 0)), Conv(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2),
-                          chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class BlockE(nn.Module):  # Mixed_7b (avg-pool branch), Mixed_7c (max-pool branch: the TF graph's, not the paper's)
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = Conv(c_in, 320, 1)
-        self.branch3x3_1 = Conv(c_in, 384, 1)
-        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(c_in, 448, 1), Conv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = Conv(c_in, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3dbl = chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        pooled = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pooled)], 1)
-
-
-class InceptionV3(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
-        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
-        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = BlockA(192, 32), BlockA(256, 64), BlockA(288, 64)
-        self.Mixed_6a = BlockB(288)
-        self.Mixed_6b, self.Mixed_6c = BlockC(768, 128), BlockC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = BlockC(768, 160), BlockC(768, 192)
-        self.Mixed_7a = BlockD(768)
-        self.Mixed_7b, self.Mixed_7c = BlockE(1280, "avg"), BlockE(2048, "max")
-        self.fc = nn.Linear(2048, 1008)
-
-    def forward(self, x):
-        """x: (B, 3, 299, 299) normalised to about [-1, 1] -> pool3 features (B, 2048)."""
-        x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (B, 64, 147, 147)
-        x = chain(F.max_pool2d(x, 3, stride=2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # (B, 192, 71, 71)
-        x = chain(F.max_pool2d(x, 3, stride=2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # (B, 288, 35, 35)
-        x = chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e)  # (B, 768, 17, 17)
-        x = chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # (B, 2048, 8, 8)
-        return x.mean(dim=(2, 3))  # (B, 2048): pool3, the 8 x 8 average
-
-# --- Detector weights ---------------------------------------------------------------------------------------------
-
-
-
-
-def check_sha256(path, name):
-    """Full SHA-256 of the file; it must start with the hex digits after the last '-' of `name` (torch.hub)."""
-    m = re.search(r"-([0-9a-f]{8,64})\.pth$", name)
-    if not m:
-        raise UsageError(f"detector file {name} must be named NAME-<first 8 hex digits of its SHA-256>.pth "
-                         f"(torch.hub convention) so it can be verified; {FETCH_HINT}")
-    digest = data.file_digest(path)
-    if not digest.startswith(m.group(1)):
-        raise UsageError(f"{path} has SHA-256 {digest[:16]}..., but its name promises {m.group(1)}: the file is "
-                         f"corrupt or incomplete; delete it and {FETCH_HINT}")
-    return digest
-
-
-def fetch_detector(spec, cache_dir):
-    """A verified local detector file for a path, a URL or a known file name. Returns (path, sha256)."""
-    if spec.endswith((".pt", ".pkl")):
-        raise UsageError(f"{spec}: NVIDIA's TorchScript/pickle detector is not supported (loading it would run code "
-                         f"stored in the file); {FETCH_HINT}")
-    if os.path.isfile(spec):
-        return spec, check_sha256(spec, os.path.basename(spec))
-    name = os.path.basename(spec.split("?")[0])
-    url = spec if spec.startswith(("http://", "https://")) else DETECTOR_URLS.get(spec)
-    if url is None:
-        raise UsageError(f"no detector file {spec}; {FETCH_HINT}")
-    path = os.path.join(cache_dir, name)
-    if os.path.isfile(path):
-        return path, check_sha256(path, name)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        digest = check_sha256(tmp, name)
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"cannot download the detector from {url} ({type(e).__name__}); {FETCH_HINT}") from None
-    os.replace(tmp, path)  # a crash never leaves a half file under the final name
-    return path, digest
-
-
-def load_detector(spec, device, cache_dir=None):
-    """(InceptionV3 in eval mode on device, sha256 of the weights)."""
-    path, digest = fetch_detector(spec, cache_dir or data.cache_dir_default())
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot load {path} as a state dict ({type(e).__name__})") from None
-    net = InceptionV3()
-    if not isinstance(state, dict):
-        raise UsageError(f"{path} does not hold a state dict")
-    # BN's num_batches_tracked counters are bookkeeping the published files may or may not carry: ours are used.
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    state.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
-    checkpoints.load_weights(net, state, f"detector {path}")
-    if not digest.startswith(PUBLISHED_SHA256_PREFIX) and not (dist.is_initialized() and dist.get_rank() > 0):
-        print(f"warning: {path} is not the published 2015-12-05 detector (SHA-256 {digest[:8]}...): "
-              "FIDs are not comparable with published ones", file=sys.stderr)
-    return net.eval().requires_grad_(False).to(device), digest
 
 # --- Protocol: quantise, resize, normalise -----------------------------------------------------------------------
 
@@ -491,13 +280,13 @@ def fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device):
     if not ds.is_image or ds.shape[0] != 3:
         raise UsageError(f"--fid-every needs RGB images; {cfg['data']} has samples of shape {ds.shape}")
     ref = load_ref(args.fid_ref)
-    spec = args.fid_detector or DETECTOR_DEFAULT
+    spec = args.fid_detector or inception.DETECTOR_DEFAULT
     if rank == 0:  # may download the weights once into the cache
-        detector, _ = load_detector(spec, device, args.cache)
+        detector, _ = inception.load_detector(spec, device, args.cache)
     if ddp:
         dist.barrier()
     if rank != 0:
-        detector, _ = load_detector(spec, device, args.cache)
+        detector, _ = inception.load_detector(spec, device, args.cache)
     return lambda ema: compute_fid(ema, method, mcfg, ds.shape, label_dim, args.fid_num, ref, detector, device,
                                    seed=cfg["seed"])
 
@@ -506,7 +295,7 @@ def fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device):
 
 
 def run_ref(args, rank, world, device):
-    detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
+    detector, digest = inception.load_detector(args.detector, device, args.cache)  # before the (large) data
     if args.resolution:  # images of any size, cropped as data.py encode-latents crops them
         stats = FeatureStats(device)
         for _, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
@@ -550,7 +339,7 @@ def run_calc(args, rank, world, device):
     method = importlib.import_module(cfg["method"])
     mcfg = sampler_config(method, checkpoints.method_config(method, cfg), args.steps, args.sigmas, args.ts)
     net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
-    detector, digest = load_detector(args.detector, device, args.cache)
+    detector, digest = inception.load_detector(args.detector, device, args.cache)
     decode = None
     if shape[0] == 4:  # SD-VAE latents; rank 0 loads first (it may download), then the others
         if rank == 0:
@@ -618,7 +407,8 @@ def build_parser():
     ref.add_argument("--resolution", type=int, help="center-crop-dhariwal every image to this size first, as "
                      "data.py encode-latents did (reference statistics for latent models)")
     for q in (ref, calc):
-        q.add_argument("--detector", default=DETECTOR_DEFAULT, help="Inception weights: path, URL or known file name")
+        q.add_argument("--detector", default=inception.DETECTOR_DEFAULT,
+                       help="Inception weights: path, URL or known file name")
         q.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
         q.add_argument("--device", default="auto", help="auto, cpu or cuda")
         q.add_argument("--cache", default=data.cache_dir_default(), help="download cache")
@@ -632,7 +422,7 @@ def main(argv=None):
     ddp, rank, world, device = checkpoints.setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it
-            fetch_detector(args.detector, args.cache)
+            inception.fetch_detector(args.detector, args.cache)
         if ddp:
             dist.barrier()
         return (run_ref if args.command == "ref" else run_calc)(args, rank, world, device)

@@ -121,8 +121,8 @@ def save_hub_named(state, folder, stem="rand-inception"):
 def detector(tmp_path_factory):
     """Random Inception weights (He-scaled convs, random BN statistics) saved as NAME-<sha256[:8]>.pth:
     (path, net)."""
-    import fid
-    net = fid.InceptionV3().eval()
+    import inception
+    net = inception.InceptionV3().eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, t in net.state_dict().items():

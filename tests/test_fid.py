@@ -1,6 +1,6 @@
-"""fid.py: the Frechet distance in float64, the Inception-v3 port's layout, the weight loader and its checks, the
-TF1 resize, and the ref/calc commands end to end (per-image seeds; 2 gloo ranks equal 1 process). The published
-detector weights cannot be fetched here: every test uses random weights saved under a hub-style file name."""
+"""fid.py and inception.py: the Frechet distance in float64, the Inception-v3 port's layout, the weight loader and its
+checks, the TF1 resize, and the ref/calc commands end to end (per-image seeds; 2 gloo ranks equal 1 process). The
+published detector weights cannot be fetched here: every test uses random weights saved under a hub-style file name."""
 import io
 import json
 import math
@@ -19,6 +19,7 @@ from PIL import Image
 import checkpoints
 import data
 import fid
+import inception
 import train
 from conftest import ROOT, save_hub_named, tiny_ref
 from test_data import write_image_zip
@@ -213,7 +214,7 @@ def test_inception_layout_matches_the_published_state_dicts():
     Parameters: torchvision's Inception3 has 27,161,264 (its docs' num_params, aux head and 1000 classes); the aux
     head is 768*128 + 2*128 + 128*768*25 + 2*768 + 768*1000 + 1000 = 3,326,696; 8 more classes add 8 * 2049: so
     23,850,960. The state dict also holds BN running means and variances (2 * 17,216 channels): 23,885,392 floats."""
-    net = fid.InceptionV3()
+    net = inception.InceptionV3()
     sd = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     expected = {}
     for name, c_in, c_out, kh, kw in expected_convs():
@@ -245,10 +246,11 @@ def test_tf_graph_pool_branches():
         x = torch.rand(1, c_in, 5, 5, generator=torch.Generator().manual_seed(0)) + 1
         out = block.eval()(x)[:, -block.branch_pool.conv.out_channels:]
         return x[:, :out.shape[1]], out
-    for block, c_in in ((fid.BlockA(192, 32), 192), (fid.BlockC(768, 128), 768), (fid.BlockE(1280, "avg"), 1280)):
+    blocks = (inception.BlockA(192, 32), 192), (inception.BlockC(768, 128), 768), (inception.BlockE(1280, "avg"), 1280)
+    for block, c_in in blocks:
         x, out = pool_output(block, c_in)
         torch.testing.assert_close(out[..., 0, 0], x[..., :2, :2].mean((-1, -2)))  # corner: 4 real pixels
-    x, out = pool_output(fid.BlockE(2048, "max"), 2048)
+    x, out = pool_output(inception.BlockE(2048, "max"), 2048)
     torch.testing.assert_close(out[..., 0, 0], x[..., :2, :2].amax((-1, -2)))
 
 
@@ -257,10 +259,10 @@ def test_loader_round_trip_and_features(detector, tmp_path):
     are (N, 2048), float32, finite, equal to the saved net on the protocol's input, and do not depend on the batch
     they were computed in (float32 tolerance 1e-5)."""
     path, net = detector
-    loaded, digest = fid.load_detector(path, "cpu")
+    loaded, digest = inception.load_detector(path, "cpu")
     assert digest == data.file_digest(path) and os.path.basename(path).endswith(f"-{digest[:8]}.pth")
     bare = save_hub_named({k: v for k, v in net.state_dict().items() if "num_batches" not in k}, str(tmp_path))
-    for other in (loaded, fid.load_detector(bare, "cpu")[0]):
+    for other in (loaded, inception.load_detector(bare, "cpu")[0]):
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items())
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     f = fid.features(loaded, images)
@@ -277,16 +279,16 @@ def test_loader_refusals(detector, tmp_path, monkeypatch):
     wrong = tmp_path / "rand-inception-00000000.pth"
     os.link(path, wrong)
     with pytest.raises(train.UsageError, match="SHA-256 .* promises 00000000"):
-        fid.load_detector(str(wrong), "cpu")
+        inception.load_detector(str(wrong), "cpu")
     unnamed = tmp_path / "inception.pth"
     os.link(path, unnamed)
     with pytest.raises(train.UsageError, match="torch.hub convention"):
-        fid.load_detector(str(unnamed), "cpu")
+        inception.load_detector(str(unnamed), "cpu")
     with pytest.raises(train.UsageError, match="run code"):
-        fid.load_detector("inception-2015-12-05.pt", "cpu")
+        inception.load_detector("inception-2015-12-05.pt", "cpu")
     short = save_hub_named({"fc.weight": torch.zeros(1008, 2048)}, str(tmp_path), "partial")
     with pytest.raises(train.UsageError, match="does not fit"):
-        fid.load_detector(short, "cpu")
+        inception.load_detector(short, "cpu")
 
 
 def test_missing_detector_names_the_urls(tmp_path, monkeypatch, capsys):
@@ -294,15 +296,15 @@ def test_missing_detector_names_the_urls(tmp_path, monkeypatch, capsys):
     and the flag; a missing local path says the same. From the shell: exit status 1."""
     def offline(*args, **kwargs):
         raise urllib.error.URLError("offline")
-    monkeypatch.setattr(fid.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(inception.urllib.request, "urlopen", offline)
     with pytest.raises(train.UsageError) as e:
-        fid.load_detector(fid.DETECTOR_DEFAULT, "cpu", cache_dir=str(tmp_path))
+        inception.load_detector(inception.DETECTOR_DEFAULT, "cpu", cache_dir=str(tmp_path))
     message = str(e.value)
     assert "\n" not in message and "--detector PATH" in message
-    assert all(url in message for url in fid.DETECTOR_URLS.values())
+    assert all(url in message for url in inception.DETECTOR_URLS.values())
     assert not os.listdir(tmp_path)  # no half file left behind
     with pytest.raises(train.UsageError, match="no detector file missing/x.pth; fetch https://github.com/mseitzer"):
-        fid.load_detector("missing/x.pth", "cpu")
+        inception.load_detector("missing/x.pth", "cpu")
     p = subprocess.run([sys.executable, "fid.py", "ref", "--data", "toy", "--out", str(tmp_path / "r.npz"),
                         "--detector", "missing/x.pth"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fid.py: error: no detector file" in p.stderr
@@ -384,7 +386,7 @@ def test_calc_json_samples_and_compute_fid(detector, image_run, tmp_path, monkey
     net, cm, mcfg = load_ema(image_run, 0)
     images = np.load(tmp_path / "a" / "samples.npz")["images"]
     assert np.array_equal(images, fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 4, 0, 0, "cpu")[0].numpy())
-    loaded, _ = fid.load_detector(det, "cpu")
+    loaded, _ = inception.load_detector(det, "cpu")
     monkeypatch.setattr(fid, "frechet_distance", lambda *args: calls.append(args) or -1.0)
     value = fid.compute_fid(net, cm, mcfg, [3, 16, 16], 3, 4, fid.load_ref(ref), loaded, "cpu", seed=0, batch=4)
     assert value == -1.0 and len(calls) == 2
@@ -619,7 +621,7 @@ def test_ref_crops_like_the_latent_encoding(detector, tmp_path):
         first = Image.open(io.BytesIO(z.read(sorted(n for n in z.namelist() if n.endswith(".png"))[0]))).convert("RGB")
     assert crops.shape == (3, 3, 16, 16)
     assert np.array_equal(crops[0].permute(1, 2, 0).numpy(), np.asarray(data.center_crop_dhariwal(first, 16)))
-    net, _ = fid.load_detector(detector[0], "cpu")
+    net, _ = inception.load_detector(detector[0], "cpu")
     stats = fid.FeatureStats("cpu")
     stats.add(fid.features(net, crops))
     mu, sigma, _, _ = stats.result()
