@@ -246,6 +246,8 @@ PRESETS = {
     # 1 / (sigma - r): 0.98 on arms_ring; stages of 25 kimg: 0.60 / 2.06 (circles collapsed to a disc). arms_ring
     # with seed 1: 0.56. Longer runs, arms_ring: 0.57 at 4800 steps; at 6400, 1.72 for seed 0 (collapsed to a filled
     # disc) and 0.61 for seed 1; ratio limit 0.99 at 6400: 0.58 / 0.62, dropout 0.1: 0.66; circles at 6400: 0.26.
+    # MeanFlow's toy trade (net mlp-small at batch 1024, tuning a diffusion run trained the same way): arms_ring
+    # collapsed to a point (6.6; stages of 50 or 200 kimg), swiss roll 0.30 with 200-kimg stages (this preset: 0.37).
     # From scratch nested and thin clouds stayed a blur at this budget, and no setting beat noise on circles /
     # arms_ring (ratio limit 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; P_mean 0.0:
     # 0.65 / 0.65, 1.0: 0.56 / 1.07; sigma_data 1.0: 0.55 on circles); more steps helped slowly (arms_ring: 0.76 at

@@ -1041,6 +1041,7 @@ NETS = {
     "dit-xl2": (DiT, dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)),
     "dit-tiny": (DiT, dict(hidden_size=32, depth=2, num_heads=4, patch_size=2)),
     "mlp": (MLP, dict(width=256, depth=4)),
+    "mlp-small": (MLP, dict(width=128, depth=4)),  # ~1/4 of mlp's FLOPs per point: 4x the batch in the same time
 }
 
 

@@ -23,6 +23,7 @@ Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (di
 """
 import argparse
 import concurrent.futures
+import importlib
 import json
 import math
 import os
@@ -144,9 +145,22 @@ LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="s
               scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
-def run_one(args, dist, method, data_file):
-    """Train one (distribution, method) through train.py; returns (return code, cost, run folder), the cost a dict of
-    wall-clock and CPU (user + sys) seconds."""
+def recipe(template):
+    """The preset a run's command resolves to, with its net's registry entry, as text: a finished run is reused only
+    while both its command and this are unchanged, so editing a preset retrains its runs."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import nets
+    argv = shlex.split(template)
+    flag = dict(zip(argv[::2], argv[1:][::2]))
+    preset = importlib.import_module(flag["--method"]).PRESETS[flag.get("--preset", "toy")]
+    return repr((sorted(preset.items()), nets.NETS[preset["net"]][1]))
+
+
+def run_one(args, dist, method, data_file, upstream_trained=False):
+    """Train one (distribution, method) through train.py; returns (return code, cost, run folder, trained), the cost a
+    dict of wall-clock and CPU (user + sys) seconds, `trained` False for a reused run. A run whose teacher or stage-1
+    run was retrained in this call is retrained too."""
     out = os.path.join(args.out, "runs", f"{dist}-{method}")
     template, _ = METHODS[method]
     cli = template.format(data=data_file, dif=os.path.join(args.out, "runs", f"{dist}-diffusion"),
@@ -156,11 +170,12 @@ def run_one(args, dist, method, data_file):
            *shlex.split(args.extra)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    if os.path.exists(os.path.join(out, "cost.json")) and not args.force:
+    key = dict(command=cmd, recipe=recipe(template))
+    if os.path.exists(os.path.join(out, "cost.json")) and not (args.force or upstream_trained):
         with open(os.path.join(out, "cost.json")) as f:
             cost = json.load(f)
-        if cost.pop("command") == cmd:  # the same run finished before: reuse it
-            return 0, cost, out
+        if {k: cost.pop(k, None) for k in key} == key:  # the same run finished before: reuse it
+            return 0, cost, out, False
     if os.path.exists(out):
         subprocess.run(["rm", "-rf", out], check=True)
     os.makedirs(out)
@@ -175,8 +190,8 @@ def run_one(args, dist, method, data_file):
     cost = dict(wall_s=time.perf_counter() - start, cpu_s=usage.ru_utime + usage.ru_stime)
     if p.returncode == 0:
         with open(os.path.join(out, "cost.json"), "w") as f:
-            json.dump(dict(cost, command=cmd), f)
-    return p.returncode, cost, out
+            json.dump(dict(cost, **key), f)
+    return p.returncode, cost, out, True
 
 
 def run_all(args, dists, methods, files):
@@ -186,21 +201,23 @@ def run_all(args, dists, methods, files):
     for d, m in need.values():
         if m not in methods:
             raise SystemExit(f"toy_suite.py: error: {METHODS[m][0].split()[1]} runs need --methods to include {m}")
-    done, results = set(), {}
+    done, trained, results = set(), set(), {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         pending = {}
         while jobs or pending:
             ready = [j for j in jobs if j not in need or need[j] in done]
             for j in ready[:max(0, args.jobs - len(pending))]:
                 jobs.remove(j)
-                pending[pool.submit(run_one, args, *j, files[j[0]])] = j
+                pending[pool.submit(run_one, args, *j, files[j[0]], need.get(j) in trained)] = j
             finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for f in finished:
                 j = pending.pop(f)
-                rc, cost, out = f.result()
+                rc, cost, out, fresh = f.result()
                 results[j] = dict(rc=rc, out=out, **cost)
-                print(f"{j[0]:>12s} {j[1]:>9s}: {'ok' if rc == 0 else f'FAILED (rc {rc})'} {cost['wall_s']:6.1f} s "
-                      f"({cost['cpu_s']:.1f} s CPU)", flush=True)
+                trained |= {j} if fresh else set()
+                status = ('ok' if fresh else 'reused') if rc == 0 else f'FAILED (rc {rc})'
+                print(f"{j[0]:>12s} {j[1]:>9s}: {status} {cost['wall_s']:6.1f} s ({cost['cpu_s']:.1f} s CPU)",
+                      flush=True)
                 if rc == 0:
                     done.add(j)
                 else:  # whatever depends on it cannot run
@@ -259,7 +276,8 @@ def main():
                    "no longer those of an idle machine)")
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
-    p.add_argument("--force", action="store_true", help="retrain runs that already finished with the same command (default: reuse them)")
+    p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
+                   "command and preset are unchanged and the run it starts from was not retrained; code edits need this)")
     args = p.parse_args()
     dists, methods = args.dists.split(","), args.methods.split(",")
     for name, known in (("dists", DISTS), ("methods", METHODS)):

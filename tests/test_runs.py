@@ -168,7 +168,7 @@ def test_resume_checks_method_net_shape_label_dim_and_cond(tmp_path):
 
 
 def test_resume_restores_the_saved_config_and_notes_changed_flags(tmp_path, capsys):
-    """A forgotten --batch no longer continues at the preset's 256: only --steps is passed, and the result equals the
+    """A forgotten --batch no longer continues at the preset's 1024: only --steps is passed, and the result equals the
     straight run bitwise. A flag that differs from the saved config is applied with a notice."""
     common = ["--data", "toy", "--batch", "16", "--dropout", "0.1", "--ckpt-every", "4", "--log-every", "2"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -183,7 +183,7 @@ def test_resume_restores_the_saved_config_and_notes_changed_flags(tmp_path, caps
     assert all(torch.equal(a["ema"][0][k], b["ema"][0][k]) for k in a["net"])
     assert json.load(open(os.path.join(part, "config.json")))["batch"] == 16
     train.cli(["--method", "meanflow", "--steps", "9", "--resume", part, "--lr", "2e-4", "--num-samples", "10"])
-    assert "resume: --lr 0.0002 replaces the run's 0.001" in capsys.readouterr().out
+    assert "resume: --lr 0.0002 replaces the run's 0.002" in capsys.readouterr().out
     assert load(part)["config"]["lr"] == 2e-4
     before = snapshot(part)
     assert "--preset cifar10 differs from the run's toy" in refused(train.cli, ["--method", "meanflow", "--steps", "12",

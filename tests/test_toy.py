@@ -1,6 +1,7 @@
 """The 2-D benchmark suite's data and score (benchmarks/toy_suite.py): unit-scale distributions, a sliced W2 that
-measures what it says, and baselines that bracket the ratio."""
+measures what it says, baselines that bracket the ratio, and what each run starts from and when it is reused."""
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import scm
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("toy_suite", os.path.join(ROOT, "benchmarks", "toy_suite.py"))
@@ -57,3 +59,25 @@ def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, 
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode != 0 and f"need --methods to include {needs}" in p.stderr
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchanged(tmp_path, monkeypatch):
+    """A second call reuses finished runs; a retrained diffusion run retrains the sCT run that tunes it; a preset edit
+    changes the key a run is reused by (the command line alone does not show it)."""
+    suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
+
+    def status():
+        p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", "diffusion,sct", "--n", "500",
+                            "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] == ["moons"]]
+        return {row[1].rstrip(":"): row[2] for row in rows}  # "moons diffusion: ok 1.2 s (...)"
+
+    assert status() == dict(diffusion="ok", sct="ok")
+    assert status() == dict(diffusion="reused", sct="reused")
+    os.remove(tmp_path / "runs" / "moons-diffusion" / "cost.json")
+    assert status() == dict(diffusion="ok", sct="ok")
+    key = toy_suite.recipe(toy_suite.METHODS["sct"][0])
+    assert json.load(open(tmp_path / "runs" / "moons-sct" / "cost.json"))["recipe"] == key
+    monkeypatch.setitem(scm.PRESETS, "toy", dict(scm.PRESETS["toy"], lr=2e-4))
+    assert toy_suite.recipe(toy_suite.METHODS["sct"][0]) != key
