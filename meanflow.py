@@ -265,9 +265,10 @@ PRESETS = {
     # Why c = 4: with c << L the weight divides each sample's loss by its own size^p, a robust (median-like) fit that
     # biases the velocity. Plain flow matching (ratio_r_neq_t 0) on the spirals, 128 Euler steps of u(z, t, t): 0.39
     # with p = 0.5, c = 1e-3; 0.26 with p = 0 (the diffusion teacher, same MLP and budget: 0.21). A large c keeps the
-    # fit a mean one for the usual errors (L of a few units) and only tempers the rare large ones (t near 1); p = 0 drops
-    # that too and the arms_ring run fails (0.49). And the `mlp-small` net (width 128) at batch 1024: points seen
-    # matter more than width here (batch 128 for 4000 steps, the CPU time of 2000 at 256, gave the circles 1.08).
+    # fit a mean one for the usual errors (L of a few units) and only tempers the rare large ones; p = 0 drops that too
+    # and the arms_ring run fails (0.49). This preset's u(z, t, t), 128 Euler steps: 0.21. And the `mlp-small` net
+    # (width 128) at batch 1024: points seen matter more than width here (batch 128 for 4000 steps, the CPU time of 2000
+    # at 256, gave the circles 1.08).
     # benchmarks/toy_suite.py ratios, 2800 steps unless said, spirals / checkerboard / arms_ring / pinwheel:
     #   before (mlp, batch 256, lr 1e-3, c = 1e-3, 3200 steps): 0.43 / 0.38 / 0.34 / 0.35 (seed 1: 0.46 / 0.60 / - / -);
     #   the same with c = 1 and lr 2e-3: 0.41 / 0.48 / 0.41 (seed 1 checkerboard 0.73);

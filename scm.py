@@ -265,7 +265,9 @@ PRESETS = {
     # 0.42; P_std 1.0: 0.97 / 0.81; P_std 2.0: 0.57 / 0.36; lr 5e-5: 0.59 / 0.42; lr 1e-4 with P_mean 0.0: 0.65 /
     # 0.50; the from-scratch preset described below, used for tuning: 0.51 / 0.41; batch 1024 for 800 steps: 0.51 on
     # arms_ring; net mlp-small at batch 1024 (MeanFlow's toy trade, tuning a diffusion run trained the same way): 0.47
-    # on arms_ring. Curve on arms_ring: 0.45 / 0.48 / 0.51 at 2500 / 3000 / 6000 steps (3000 with seed 1: 0.51).
+    # on arms_ring; tangent_norm_c 1 / 4 / 20 (less of the per-sample tangent normalisation): arms_ring 0.40 / 0.43 /
+    # 0.41 (seed 1 with 1: 0.44), but swiss roll 0.35 / 0.41 / -, circles 0.36 with 1 (this preset: 0.28, 0.31).
+    # Curve on arms_ring: 0.45 / 0.48 / 0.51 at 2500 / 3000 / 6000 steps (3000 with seed 1: 0.51).
     # From scratch (the suite's first rounds) sCT stayed a blur on the nested and thin clouds at this budget. Its best
     # preset there, lr 3e-4, P_mean 0.0, a 1000-step tangent warm-up and 2000 steps, gave arms_ring / circles /
     # checkerboard 0.68 / 0.56 / 0.41, and more steps made it worse (3000: checkerboard 0.62, and 1.02 for seed 1);
