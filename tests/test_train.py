@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoints
+import data
 import recipe
 import train
 from conftest import ROOT
@@ -30,6 +31,20 @@ def run(tmp_path, *args, out="run"):
 
 def load(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+def test_collapsed_point_samples_are_reported(tmp_path, capsys, monkeypatch):
+    """A one-step map that collapsed to a point trains with a normal-looking loss and exits 0 (CT did so on the 2-D
+    suite); the run says so. Samples with the data's spread do not warn."""
+    run(tmp_path, "--data", "toy", "--steps", "2", "--batch", "8", out="fine")
+    assert "warning" not in capsys.readouterr().out
+    point = torch.tensor([0.3, -0.2]) + 0.01 * torch.randn(2048, 2, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(train, "draw_samples", lambda *args: point)
+    run(tmp_path, "--data", "toy", "--steps", "2", "--batch", "8", out="collapsed")
+    expected = train.spread(point) / train.spread(data.toy_points(100_000, seed=0))
+    assert f"warning: the samples' spread (RMS distance to their mean) is {expected:.1%} of the data's" in \
+        capsys.readouterr().out
+    assert np.array_equal(np.load(tmp_path / "collapsed" / "samples.npy"), point.numpy())  # still written
 
 
 def test_toy_smoke_writes_everything(tmp_path):
@@ -187,7 +202,6 @@ def test_readme_quick_start(tmp_path):
     """The README's first command, as a user runs it (about a minute on 2 cores): 1-step samples land on the ring.
     Sliced W2 to held-out data measured 0.052 (data vs data 0.03); one Euler step of the same net gets 0.69."""
     from conftest import sliced_wasserstein
-    import data
     p = subprocess.run([sys.executable, "train.py", "--method", "meanflow", "--data", "toy", "--out", str(tmp_path / "run")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
