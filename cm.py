@@ -241,12 +241,13 @@ PRESETS = {
     # 2-D points on CPU, CT tuning a diffusion toy run (--init), as ECT tunes EDM's CIFAR-10 model; one minute with
     # train.py --threads 2: stages of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256.
     # benchmarks/toy_suite.py ratios (one seed; ~0.1 is run-to-run noise), arms_ring / circles at 3200 steps: 0.60 /
-    # 0.31 (from scratch 0.61 / 0.63); lr 2e-4: 0.70 / 0.32; lr 5e-5: 0.60 on arms_ring; ratio limit 0.99: 0.62 /
-    # 0.34, 0.95: 0.77 / 0.39; P_mean -0.4: 0.59 / 0.40; pseudo-Huber c 0.01: 0.52 on arms_ring, c 0.1 / 1 (towards a
-    # squared L2, the fix MeanFlow's weight needed): arms_ring 0.62 / 0.66, swiss roll 0.59 / 0.58; weight 1 instead of
-    # 1 / (sigma - r): 0.98 on arms_ring; stages of 25 kimg: 0.60 / 2.06 (circles collapsed to a disc). arms_ring
-    # with seed 1: 0.56. Longer runs, arms_ring: 0.57 at 4800 steps; at 6400, 1.72 for seed 0 (collapsed to a filled
-    # disc) and 0.61 for seed 1; ratio limit 0.99 at 6400: 0.58 / 0.62, dropout 0.1: 0.66; circles at 6400: 0.26.
+    # 0.31 (from scratch 0.61 / 0.63); lr 2e-4: 0.70 / 0.32; lr 5e-5: 0.60 on arms_ring; ratio limit 0.99: 0.62 / 0.34,
+    # 0.95: 0.77 / 0.39; P_mean -0.4: 0.59 / 0.40; pseudo-Huber c 0.01: 0.52 on arms_ring, c 0.1 / 1 (towards a squared
+    # L2, the fix MeanFlow's weight needed): arms_ring 0.62 / 0.66, swiss roll 0.59 / 0.58 (this preset 0.37; stages of
+    # 100 kimg 0.35, lr 5e-5 0.37); weight 1 instead of 1 / (sigma - r): 0.98 on arms_ring; stages of 25 kimg: 0.60 /
+    # 2.06 (circles collapsed to a disc). arms_ring with seed 1: 0.56. Longer runs, arms_ring: 0.57 at 4800 steps; at
+    # 6400, 1.72 for seed 0 (collapsed to a filled disc) and 0.61 for seed 1; ratio limit 0.99 at 6400: 0.58 / 0.62,
+    # dropout 0.1: 0.66; circles at 6400: 0.26.
     # MeanFlow's toy trade (net mlp-small at batch 1024, tuning a diffusion run trained the same way): arms_ring
     # collapsed to a point (6.6; stages of 50 or 200 kimg), swiss roll 0.30 with 200-kimg stages (this preset: 0.37).
     # From scratch nested and thin clouds stayed a blur at this budget, and no setting beat noise on circles /
