@@ -340,9 +340,11 @@ def main(argv=None):
             if not torch.isfinite(samples).all():
                 raise Diverged(f"the EMA's samples are not finite (no samples written); {kept(ckpt_path, saved_step)}")
             samples = samples.clamp(-1, 1) if ds.is_image else samples
-            if not grid and spread(samples) < 0.1 * spread(ds.x):  # a collapse trains with a normal-looking loss
-                print(f"warning: the samples' spread (RMS distance to their mean) is "
-                      f"{spread(samples) / spread(ds.x):.1%} of the data's: the one-step map has collapsed")
+            if not grid:  # a collapse trains with a normal-looking loss: compare the samples' spread with the data's
+                have, want = spread(samples), spread(ds.x)
+                if have < 0.1 * want:
+                    print(f"warning: the samples' spread (RMS distance to their mean) is {have / want:.1%} of the "
+                          f"data's: the one-step map has collapsed")
             np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
             data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
             print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")

@@ -23,7 +23,6 @@ Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (di
 """
 import argparse
 import concurrent.futures
-import importlib
 import json
 import math
 import os
@@ -145,16 +144,15 @@ LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="s
               scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
-def recipe(template):
-    """The preset a run's command resolves to, with its net's registry entry, as text: a finished run is reused only
-    while both its command and this are unchanged, so editing a preset retrains its runs."""
+def resolved(cmd):
+    """What a train.py command line resolves to (flags over preset over defaults, as train.py reads it) plus its net's
+    registry entry, as text: a finished run is reused only while this is unchanged, so editing a preset retrains it."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import nets
-    argv = shlex.split(template)
-    flag = dict(zip(argv[::2], argv[1:][::2]))
-    preset = importlib.import_module(flag["--method"]).PRESETS[flag.get("--preset", "toy")]
-    return repr((sorted(preset.items()), nets.NETS[preset["net"]][1]))
+    import recipe
+    _, cfg, _, _ = recipe.resolve_config(cmd[2:])  # cmd = [python, train.py, flags...]
+    return json.dumps([cfg, nets.NETS[cfg["net"]][1]], sort_keys=True)
 
 
 def run_one(args, dist, method, data_file, upstream_trained=False):
@@ -170,7 +168,7 @@ def run_one(args, dist, method, data_file, upstream_trained=False):
            *shlex.split(args.extra)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    key = dict(command=cmd, recipe=recipe(template))
+    key = dict(command=cmd, recipe=resolved(cmd))
     if os.path.exists(os.path.join(out, "cost.json")) and not (args.force or upstream_trained):
         with open(os.path.join(out, "cost.json")) as f:
             cost = json.load(f)
@@ -214,7 +212,8 @@ def run_all(args, dists, methods, files):
                 j = pending.pop(f)
                 rc, cost, out, fresh = f.result()
                 results[j] = dict(rc=rc, out=out, **cost)
-                trained |= {j} if fresh else set()
+                if fresh:
+                    trained.add(j)
                 status = ('ok' if fresh else 'reused') if rc == 0 else f'FAILED (rc {rc})'
                 print(f"{j[0]:>12s} {j[1]:>9s}: {status} {cost['wall_s']:6.1f} s ({cost['cpu_s']:.1f} s CPU)",
                       flush=True)

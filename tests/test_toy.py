@@ -77,7 +77,7 @@ def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchan
     assert status() == dict(diffusion="reused", sct="reused")
     os.remove(tmp_path / "runs" / "moons-diffusion" / "cost.json")
     assert status() == dict(diffusion="ok", sct="ok")
-    key = toy_suite.recipe(toy_suite.METHODS["sct"][0])
-    assert json.load(open(tmp_path / "runs" / "moons-sct" / "cost.json"))["recipe"] == key
+    cost = json.load(open(tmp_path / "runs" / "moons-sct" / "cost.json"))
+    assert cost["recipe"] == toy_suite.resolved(cost["command"])
     monkeypatch.setitem(scm.PRESETS, "toy", dict(scm.PRESETS["toy"], lr=2e-4))
-    assert toy_suite.recipe(toy_suite.METHODS["sct"][0]) != key
+    assert toy_suite.resolved(cost["command"]) != cost["recipe"]
