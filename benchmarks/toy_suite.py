@@ -276,7 +276,8 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
-                   "command and preset are unchanged and the run it starts from was not retrained; code edits need this)")
+                   "command and resolved config are unchanged and the run it starts from was not retrained; code "
+                   "edits need this)")
     args = p.parse_args()
     dists, methods = args.dists.split(","), args.methods.split(",")
     for name, known in (("dists", DISTS), ("methods", METHODS)):
