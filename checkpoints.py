@@ -105,6 +105,16 @@ def save_checkpoint(path, net, emas, opt, step, cfg):
     atomic_save(state, path)
 
 
+def save_snapshot(out, net, emas, step, cfg):
+    """The weights alone (online net and EMAs, no optimizer state) as <out>/snapshots/ckpt-STEP.pt, kept: loadable
+    wherever a checkpoint is read (--init, --teacher, --stage1, benchmarks/toy_suite.py --curve-every), not by
+    --resume."""
+    os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
+    path = os.path.join(out, "snapshots", f"ckpt-{step:07d}.pt")
+    atomic_save(dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], step=step, config=cfg), path)
+    return path
+
+
 def load_checkpoint(path, device):
     """A checkpoint file (or a run folder's ckpt.pt), read with weights_only=True and checked for its keys."""
     if os.path.isdir(path):
@@ -241,7 +251,8 @@ def restore(state, net, emas, opt, path):
     for e, sd in zip(emas, state["ema"]):
         load_weights(e, sd, f"--resume {path}")
     if "opt" not in state:
-        raise UsageError(f"{path} holds no optimizer state (a converted checkpoint?): start a run with --init {path}")
+        raise UsageError(f"{path} holds no optimizer state (a converted checkpoint or a snapshot?): start a run with "
+                         f"--init {path}")
     try:
         opt.load_state_dict(state["opt"])
     except (ValueError, KeyError) as e:

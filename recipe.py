@@ -87,6 +87,8 @@ def build_parser(method=None, preset=None):
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
     p.add_argument("--sample-every", type=int, default=0, help="steps between sample pictures (0: end only)")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also keep the weights (net and EMAs, no optimizer "
+                   "state) every this many steps as snapshots/ckpt-STEP.pt, for quality-vs-steps curves (0: none)")
     p.add_argument("--num-samples", type=int, default=None, help="final samples.npy size (points 2048, images 64)")
     p.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many consecutive steps with "
                    "non-finite loss or gradients")
@@ -112,7 +114,7 @@ def build_parser(method=None, preset=None):
 LIMITS = dict(steps=(1, math.inf), batch=(1, math.inf), batch_gpu=(1, math.inf), dropout=(0, 1), lr=(0, math.inf),
               adam_eps=(0, math.inf), weight_decay=(0, math.inf), lr_warmup=(0, math.inf), lr_ref_steps=(0, math.inf),
               grad_clip=(0, math.inf), seed=(0, math.inf), log_every=(1, math.inf), ckpt_every=(1, math.inf),
-              sample_every=(0, math.inf), num_samples=(1, math.inf), max_nonfinite=(1, math.inf),
+              sample_every=(0, math.inf), snapshot_every=(0, math.inf), num_samples=(1, math.inf), max_nonfinite=(1, math.inf),
               fid_every=(0, math.inf), fid_num=(2, math.inf), threads=(1, math.inf))
 
 

@@ -330,6 +330,9 @@ def main(argv=None):
                 saved_step = step if healthy else saved_step
                 if ddp:
                     dist.barrier()
+            if rank == 0 and args.snapshot_every and step % args.snapshot_every == 0 and bad_run == 0 \
+                    and checkpoints.all_finite(net, *emas):  # kept, unlike ckpt.pt: quality along the run
+                checkpoints.save_snapshot(out, net, emas, step, cfg)
 
         if ddp:
             check_ranks_identical(net, world)

@@ -3,6 +3,7 @@
     python benchmarks/toy_suite.py                                          # all distributions x all methods
     python benchmarks/toy_suite.py --dists arms_ring,checkerboard --methods diffusion,sct --jobs 2 --threads 1
     python benchmarks/toy_suite.py --methods meanflow --extra "--steps 4000 --lr 2e-3"   # try a recipe change
+    python benchmarks/toy_suite.py --dists arms_ring --methods diffusion,ct --curve-every 200   # ratio vs steps
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
@@ -32,6 +33,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,6 +170,8 @@ def run_one(args, dist, method, data_file, upstream_trained=False):
            *shlex.split(args.extra)]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
+    if args.curve_every:
+        cmd += ["--snapshot-every", str(args.curve_every)]
     key = dict(command=cmd, recipe=resolved(cmd))
     if os.path.exists(os.path.join(out, "cost.json")) and not (args.force or upstream_trained):
         with open(os.path.join(out, "cost.json")) as f:
@@ -225,6 +229,34 @@ def run_all(args, dists, methods, files):
                         results[k] = dict(rc=-1, out=None, wall_s=0.0, cpu_s=0.0)
     return results
 
+
+def curve(run, held_out, gaussian, n=4096):
+    """[(step, EMA ratio, online ratio)] of a run's snapshots (train.py --snapshot-every), each sampled as train.py
+    draws its final samples.npy (first EMA, the method's sampler defaults, the run's seed)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import importlib
+    import types
+
+    import checkpoints
+    import train
+    rows = []
+    folder = os.path.join(run, "snapshots")
+    for name in sorted(os.listdir(folder)):
+        state = checkpoints.load_checkpoint(os.path.join(folder, name), "cpu")
+        cfg = state["config"]
+        method = importlib.import_module(cfg["method"])
+        mcfg, ds = checkpoints.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
+        net = checkpoints.frozen_ema(state, ds.shape, 0, "cpu", name)
+        ratios = []
+        for weights in (state["ema"][0], state["net"]):
+            checkpoints.load_weights(net, weights, name)
+            with torch.no_grad():
+                x = train.draw_samples(method, mcfg, net, ds, 0, n, cfg["seed"], "cpu")
+            ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
+        rows.append((state["step"], *ratios))
+    return rows
+
 # --- Picture -------------------------------------------------------------------------------------------------------
 
 
@@ -275,6 +307,8 @@ def main():
                    "no longer those of an idle machine)")
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
+    p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
+                   "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
                    "command and resolved config are unchanged and the run it starts from was not retrained; code "
                    "edits need this)")
@@ -284,6 +318,8 @@ def main():
         bad = [v for v in getattr(args, name).split(",") if v not in known]
         if bad:
             raise SystemExit(f"toy_suite.py: error: unknown --{name} {bad}; choose from {', '.join(known)}")
+    if args.curve_every < 0:
+        raise SystemExit(f"toy_suite.py: error: --curve-every must be >= 0, got {args.curve_every}")
     methods = [m for m in METHODS if m in methods]  # dependency order
 
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
@@ -314,6 +350,13 @@ def main():
         print(f"| {d} | {base[d][1] / base[d][0]:.2f} | " + " | ".join(cells) + " |")
     worst = {m: max((ratios.get((d, m), math.inf) for d in dists)) for m in methods}
     print("| worst | | " + " | ".join(f"{worst[m]:.2f}" for m in methods) + " |")
+    if args.curve_every:
+        torch.set_num_threads(args.threads)
+        print(f"\none-step ratio along each run, every {args.curve_every} steps: step EMA (online weights)")
+        for (d, m), r in results.items():
+            if r["rc"] == 0:
+                r["curve"] = curve(r["out"], held_out[d], base[d][0])
+                print(f"{d} {m}: " + "  ".join(f"{k} {e:.2f} ({o:.2f})" for k, e, o in r["curve"]), flush=True)
     save_grid(os.path.join(args.out, "grid.png"), dists, methods, held_out, samples, ratios)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(args=vars(args), baselines={d: dict(gaussian=g, floor=fl) for d, (g, fl) in base.items()},

@@ -205,6 +205,27 @@ def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
 
+def test_snapshots_keep_the_weights_along_a_run(tmp_path):
+    """--snapshot-every 2 on a 4-step run keeps snapshots/ckpt-0000002.pt and -0000004.pt: the net and EMAs of those
+    steps (step 2's are a 2-step run's final weights), no optimizer state; --resume refuses one with a one-line error
+    and changes no file; without the flag no folder is made."""
+    out, short = str(tmp_path / "run"), str(tmp_path / "short")
+    run("--steps", "4", "--snapshot-every", "2", "--out", out)
+    run("--steps", "2", "--out", short)
+    names = sorted(os.listdir(os.path.join(out, "snapshots")))
+    assert names == ["ckpt-0000002.pt", "ckpt-0000004.pt"] and "snapshots" not in os.listdir(short)
+    snaps = [checkpoints.load_checkpoint(os.path.join(out, "snapshots", n), "cpu") for n in names]
+    assert [s["step"] for s in snaps] == [2, 4] and not any("opt" in s for s in snaps)
+    assert all(s["config"] == load(out)["config"] for s in snaps)
+    for snap, ref in ((snaps[0], load(short)), (snaps[1], load(out))):
+        assert len(snap["ema"]) == len(ref["ema"])
+        for a, b in zip([snap["net"], *snap["ema"]], [ref["net"], *ref["ema"]]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = snapshot(out)
+    message = refused(run, "--steps", "6", "--resume", os.path.join(out, "snapshots", names[0]))
+    assert "holds no optimizer state (a converted checkpoint or a snapshot?)" in message
+    assert snapshot(out) == before
+
 # --- §4: divergence and degenerate settings -------------------------------------------------------------------------
 
 
@@ -249,6 +270,7 @@ def test_a_non_finite_loss_counts_even_when_its_gradients_are_finite(tmp_path, m
     (["--log-every", "0"], "--log-every must be >= 1, got 0"),
     (["--ckpt-every", "0"], "--ckpt-every must be >= 1, got 0"),
     (["--sample-every", "-1"], "--sample-every must be >= 0, got -1"),
+    (["--snapshot-every", "-1"], "--snapshot-every must be >= 0, got -1"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--augment", "1.5"], "--augment is a probability in [0, 1], got 1.5"),

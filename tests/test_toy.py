@@ -81,3 +81,29 @@ def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchan
     assert cost["recipe"] == toy_suite.resolved(cost["command"])
     monkeypatch.setitem(scm.PRESETS, "toy", dict(scm.PRESETS["toy"], lr=2e-4))
     assert toy_suite.resolved(cost["command"]) != cost["recipe"]
+
+
+def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tmp_path):
+    """--curve-every 2 on a 4-step run: the snapshots of steps 2 and 4 are scored; step 4's EMA ratio is the table's
+    (samples.npy, drawn from the same weights the same way); the online column samples the online weights (a copy of
+    the snapshot whose first EMA is the online net scores, as EMA, the original's online ratio)."""
+    suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
+    p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", "meanflow", "--n", "500", "--steps", "4",
+                        "--curve-every", "2", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = json.load(open(tmp_path / "results.json"))["runs"]["moons/meanflow"]
+    (s2, ema2, online2), (s4, ema4, online4) = run["curve"]
+    assert (s2, s4) == (2, 4) and ema2 != ema4 and ema4 != online4
+    assert ema4 == pytest.approx(run["ratio"], rel=1e-9, abs=0)
+    assert f"moons meanflow: 2 {ema2:.2f} ({online2:.2f})  4 {ema4:.2f} ({online4:.2f})" in p.stdout
+
+    import torch
+    state = torch.load(tmp_path / "runs" / "moons-meanflow" / "snapshots" / "ckpt-0000004.pt", weights_only=True)
+    os.makedirs(tmp_path / "swapped" / "snapshots")
+    torch.save(dict(state, ema=[state["net"]]), tmp_path / "swapped" / "snapshots" / "ckpt-0000004.pt")
+    i = list(toy_suite.DISTS).index("moons")
+    train, test = (toy_suite.draw("moons", n, seed) for n, seed in ((500, 1000 + i), (4096, 2000 + i)))
+    train, test = toy_suite.standardize(train, train), toy_suite.standardize(test, train)
+    gaussian = toy_suite.baselines(train, test, test)[0]
+    [(_, ema, _)] = toy_suite.curve(str(tmp_path / "swapped"), test, gaussian)
+    assert ema == pytest.approx(online4, rel=1e-9, abs=0)
