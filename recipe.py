@@ -114,8 +114,8 @@ def build_parser(method=None, preset=None):
 LIMITS = dict(steps=(1, math.inf), batch=(1, math.inf), batch_gpu=(1, math.inf), dropout=(0, 1), lr=(0, math.inf),
               adam_eps=(0, math.inf), weight_decay=(0, math.inf), lr_warmup=(0, math.inf), lr_ref_steps=(0, math.inf),
               grad_clip=(0, math.inf), seed=(0, math.inf), log_every=(1, math.inf), ckpt_every=(1, math.inf),
-              sample_every=(0, math.inf), snapshot_every=(0, math.inf), num_samples=(1, math.inf), max_nonfinite=(1, math.inf),
-              fid_every=(0, math.inf), fid_num=(2, math.inf), threads=(1, math.inf))
+              sample_every=(0, math.inf), snapshot_every=(0, math.inf), num_samples=(1, math.inf),
+              max_nonfinite=(1, math.inf), fid_every=(0, math.inf), fid_num=(2, math.inf), threads=(1, math.inf))
 
 
 def resolve_config(argv):

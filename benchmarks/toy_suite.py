@@ -247,12 +247,13 @@ def curve(run, held_out, gaussian, n=4096):
         cfg = state["config"]
         method = importlib.import_module(cfg["method"])
         mcfg, ds = checkpoints.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
-        net = checkpoints.frozen_ema(state, ds.shape, 0, "cpu", name)
+        label_dim = cfg["label_dim"] if cfg["cond"] else 0
+        net = checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", name)
         ratios = []
         for weights in (state["ema"][0], state["net"]):
             checkpoints.load_weights(net, weights, name)
             with torch.no_grad():
-                x = train.draw_samples(method, mcfg, net, ds, 0, n, cfg["seed"], "cpu")
+                x = train.draw_samples(method, mcfg, net, ds, label_dim, n, cfg["seed"], "cpu")
             ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
         rows.append((state["step"], *ratios))
     return rows
