@@ -225,6 +225,8 @@ def test_snapshots_keep_the_weights_along_a_run(tmp_path):
     message = refused(run, "--steps", "6", "--resume", os.path.join(out, "snapshots", names[0]))
     assert "holds no optimizer state (a converted checkpoint or a snapshot?)" in message
     assert snapshot(out) == before
+    run("--steps", "1", "--init", os.path.join(out, "snapshots", names[0]), "--out", str(tmp_path / "tuned"))
+    assert load(str(tmp_path / "tuned"))["step"] == 1
 
 # --- §4: divergence and degenerate settings -------------------------------------------------------------------------
 
