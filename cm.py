@@ -248,14 +248,14 @@ PRESETS = {
     # 2.06 (circles collapsed to a disc). arms_ring with seed 1: 0.56. Longer runs, arms_ring: 0.57 at 4800 steps; at
     # 6400, 1.72 for seed 0 (collapsed to a filled disc) and 0.61 for seed 1; ratio limit 0.99 at 6400: 0.58 / 0.62,
     # dropout 0.1: 0.66; circles at 6400: 0.26. Along a run (snapshots, toy_suite.py --curve-every), arms_ring: the EMA
-    # settles at 0.61-0.69 from step 1400 (the ratio's limit comes at 1760) while the online weights swing between 0.37 and 1.54
-    # from one snapshot to the next; a 9600-step run collapses (2.2 at step 6000, a point at 9600). The same plateau
-    # with an inverse-sqrt lr decay (lr_ref_steps 400, lr 1e-4 / 2e-4: 0.65 / 0.66), r_min 0 (0.66), the boundary form
-    # (0.65), stages of 100 kimg (0.65). Pseudo-Huber c 0.003 / 0.01 settle lower on arms_ring (0.51-0.55) and cost the
-    # rest (c 0.003: moons / circles / swiss roll / checkerboard / spirals 0.32 / 0.37 / 0.40 / 0.37 / 0.40; c 0.01:
-    # moons / circles / swiss roll 0.37 / 0.46 / 0.49). On mlp-small CT is unstable at batch 256 too (2.06 at step
-    # 1600, 1.01 at the end), at batch 1024 with c 0.003 it reaches 0.42 at step 2000 and collapses by 3200 (c 1: no
-    # collapse, 0.74-1.05 throughout; dropout 0.1: no collapse, 0.61 at the end), and CD (toy-cd) gets 0.35 on
+    # settles at 0.61-0.69 from step 1400 (the ratio's limit comes at 1760) while the online weights swing between 0.37
+    # and 1.54 from one snapshot to the next; a 9600-step run collapses (2.2 at step 6000, a point at 9600). The same
+    # plateau with an inverse-sqrt lr decay (lr_ref_steps 400, lr 1e-4 / 2e-4: 0.65 / 0.66), r_min 0 (0.66), the
+    # boundary form (0.65), stages of 100 kimg (0.65). Pseudo-Huber c 0.003 / 0.01 settle lower on arms_ring (0.51-0.55)
+    # and cost the rest (c 0.003: moons / circles / swiss roll / checkerboard / spirals 0.32 / 0.37 / 0.40 / 0.37 /
+    # 0.40; c 0.01: moons / circles / swiss roll 0.37 / 0.46 / 0.49). On mlp-small CT is unstable at batch 256 too (2.06
+    # at step 1600, 1.01 at the end), at batch 1024 with c 0.003 it reaches 0.42 at step 2000 and collapses by 3200 (c
+    # 1: no collapse, 0.74-1.05 throughout; dropout 0.1: no collapse, 0.61 at the end), and CD (toy-cd) gets 0.35 on
     # arms_ring with it (the mlp: 0.30). Dropout 0.1 on this preset: 0.64 at step 2800, then a collapse (2.12 at 3200).
     # MeanFlow's toy trade (net mlp-small at batch 1024, tuning a diffusion run trained the same way): arms_ring
     # collapsed to a point (6.6; stages of 50 or 200 kimg), swiss roll 0.30 with 200-kimg stages (this preset: 0.37).
