@@ -270,9 +270,10 @@ PRESETS = {
     # Curve on arms_ring: 0.45 / 0.48 / 0.51 at 2500 / 3000 / 6000 steps (3000 with seed 1: 0.51); along one 9000-step
     # run (snapshots, toy_suite.py --curve-every) the EMA stays at 0.47-0.54 from step 2400 on. Closest so far, not
     # adopted: mlp-small at batch 1024 with tangent_norm_c 1, tuning a diffusion run trained the same way: arms_ring
-    # 0.39 (seed 1: 0.36; still falling at step 3000), swiss roll 0.25; tangent_norm_c 4: 0.41; lr 2e-4: 0.44. sCT, CT
-    # and CD tune the same diffusion run, and on that net CT is unstable and CD gets 0.35 (cm.py). The mlp at batch 512
-    # for 1500 steps with tangent_norm_c 1: 0.49 (lr 1.4e-4: 0.45).
+    # 0.39 (seed 1: 0.36; still falling at step 3000), swiss roll 0.25; tangent_norm_c 2 / 4: 0.41 / 0.41; lr 1.4e-4:
+    # 0.45 (0.35 at step 2400); lr 2e-4: 0.44. sCT, CT and CD tune the same diffusion run, and on that net CT is
+    # unstable and CD gets 0.35 (cm.py). The mlp at batch 512 for 1500 steps with tangent_norm_c 1: 0.49 (lr 1.4e-4:
+    # 0.45).
     # From scratch (the suite's first rounds) sCT stayed a blur on the nested and thin clouds at this budget. Its best
     # preset there, lr 3e-4, P_mean 0.0, a 1000-step tangent warm-up and 2000 steps, gave arms_ring / circles /
     # checkerboard 0.68 / 0.56 / 0.41, and more steps made it worse (3000: checkerboard 0.62, and 1.02 for seed 1);
