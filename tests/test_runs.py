@@ -205,6 +205,7 @@ def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
 
+
 def test_snapshots_keep_the_weights_along_a_run(tmp_path):
     """--snapshot-every 2 on a 4-step run keeps snapshots/ckpt-0000002.pt and -0000004.pt: the net and EMAs of those
     steps (step 2's are a 2-step run's final weights), no optimizer state; --resume refuses one with a one-line error
