@@ -225,7 +225,7 @@ IN64 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 
             ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
             ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
 TOY = dict(net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999), lr_warmup=100,
-           ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0)
+           ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, sigma_data=1.0)
 PRESETS = {
     # Reference ECT CIFAR-10 (REFERENCE §2.5): 1-step FID 2.92 from EDM's unconditional VP checkpoint.
     # 2-step list recommended there: 80, 0.821, 0.

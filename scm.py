@@ -238,7 +238,8 @@ def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
 
 EMA3 = (0.9999, 0.99995, 0.9996)
 TOY = dict(net="mlp", cond=False, batch=256, steps=3000, optimizer="adam", lr=1e-4, betas=(0.9, 0.99), lr_warmup=100,
-           ema=(0.999,), ema_warmup=True, sigma_max=80.0, P_mean=1.0, P_std=1.6, tangent_warmup=625, tangent="fused")
+           ema=(0.999,), ema_warmup=True, sigma_max=80.0, P_mean=1.7, P_std=1.6, tangent_warmup=625, tangent="fused",
+           sigma_data=1.0, tangent_norm_c=1.0)
 PRESETS = {
     # Reference sCT CIFAR-10 (REFERENCE §3.7): 1-step FID 3.23.
     "cifar10": dict(
@@ -285,5 +286,5 @@ PRESETS = {
     # 0.62 / 0.28 (arms_ring 0.67 -> 0.72; on swissroll P_mean 0.0: 0.49, 2.0: 0.49, P_std 1.2: 0.53, 2.0: 0.45).
     # Those were 2000 steps from a 2000-step teacher; 2500 steps (one minute with --threads 2) from the 4000-step
     # teacher: 0.13 / 0.26 / 0.28 / 0.25, arms_ring 0.28.
-    "toy-scd": dict(TOY, distill=True, steps=2500),
+    "toy-scd": dict(TOY, distill=True, steps=2500, tangent_norm_c=0.1),
 }

@@ -178,6 +178,6 @@ PRESETS = {
     # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05).
     "toy": dict(
         net="mlp", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
-        ema_warmup=True, ratio_limit=0.99, stage1_weights="ema",
+        ema_warmup=True, ratio_limit=0.99, stage1_weights="ema", sigma_data=1.0,
     ),
 }
