@@ -161,15 +161,26 @@ def build_net(cfg, method, shape, label_dim):
         raise UsageError(str(e)) from None
 
 
-def load_compatible(path, method, device, role):
-    """A checkpoint whose method is in method.TEACHERS (role "teacher") or method.INIT (role "init")."""
+def load_compatible(path, method, device, role, cfg):
+    """A checkpoint whose method is in method.TEACHERS (role "teacher") or method.INIT (role "init"), with the run's
+    sigma_data."""
     state = load_checkpoint(path, device)
     other = state["config"]["method"]
     allowed = method.TEACHERS if role == "teacher" else method.INIT
     if other not in allowed:
         raise UsageError(f"{method.__name__} cannot use a {other} checkpoint as --{role} ({path}); "
                          f"it takes {', '.join(allowed)} checkpoints")
+    check_sigma_data(state["config"], cfg, f"--{role}", path)
     return state
+
+
+def check_sigma_data(saved, cfg, flag, path):
+    """A net read through EDM's preconditioning (c_in, c_skip, c_out) is a different denoiser under another
+    sigma_data, so a teacher, --init or --stage1 checkpoint must have the run's (methods without one: no check)."""
+    theirs, ours = saved.get("sigma_data"), cfg.get("sigma_data")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise UsageError(f"{flag} {path} was trained with sigma_data {theirs} and this run has {ours}; "
+                         f"its net would be read as another denoiser (pass --sigma-data {theirs})")
 
 
 def frozen_ema(state, shape, label_dim, device, what, i=0):
@@ -182,20 +193,21 @@ def frozen_ema(state, shape, label_dim, device, what, i=0):
     return net.eval().requires_grad_(False)
 
 
-def load_teacher(path, method, ds, label_dim, device):
+def load_teacher(path, method, ds, label_dim, device, cfg):
     """The first EMA net of a checkpoint, frozen, in eval mode."""
-    state = load_compatible(path, method, device, "teacher")
+    state = load_compatible(path, method, device, "teacher", cfg)
     return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
 
 
-def load_stage1(path, method, net, device, which, init):
+def load_stage1(path, method, net, device, cfg, init):
     """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
     student and, as copies of it, every EMA. Returns a frozen copy in train mode (dropout on, as the reference) and the
     stage-1 step count, from which a power-function EMA's step counter continues (REFERENCE §1.5)."""
     state = load_checkpoint(path, device)
     if state["config"]["method"] not in method.STAGE1:
         raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
-    weights = state["net"] if which == "online" else state["ema"][0]
+    check_sigma_data(state["config"], cfg, "--stage1", path)
+    weights = state["net"] if cfg["stage1_weights"] == "online" else state["ema"][0]
     stage1 = copy.deepcopy(net)
     load_weights(stage1, weights, f"--stage1 {path}")
     if init:
@@ -203,10 +215,10 @@ def load_stage1(path, method, net, device, which, init):
     return stage1.train().requires_grad_(False), state["step"]
 
 
-def init_from(net, path, method, device, rank):
+def init_from(net, path, method, device, rank, cfg):
     """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
     one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
-    state = load_compatible(path, method, device, "init")
+    state = load_compatible(path, method, device, "init", cfg)
     weights = state["ema"][0]
     if "map_augment.weight" not in net.state_dict():  # an unaugmented student: the augment map only ever sees zeros
         weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}

@@ -206,14 +206,13 @@ def main(argv=None):
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
     torch.manual_seed(cfg["seed"])
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
-    teacher = checkpoints.load_teacher(args.teacher, method, ds, label_dim, device) if args.teacher else None
+    teacher = checkpoints.load_teacher(args.teacher, method, ds, label_dim, device, cfg) if args.teacher else None
     ema_offset = 0
     if args.stage1:
-        teacher, stage1_step = checkpoints.load_stage1(args.stage1, method, net, device, cfg["stage1_weights"],
-                                                       init=state is None)
+        teacher, stage1_step = checkpoints.load_stage1(args.stage1, method, net, device, cfg, init=state is None)
         ema_offset = stage1_step if cfg["ema_kind"] == "power" else 0
     if args.init and state is None:
-        checkpoints.init_from(net, args.init, method, device, rank)
+        checkpoints.init_from(net, args.init, method, device, rank, cfg)
     elif method.NEEDS_INIT and state is None and rank == 0:
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step

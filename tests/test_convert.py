@@ -556,7 +556,7 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
     assert nets_of["edm"]["map_augment.weight"].shape == (16, 9)  # kept: EDM's labels, training continues with them
     # The teacher is exactly the converted net (frozen, eval mode).
     ds = train.data.load(str(tmp_path / "imgs.zip"), str(tmp_path))
-    teacher = checkpoints.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"))
+    teacher = checkpoints.load_teacher(ckpt, __import__("scm"), ds, 0, torch.device("cpu"), dict(sigma_data=0.5))
     sd = torch.load(ckpt, weights_only=True)["ema"][0]
     assert not teacher.training and all(torch.equal(teacher.state_dict()[k], v) for k, v in sd.items())
 

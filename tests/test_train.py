@@ -234,13 +234,22 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
     (["--method", "tcm", "--data", "toy", "--stage1", "DIF"], "must be a cm or tcm run"),
     (["--method", "cm", "--data", "toy", "--stage1", "CM"], "--stage1 is for tcm"),
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--stage1-weights", "best"], "must be one of online, ema"),
+    # The toy presets' sigma_data is 1; read with another, the checkpoint's net is another denoiser.
+    (["--method", "scm", "--data", "toy", "--init", "DIF", "--sigma-data", "0.5"],
+     "--init .* was trained with sigma_data 1.0 and this run has 0.5; .* pass --sigma-data 1.0"),
+    (["--method", "cm", "--preset", "toy-cd", "--data", "toy", "--teacher", "DIF", "--sigma-data", "0.7"],
+     "--teacher .* was trained with sigma_data 1.0 and this run has 0.7"),
+    (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--sigma-data", "0.5"],
+     "--stage1 .* was trained with sigma_data 1.0 and this run has 0.5"),
 ])
 def test_teacher_init_and_stage1_errors(tmp_path, args, message):
-    """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error."""
+    """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error and leave
+    no run folder."""
     paths = {name: run(tmp_path, "--method", method, "--data", "toy", "--steps", "1", "--batch", "8", out=method)
              for name, method in (("DIF", "diffusion"), ("CM", "cm")) if name in args}
     with pytest.raises(SystemExit, match=message):
         train.cli([paths.get(a, a) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_scm_from_scratch_warns(tmp_path, capsys):
