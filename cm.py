@@ -240,6 +240,10 @@ PRESETS = {
     "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
     # 2-D points on CPU, CT tuning a diffusion toy run (--init), as ECT tunes EDM's CIFAR-10 model; one minute with
     # train.py --threads 2: stages of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256.
+    # sigma_data 1: the points have unit variance per axis (diffusion.py's toy preset). arms_ring with sigma_data 0.5:
+    # 0.60, with 1: 0.42 / 0.46 (seeds 0 / 1), 0.42 from a teacher trained with P_mean -0.5; then P_mean -0.4: 0.46,
+    # lr 2e-4: 0.41 / 0.45 (the two teachers), ratio limit 0.99: 0.44, stages of 100 kimg: 0.46, P_std 1.6: 0.44,
+    # pseudo-Huber c 0.01: 0.52. Everything below: sigma_data 0.5.
     # benchmarks/toy_suite.py ratios (one seed; ~0.1 is run-to-run noise), arms_ring / circles at 3200 steps: 0.60 /
     # 0.31 (from scratch 0.61 / 0.63); lr 2e-4: 0.70 / 0.32; lr 5e-5: 0.60 on arms_ring; ratio limit 0.99: 0.62 / 0.34,
     # 0.95: 0.77 / 0.39; P_mean -0.4: 0.59 / 0.40; pseudo-Huber c 0.01: 0.52 on arms_ring, c 0.1 / 1 (towards a squared

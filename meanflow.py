@@ -269,6 +269,9 @@ PRESETS = {
     # and the arms_ring run fails (0.49). This preset's u(z, t, t), 128 Euler steps: 0.21. And the `mlp-small` net
     # (width 128) at batch 1024: points seen matter more than width here (batch 128 for 4000 steps, the CPU time of 2000
     # at 256, gave the circles 1.08).
+    # With the MLP's current init (nets.py; the branches' outputs no longer start near zero), spirals / checkerboard /
+    # arms_ring / pinwheel 0.34 / 0.24 / 0.32 / 0.22, circles 0.355 (0.28 with the previous init). The numbers below
+    # are with the previous init.
     # benchmarks/toy_suite.py ratios, 2800 steps unless said, spirals / checkerboard / arms_ring / pinwheel:
     #   before (mlp, batch 256, lr 1e-3, c = 1e-3, 3200 steps): 0.43 / 0.38 / 0.34 / 0.35 (seed 1: 0.46 / 0.60 / - / -);
     #   the same with c = 1 and lr 2e-3: 0.41 / 0.48 / 0.41 (seed 1 checkerboard 0.73);

@@ -175,7 +175,8 @@ PRESETS = {
     # 2-D points on CPU, on top of the cm.py toy run, 2500 steps. Two changes for a short run: the ratio limit is 0.99,
     # not 0.999 (with 0.999 consistency crawls from sigma = 1 up to 80 through ~4000 tiny gaps and the 1-step sample
     # first gets worse: sliced W2 0.05 -> 0.17 after 1000 steps, 0.08 after 3000), and the stage-1 EMA starts everything
-    # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05).
+    # (a short run's online weights are much noisier than its EMA: 0.23 vs 0.05). sigma_data 1 as the cm.py toy run's
+    # (train.py checks that they agree).
     "toy": dict(
         net="mlp", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
         ema_warmup=True, ratio_limit=0.99, stage1_weights="ema", sigma_data=1.0,

@@ -236,7 +236,7 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--stage1-weights", "best"], "must be one of online, ema"),
     # The toy presets' sigma_data is 1; read with another, the checkpoint's net is another denoiser.
     (["--method", "scm", "--data", "toy", "--init", "DIF", "--sigma-data", "0.5"],
-     "--init .* was trained with sigma_data 1.0 and this run has 0.5; .* pass --sigma-data 1.0"),
+     "--init .* was trained with sigma_data 1.0 and this run has 0.5; .*pass --sigma-data 1.0"),
     (["--method", "cm", "--preset", "toy-cd", "--data", "toy", "--teacher", "DIF", "--sigma-data", "0.7"],
      "--teacher .* was trained with sigma_data 1.0 and this run has 0.7"),
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--sigma-data", "0.5"],
