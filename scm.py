@@ -265,8 +265,8 @@ PRESETS = {
     # sigma_data 0.5. Deviation: tangent_norm_c 1, not the reference's 0.1 (less of the per-sample tangent
     # normalisation). arms_ring: sigma_data 0.5 0.48; 1 with P_mean 1.0: 0.40; P_mean 1.7: 0.38 / 0.42 (seeds 0 / 1);
     # with tangent_norm_c 1: 0.35, from a teacher trained with P_mean -0.5: 0.31. Everything below: sigma_data 0.5.
-    # The gentle lr, the 625-step tangent warm-up and P_mean 1.0 (more
-    # weight on large sigma) are sCD's (toy-scd below). Ratios of benchmarks/toy_suite.py (one seed; ~0.1 is run-to-run
+    # The gentle lr, the 625-step tangent warm-up and P_mean 1.0 (more weight on large sigma) are sCD's (toy-scd
+    # below). Ratios of benchmarks/toy_suite.py (one seed; ~0.1 is run-to-run
     # noise), arms_ring / checkerboard: this preset at 2500 steps 0.45 / 0.37 (3000: 0.48 / 0.29); P_mean 1.5: 0.52 /
     # 0.42; P_std 1.0: 0.97 / 0.81; P_std 2.0: 0.57 / 0.36; lr 5e-5: 0.59 / 0.42; lr 1e-4 with P_mean 0.0: 0.65 /
     # 0.50; the from-scratch preset described below, used for tuning: 0.51 / 0.41; batch 1024 for 800 steps: 0.51 on
