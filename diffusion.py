@@ -140,8 +140,8 @@ PRESETS = {
     # ratio <= 0.24 on every cloud of benchmarks/toy_suite.py, its sCD and CD students <= 0.26 and <= 0.41.
     # The toy presets of every method take points standardised to unit variance per axis: sigma_data 1 (EDM: the
     # data's std), and EDM's P_mean shifted by ln 2 with it, so that sigma / sigma_data is drawn as in EDM. On
-    # arms_ring with sigma_data 0.5 and P_mean -1.2: this teacher 0.22, sCT / CT tuning it 0.48 / 0.60; with sigma_data 1
-    # and P_mean -1.2: 0.23, CT 0.42, sCT 0.40; with P_mean -0.5: 0.21, CT 0.42.
+    # arms_ring with sigma_data 0.5 and P_mean -1.2: this teacher 0.22, sCT / CT tuning it 0.48 / 0.60; with
+    # sigma_data 1 and P_mean -1.2: 0.23, CT 0.42, sCT 0.40; with P_mean -0.5: 0.21, CT 0.42.
     "toy": dict(
         net="mlp", cond=False, batch=256, steps=4000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
         ema_warmup=True, sample_steps=32, sigma_data=1.0, P_mean=-0.5,

@@ -102,7 +102,8 @@ def test_point_net_leaves_the_zero_output_saddle_on_isotropic_unit_data():
     gen = torch.Generator().manual_seed(0)
     for step in range(300):
         opt.zero_grad()
-        diffusion.loss(net, pts[torch.randint(len(pts), (256,), generator=gen)], None, cfg, step, gen)[0].mean().backward()
+        batch = pts[torch.randint(len(pts), (256,), generator=gen)]
+        diffusion.loss(net, batch, None, cfg, step, gen)[0].mean().backward()
         opt.step()
     x, eps = pts[:4096], torch.randn(4096, 2, generator=gen)
     s = 0.3
