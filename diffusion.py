@@ -137,7 +137,7 @@ PRESETS = {
     ),
     # 2-D points on CPU: a teacher for the sCD / CD / MeanFlow distillation demos and tests. 4000 steps, about a minute
     # with train.py --threads 2 (the teacher's time is not part of its students' minute); its 32 Heun steps reach a
-    # ratio <= 0.24 on every cloud of benchmarks/toy_suite.py, its sCD and CD students <= 0.26 and <= 0.41.
+    # ratio <= 0.24 on every cloud of benchmarks/toy_suite.py, its sCD and CD students <= 0.28.
     # The toy presets of every method take points standardised to unit variance per axis: sigma_data 1 (EDM: the
     # data's std), and EDM's P_mean shifted by ln 2 with it, so that sigma / sigma_data is drawn as in EDM. On
     # arms_ring with sigma_data 0.5 and P_mean -1.2: this teacher 0.22, sCT / CT tuning it 0.48 / 0.60; with
