@@ -215,6 +215,12 @@ def main(argv=None):
         checkpoints.init_from(net, args.init, method, device, rank, cfg)
     elif method.NEEDS_INIT and state is None and rank == 0:
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
+    if "ema" in given and cfg["ema_kind"] == "const" and cfg["ema_warmup"] and rank == 0:
+        for b in cfg["ema"]:
+            if (1 + cfg["steps"]) / (10 + cfg["steps"]) < b:  # the ramp reaches b at k = (10 b - 1) / (1 - b)
+                print(f"warning: with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema {b} until "
+                      f"step {math.ceil((10 * b - 1) / (1 - b) - 1e-9)}, after this run's {cfg['steps']} steps: --ema {b} "
+                      f"changes nothing here (pass --ema-warmup false for a constant decay)")
     normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step
     if normalize_weights is not None and state is None:
         normalize_weights()

@@ -11,14 +11,18 @@ would: `python train.py --method M --data <name>.npy` with its toy preset. MeanF
 from scratch; the others reuse the runs before them, as the reference does: sCT and CT tune the diffusion run
 (--init), sCD and CD (presets toy-scd, toy-cd) take it as --init and --teacher, TCM takes the CT run as --stage1.
 
-Score: sliced W2 (256 projections) between the run's 4,096 `samples.npy` (one network evaluation, except the
-diffusion teacher's many-step sampler) and the held-out points, divided by the sliced W2 of a moment-matched
-Gaussian (same mean and covariance, 4,096 points): 1 is "a blob", 0 is perfect. The data-vs-data floor (a second
-4,096 draws of the distribution) is printed for scale: a ratio near floor/gaussian is as good as this metric
-can tell. Cost is the wall-clock time of each train.py process (CPU time, user + sys, is in results.json). The
-budget the presets are sized for is one minute on two CPU cores, hence the defaults: one run at a time with
-`train.py --threads 2` (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios equal
-up to run-to-run noise and each run taking ~1.5x longer).
+Score: sliced W2 (256 projections) between 4,096 one-step samples (the diffusion teacher: its many-step sampler)
+and the held-out points, divided by the sliced W2 of a moment-matched Gaussian (same mean and covariance, 4,096
+points): 1 is "a blob", 0 is perfect. Each cell is the mean over --draws sets of samples (default 8: the run's own
+`samples.npy`, then sets drawn the same way from its ckpt.pt with other seeds), and the Gaussian's score the mean
+over as many Gaussian draws: for a fixed model one draw's ratio varies by 0.02-0.09 (standard deviation), too much
+to place a cell against a threshold. The data-vs-data floor (as many further draws of the distribution) is printed
+for scale: a ratio near floor/gaussian is as good as this metric can tell. Cost is the wall-clock time of each
+train.py process (CPU time, user + sys, is in results.json; the extra draws are not counted). The budget the presets
+are sized for is one minute on two CPU cores, hence the defaults: one run at a time with `train.py --threads 2`
+(--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios equal up to run-to-run noise
+and each run taking ~1.5x longer). A finished run is reused while its command line and resolved recipe are
+unchanged (code edits need --force); the suite folder and the checkout may move.
 
 Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (distribution x method scatters).
 """
@@ -37,6 +41,8 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the repository's modules (train.py's config resolution and sampler, checkpoints)
+    sys.path.insert(0, ROOT)
 
 # --- Distributions -----------------------------------------------------------------------------------------------
 # Each returns n points (n, 2) from a numpy Generator; `standardize` then gives every one zero mean and unit scale.
@@ -124,11 +130,14 @@ def sliced_w2(a, b, n_proj=256, seed=0):
     return float(np.sqrt(((pa - pb) ** 2).mean()))
 
 
-def baselines(train, held_out, floor_set, seed=0):
-    """(moment-matched Gaussian's sliced W2, data-vs-data sliced W2) against the held-out points."""
+def baselines(train, held_out, floor_sets, seed=0):
+    """(moment-matched Gaussian's sliced W2, data-vs-data sliced W2) against the held-out points, each a mean over
+    len(floor_sets) draws of len(held_out) points: Gaussians with train's mean and covariance, and floor_sets (further
+    draws of the distribution)."""
     g = np.random.default_rng(seed)
-    gauss = g.multivariate_normal(train.mean(0), np.cov(train.T), size=len(held_out))
-    return sliced_w2(gauss, held_out), sliced_w2(floor_set, held_out)
+    mean, cov = train.mean(0), np.cov(train.T)
+    gauss = [sliced_w2(g.multivariate_normal(mean, cov, size=len(held_out)), held_out) for _ in floor_sets]
+    return float(np.mean(gauss)), float(np.mean([sliced_w2(f, held_out) for f in floor_sets]))
 
 # --- Runs ----------------------------------------------------------------------------------------------------------
 # name: (train.py arguments, the run it needs first). {data}, {dif}, {ct} are filled in per distribution.
@@ -146,15 +155,22 @@ LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="s
               scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
-def resolved(cmd):
-    """What a train.py command line resolves to (flags over preset over defaults, as train.py reads it) plus its net's
-    registry entry, as text: a finished run is reused only while this is unchanged, so editing a preset retrains it."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+def resolved(flags):
+    """What train.py flags resolve to (flags over preset over defaults, as train.py reads them) plus the net's registry
+    entry, as text: a finished run is reused only while this is unchanged, so editing a preset retrains it."""
     import nets
     import recipe
-    _, cfg, _, _ = recipe.resolve_config(cmd[2:])  # cmd = [python, train.py, flags...]
+    _, cfg, _, _ = recipe.resolve_config(flags)
     return json.dumps([cfg, nets.NETS[cfg["net"]][1]], sort_keys=True)
+
+
+def portable(arg, out):
+    """A command-line word with the suite's --out folder and the repository written as <out> and <repo>: the reuse key
+    of a run does not depend on where the suite folder or the checkout lie."""
+    for path, name in ((out, "<out>"), (ROOT, "<repo>")):
+        if arg == path or arg.startswith(path + os.sep):
+            return name + arg[len(path):]
+    return arg
 
 
 def run_one(args, dist, method, data_file, upstream_trained=False):
@@ -172,7 +188,8 @@ def run_one(args, dist, method, data_file, upstream_trained=False):
         cmd += ["--steps", str(args.steps)]
     if args.curve_every:
         cmd += ["--snapshot-every", str(args.curve_every)]
-    key = dict(command=cmd, recipe=resolved(cmd))
+    flags = [portable(a, args.out) for a in cmd[2:]]  # cmd = [python, train.py, flags...]
+    key = dict(command=flags, recipe=resolved(flags))
     if os.path.exists(os.path.join(out, "cost.json")) and not (args.force or upstream_trained):
         with open(os.path.join(out, "cost.json")) as f:
             cost = json.load(f)
@@ -230,30 +247,52 @@ def run_all(args, dists, methods, files):
     return results
 
 
-def curve(run, held_out, gaussian, n=4096):
-    """[(step, EMA ratio, online ratio)] of a run's snapshots (train.py --snapshot-every), each sampled as train.py
-    draws its final samples.npy (first EMA, the method's sampler defaults, the run's seed)."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+def load_run(path):
+    """A checkpoint's (state, method module, method config, data shape, label count, EMA net) for sampling it as
+    train.py samples its final samples.npy."""
     import importlib
     import types
 
+    import checkpoints
+    state = checkpoints.load_checkpoint(path, "cpu")
+    cfg = state["config"]
+    method = importlib.import_module(cfg["method"])
+    mcfg, ds = checkpoints.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
+    label_dim = cfg["label_dim"] if cfg["cond"] else 0
+    return state, method, mcfg, ds, label_dim, checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", path)
+
+
+def draw_ratios(run, held_out, gaussian, draws):
+    """Ratios of `draws` sets of len(held_out) samples from a finished run's EMA: its samples.npy (train.py's), then
+    draws - 1 more drawn the same way from ckpt.pt with the seeds mix_seed(run seed, k), k = 1, 2, ..."""
+    import data
+    import train
+    first = np.load(os.path.join(run, "samples.npy")).astype(np.float64)
+    ratios = [sliced_w2(first, held_out) / gaussian]
+    if draws > 1:
+        state, method, mcfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
+        for k in range(1, draws):
+            seed = data.mix_seed(state["config"]["seed"], k)
+            with torch.no_grad():
+                x = train.draw_samples(method, mcfg, net, ds, label_dim, len(held_out), seed, "cpu", chunk=4096)
+            ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
+    return first, ratios
+
+
+def curve(run, held_out, gaussian):
+    """[(step, EMA ratio, online ratio)] of a run's snapshots (train.py --snapshot-every), each one draw sampled as
+    train.py draws its final samples.npy (first EMA, the method's sampler defaults, the run's seed)."""
     import checkpoints
     import train
     rows = []
     folder = os.path.join(run, "snapshots")
     for name in sorted(os.listdir(folder)):
-        state = checkpoints.load_checkpoint(os.path.join(folder, name), "cpu")
-        cfg = state["config"]
-        method = importlib.import_module(cfg["method"])
-        mcfg, ds = checkpoints.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
-        label_dim = cfg["label_dim"] if cfg["cond"] else 0
-        net = checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", name)
+        state, method, mcfg, ds, label_dim, net = load_run(os.path.join(folder, name))
         ratios = []
         for weights in (state["ema"][0], state["net"]):
             checkpoints.load_weights(net, weights, name)
             with torch.no_grad():
-                x = train.draw_samples(method, mcfg, net, ds, label_dim, n, cfg["seed"], "cpu")
+                x = train.draw_samples(method, mcfg, net, ds, label_dim, len(held_out), state["config"]["seed"], "cpu")
             ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
         rows.append((state["step"], *ratios))
     return rows
@@ -308,6 +347,8 @@ def main():
                    "no longer those of an idle machine)")
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
+    p.add_argument("--draws", type=int, default=8, help="sets of 4,096 one-step samples scored per run (the table "
+                   "shows their mean ratio; the baselines are averaged alike): one set's ratio varies by ~0.05")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
                    "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
@@ -321,26 +362,30 @@ def main():
             raise SystemExit(f"toy_suite.py: error: unknown --{name} {bad}; choose from {', '.join(known)}")
     if args.curve_every < 0:
         raise SystemExit(f"toy_suite.py: error: --curve-every must be >= 0, got {args.curve_every}")
+    if args.draws < 1:
+        raise SystemExit(f"toy_suite.py: error: --draws must be >= 1, got {args.draws}")
     methods = [m for m in METHODS if m in methods]  # dependency order
+    args.out = os.path.normpath(args.out)
 
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
     files, held_out, base = {}, {}, {}
     for d in dists:
         i = list(DISTS).index(d)  # the same points whatever subset runs
-        train, test, floor = (draw(d, n, seed) for n, seed in ((args.n, 1000 + i), (4096, 2000 + i), (4096, 3000 + i)))
+        train, test, floor = (draw(d, n, seed) for n, seed in ((args.n, 1000 + i), (4096, 2000 + i),
+                                                              (4096 * args.draws, 3000 + i)))
         train, test, floor = (standardize(x, train) for x in (train, test, floor))
         files[d] = os.path.join(args.out, "data", f"{d}.npy")
         np.save(files[d], train.astype(np.float32))
         held_out[d] = test
-        base[d] = baselines(train, test, floor)
+        base[d] = baselines(train, test, np.split(floor, args.draws))
 
     results = run_all(args, dists, methods, files)
     samples, ratios = {}, {}
+    torch.set_num_threads(args.threads)
     for (d, m), r in results.items():
         if r["rc"] == 0:
-            samples[d, m] = np.load(os.path.join(r["out"], "samples.npy")).astype(np.float64)
-            r["sw2"] = sliced_w2(samples[d, m], held_out[d])
-            ratios[d, m] = r["sw2"] / base[d][0]
+            samples[d, m], r["ratios"] = draw_ratios(r["out"], held_out[d], base[d][0], args.draws)
+            ratios[d, m] = float(np.mean(r["ratios"]))
 
     print(f"\nratio = sliced W2 to held-out points / a moment-matched Gaussian's (1 = a blob); wall-clock s per run "
           f"({args.threads} threads, {args.jobs} at a time) in brackets")
@@ -351,8 +396,14 @@ def main():
         print(f"| {d} | {base[d][1] / base[d][0]:.2f} | " + " | ".join(cells) + " |")
     worst = {m: max((ratios.get((d, m), math.inf) for d in dists)) for m in methods}
     print("| worst | | " + " | ".join(f"{worst[m]:.2f}" for m in methods) + " |")
+    above = [f"{m} on {d} {r:.3f}" for (d, m), r in ratios.items() if r > 0.35]
+    print("above 0.35 (unrounded; red in the grid): " + (", ".join(above) if above else "none"))
+    if args.draws > 1 and ratios:
+        spread = sorted((float(np.std(results[j]["ratios"])), j) for j in ratios)
+        print(f"each cell: the mean over {args.draws} draws of 4,096 samples; the standard deviation of one draw's "
+              f"ratio: median {spread[len(spread) // 2][0]:.3f}, largest {spread[-1][0]:.3f} "
+              f"({' '.join(spread[-1][1])})")
     if args.curve_every:
-        torch.set_num_threads(args.threads)
         print(f"\none-step ratio along each run, every {args.curve_every} steps: step EMA (online weights)")
         for (d, m), r in results.items():
             if r["rc"] == 0:

@@ -44,8 +44,13 @@ def test_baselines_bracket_the_ratio():
     """On a thin-structured cloud the moment-matched Gaussian is far and a second draw of the data is close."""
     train, test, floor = (toy_suite.standardize(toy_suite.draw("arms_ring", n, s), toy_suite.draw("arms_ring", 4000, 1))
                           for n, s in ((4000, 1), (2048, 2), (2048, 3)))
-    gauss, data_floor = toy_suite.baselines(train, test, floor)
+    gauss, data_floor = toy_suite.baselines(train, test, [floor])
     assert data_floor < 0.4 * gauss
+    # more draws average: the first draw's numbers plus the others', in order
+    two = toy_suite.baselines(train, test, [floor, test[::-1]])
+    assert two[1] == pytest.approx(data_floor / 2, rel=1e-12)  # the held-out set against itself scores 0
+    second_gauss = 2 * two[0] - gauss  # the first Gaussian draw is the same: seeded
+    assert second_gauss != gauss and second_gauss == pytest.approx(gauss, rel=0.3)
     assert toy_suite.sliced_w2(np.zeros_like(test), test) > gauss  # a point mass is worse than the Gaussian
 
 
@@ -62,39 +67,52 @@ def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, 
 
 
 def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchanged(tmp_path, monkeypatch):
-    """A second call reuses finished runs; a retrained diffusion run retrains the sCT run that tunes it; a preset edit
-    changes the key a run is reused by (the command line alone does not show it)."""
+    """A second call reuses finished runs, also from a moved suite folder; a retrained diffusion run retrains the sCT
+    run that tunes it; a preset edit changes the key a run is reused by (the command line alone does not show it)."""
     suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
 
-    def status():
+    def status(out, *flags):
         p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", "diffusion,sct", "--n", "500",
-                            "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+                            "--steps", "1", "--draws", "1", "--out", str(out), *flags], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] == ["moons"]]
         return {row[1].rstrip(":"): row[2] for row in rows}  # "moons diffusion: ok 1.2 s (...)"
 
-    assert status() == dict(diffusion="ok", sct="ok")
-    assert status() == dict(diffusion="reused", sct="reused")
-    os.remove(tmp_path / "runs" / "moons-diffusion" / "cost.json")
-    assert status() == dict(diffusion="ok", sct="ok")
-    cost = json.load(open(tmp_path / "runs" / "moons-sct" / "cost.json"))
+    first = tmp_path / "suite"
+    assert status(first) == dict(diffusion="ok", sct="ok")
+    assert status(str(first) + os.sep) == dict(diffusion="reused", sct="reused")
+    os.rename(first, tmp_path / "moved")
+    assert status(tmp_path / "moved") == dict(diffusion="reused", sct="reused")
+    assert status(tmp_path / "moved", "--extra", "--lr 2e-4") == dict(diffusion="ok", sct="ok")
+    os.remove(tmp_path / "moved" / "runs" / "moons-diffusion" / "cost.json")
+    assert status(tmp_path / "moved") == dict(diffusion="ok", sct="ok")
+    cost = json.load(open(tmp_path / "moved" / "runs" / "moons-sct" / "cost.json"))
+    assert cost["command"][:4] == ["--method", "scm", "--data", "<out>/data/moons.npy"]
     assert cost["recipe"] == toy_suite.resolved(cost["command"])
     monkeypatch.setitem(scm.PRESETS, "toy", dict(scm.PRESETS["toy"], lr=2e-4))
     assert toy_suite.resolved(cost["command"]) != cost["recipe"]
 
 
 def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tmp_path):
-    """--curve-every 2 on a 4-step run: the snapshots of steps 2 and 4 are scored; step 4's EMA ratio is the table's
-    (samples.npy, drawn from the same weights the same way); the online column samples the online weights (a copy of
-    the snapshot whose first EMA is the online net scores, as EMA, the original's online ratio)."""
+    """--curve-every 2 on a 4-step run: the snapshots of steps 2 and 4 are scored; step 4's EMA ratio is the first
+    draw's (samples.npy, drawn from the same weights the same way); the online column samples the online weights (a
+    copy of the snapshot whose first EMA is the online net scores, as EMA, the original's online ratio). --draws 3:
+    the table's ratio is the mean of three different draws, the baselines the means of three draws each."""
     suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
     p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", "meanflow", "--n", "500", "--steps", "4",
-                        "--curve-every", "2", "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+                        "--curve-every", "2", "--draws", "3", "--threads", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    run = json.load(open(tmp_path / "results.json"))["runs"]["moons/meanflow"]
+    results = json.load(open(tmp_path / "results.json"))
+    run = results["runs"]["moons/meanflow"]
     (s2, ema2, online2), (s4, ema4, online4) = run["curve"]
     assert (s2, s4) == (2, 4) and ema2 != ema4 and ema4 != online4
-    assert ema4 == pytest.approx(run["ratio"], rel=1e-9, abs=0)
+    assert ema4 == pytest.approx(run["ratios"][0], rel=1e-9, abs=0)
+    assert len(set(run["ratios"])) == 3 and run["ratio"] == pytest.approx(np.mean(run["ratios"]), rel=1e-12)
+    assert f"| moons | {results['baselines']['moons']['floor'] / results['baselines']['moons']['gaussian']:.2f} | " \
+           f"{run['ratio']:.2f} (" in p.stdout
+    assert run["ratio"] > 0.35 and f"above 0.35 (unrounded; red in the grid): meanflow on moons {run['ratio']:.3f}\n" \
+        in p.stdout  # 4 steps: far from the goal
     assert f"moons meanflow: 2 {ema2:.2f} ({online2:.2f})  4 {ema4:.2f} ({online4:.2f})" in p.stdout
 
     import torch
@@ -104,6 +122,7 @@ def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tm
     i = list(toy_suite.DISTS).index("moons")
     train, test = (toy_suite.draw("moons", n, seed) for n, seed in ((500, 1000 + i), (4096, 2000 + i)))
     train, test = toy_suite.standardize(train, train), toy_suite.standardize(test, train)
-    gaussian = toy_suite.baselines(train, test, test)[0]
+    gaussian = toy_suite.baselines(train, test, [test] * 3)[0]
+    assert gaussian == pytest.approx(results["baselines"]["moons"]["gaussian"], rel=1e-12)
     [(_, ema, _)] = toy_suite.curve(str(tmp_path / "swapped"), test, gaussian)
     assert ema == pytest.approx(online4, rel=1e-9, abs=0)

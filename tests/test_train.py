@@ -257,6 +257,19 @@ def test_scm_from_scratch_warns(tmp_path, capsys):
     assert "training from scratch" in capsys.readouterr().out
 
 
+def test_an_ema_the_warmup_ramp_never_reaches_warns(tmp_path, capsys):
+    """With --ema-warmup the decay is min(beta, (1 + k) / (10 + k)): on a 10-step run --ema 0.9 is reached at step 80,
+    so the flag changes nothing and the run says so; --ema 0.5 (reached at step 8), --ema-warmup false, or the
+    preset's own EMA (not given) do not warn."""
+    common = ("--data", "toy", "--steps", "10", "--batch", "8", "--ema-warmup", "true")
+    run(tmp_path, *common, "--ema", "0.9", out="short")
+    assert "warning: with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema 0.9 until step 80, " \
+           "after this run's 10 steps" in capsys.readouterr().out
+    for i, extra in enumerate([("--ema", "0.5"), ("--ema", "0.9", "--ema-warmup", "false"), ()]):
+        run(tmp_path, *common, *extra, out=f"quiet{i}")
+        assert "warning" not in capsys.readouterr().out, extra
+
+
 def test_ect_stage_counts_the_true_global_batch(tmp_path):
     """CM's ratio comes from images = (step - 1) x global batch, here 16 = 8 per micro-batch x 2 accumulation rounds;
     with 32-image stages: steps 1..5 are stages 0, 0, 1, 1, 2 -> a = 0.5, 0.5, 0.75, 0.75, 0.875."""
