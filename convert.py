@@ -333,6 +333,10 @@ def to_our_net(weights, info, net_name=None):
     source = dict(**{k: v for k, v in info.items() if k != "format"}, format=info["format"], notes=notes)
     config = dict(method="diffusion", net=name, dropout=None, cond=label_dim > 0, label_dim=label_dim, shape=shape,
                   seed=0, logvar=logvar, net_kwargs=net_kwargs, source=_jsonable(source))
+    if info["precond"] in ("EDMPrecond", "Precond"):
+        # The sigma_data of the file's EDM preconditioning (0.5, those classes' default, unless it records another),
+        # so that train.py refuses it as --init / --teacher of a run with another one. Other files record none.
+        config["sigma_data"] = float(info["precond_kwargs"].get("sigma_data", 0.5))
     return weights, config
 
 

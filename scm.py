@@ -267,7 +267,8 @@ PRESETS = {
     # with tangent_norm_c 1: 0.35, from a teacher trained with P_mean -0.5: 0.31. The suite now scores a cell as the
     # mean of 8 draws of samples (one draw, as in the rest of this comment, varies by ~0.04): this preset meets 0.35
     # on every cloud but the checkerboard (0.39), which needs more steps: 0.41 / 0.39 / 0.35 / 0.33 at steps 1500 /
-    # 3000 / 4500 / 6000; within 3000 steps lr 2e-4 gives 0.36, tangent_norm_c 0.1 0.41, no EMA warm-up 0.99.
+    # 3000 / 4500 / 6000; within 3000 steps lr 1.5e-4 / 2e-4 give 0.37 / 0.36 (seed 1 with 2e-4: 0.40), 3e-4 / 4e-4
+    # collapse (2.58 / 1.56), P_mean 1.2 0.38, tangent_norm_c 0.1 0.41, no EMA warm-up 0.99.
     # Everything below: sigma_data 0.5.
     # The gentle lr, the 625-step tangent warm-up and P_mean 1.0 (more weight on large sigma) are sCD's (toy-scd
     # below). Ratios of benchmarks/toy_suite.py (one seed; ~0.1 is run-to-run

@@ -96,13 +96,15 @@ MARKER = "convert-executed-module-src"
 EVIL_SRC = f"open({MARKER!r}, 'w').write('ran')\nraise RuntimeError('module_src was executed')\n"
 
 
-def write_edm_pickle(path, net, net_kwargs, precond="EDMPrecond", extra=None, numpy1=False):
-    """As EDM's training loop writes a snapshot (pickle protocol 4); EDMPrecond is EDM's default preconditioning."""
+def write_edm_pickle(path, net, net_kwargs, precond="EDMPrecond", extra=None, numpy1=False, precond_kwargs=None):
+    """As EDM's training loop writes a snapshot (pickle protocol 4); EDMPrecond is EDM's default preconditioning and
+    records only the arguments passed to it (precond_kwargs adds some, e.g. sigma_data)."""
     with nvidia_modules() as (reconstruct, EasyDict):
         inner = mirror(net, reconstruct, EVIL_SRC)
         inner.meta["state"].update(_init_args=(), _init_kwargs=EasyDict(net_kwargs))
         pre_kwargs = EasyDict(img_resolution=net_kwargs["img_resolution"], img_channels=net_kwargs["in_channels"],
-                              label_dim=net_kwargs.get("label_dim", 0), use_fp16=False, model_type="SongUNet")
+                              label_dim=net_kwargs.get("label_dim", 0), use_fp16=False, model_type="SongUNet",
+                              **(precond_kwargs or {}))
         ema = Persistent(reconstruct, precond, dict(training=False, _parameters={}, _buffers={}, _modules={"model": inner},
                                                     _init_args=(), _init_kwargs=pre_kwargs, **(extra or {})), EVIL_SRC)
         loss = Persistent(reconstruct, "VPLoss", dict(beta_d=19.9, beta_min=0.1), EVIL_SRC)
@@ -166,6 +168,7 @@ def test_edm_pickle_converts_without_running_module_src(tmp_path, monkeypatch, n
     assert state["step"] == 0 and len(state["ema"]) == 1 and state["config"] == cfg
     assert cfg["method"] == "diffusion" and cfg["net"] == "ddpmpp-tiny" and cfg["shape"] == [3, 16, 16]
     assert cfg["label_dim"] == 0 and cfg["cond"] is False and cfg["logvar"] is False and cfg["dropout"] is None
+    assert cfg["sigma_data"] == 0.5  # not recorded by the file: EDMPrecond's default
     src = cfg["source"]
     assert src["precond"] == "EDMPrecond" and src["file"] == "edm.pkl" and len(src["sha256"]) == 64
     assert src["net_kwargs"]["augment_dim"] == 9 and cfg["net_kwargs"] == {"augment_dim": 9}
@@ -193,6 +196,9 @@ def test_precond_note_follows_what_the_file_records(tmp_path, capsys):
     assert "from SongUNet in VPPrecond (as the file records)" in out
     notes = [line for line in out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "records VPPrecond, not EDM preconditioning" in notes[0]
+    assert "sigma_data" not in torch.load(tmp_path / "vp.pt", weights_only=True)["config"]  # VP has none
+    write_edm_pickle(tmp_path / "sd.pkl", net, TINY_KWARGS, precond_kwargs=dict(sigma_data=1.0))
+    assert convert.convert(str(tmp_path / "sd.pkl"), str(tmp_path / "sd.pt"))["sigma_data"] == 1.0
 
 
 def test_cli_one_line_errors(tiny_edm, tmp_path, capsys):
@@ -516,7 +522,7 @@ def test_edm2_pickle_converts(tmp_path):
     cfg = convert.convert(str(tmp_path / "edm2.pkl"), str(tmp_path / "out.pt"))
     state = torch.load(tmp_path / "out.pt", weights_only=True)
     assert cfg["net"] == "edm2-tiny" and cfg["logvar"] is True and cfg["source"]["format"] == "edm2-pkl"
-    assert cfg["source"]["precond"] == "Precond" and cfg["source"]["notes"] == []
+    assert cfg["source"]["precond"] == "Precond" and cfg["source"]["notes"] == [] and cfg["sigma_data"] == 0.5
     assert all(v.dtype == torch.float32 for v in state["ema"][0].values() if v.is_floating_point())
     assert_same_outputs(net, cfg, state, 10)
     # As a diffusion teacher / in fid.py calc: the net the diffusion method builds (no head) loads, the head dropped.
@@ -551,6 +557,10 @@ def test_converted_checkpoint_as_init_and_teacher(tiny_edm, tmp_path):
     train.cli(["--method", "diffusion", "--init", ckpt, "--augment", "0.5", "--out", str(tmp_path / "edm"), *common])
     for run in ("cm", "scd", "edm"):
         assert os.path.exists(tmp_path / run / "ckpt.pt")
+    # EDM's nets take sigma_data 0.5; read with another they are other denoisers: refused before anything is written
+    with pytest.raises(SystemExit, match=r"--init .* was trained with sigma_data 0\.5 and this run has 1\.0"):
+        train.cli(["--method", "cm", "--init", ckpt, "--sigma-data", "1", "--out", str(tmp_path / "sd"), *common])
+    assert not os.path.exists(tmp_path / "sd")
     nets_of = {run: torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["net"] for run in ("cm", "edm")}
     assert "map_augment.weight" not in nets_of["cm"]  # dropped: it only ever saw zero labels
     assert nets_of["edm"]["map_augment.weight"].shape == (16, 9)  # kept: EDM's labels, training continues with them
