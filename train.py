@@ -202,6 +202,11 @@ def main(argv=None):
         # step 5-10x slower (BENCHMARKS.md, CPU threads).
         torch.set_num_threads(args.threads or 1)
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
+    if len(ds.shape) == 1 and "sigma_data" in cfg and rank == 0:  # EDM preconditioning expects data of scale sigma_data
+        std = spread(ds.x) / math.sqrt(ds.shape[0])  # per axis, on average
+        if not 0.5 <= std / cfg["sigma_data"] <= 2:
+            print(f"warning: the points' standard deviation per axis is {std:.3g} and sigma_data is "
+                  f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass --sigma-data {std:.3g}")
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
     torch.manual_seed(cfg["seed"])
