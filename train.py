@@ -206,7 +206,8 @@ def main(argv=None):
         std = spread(ds.x) / math.sqrt(ds.shape[0])  # per axis, on average
         if not 0.5 <= std / cfg["sigma_data"] <= 2:
             print(f"warning: the points' standard deviation per axis is {std:.3g} and sigma_data is "
-                  f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass --sigma-data {std:.3g}")
+                  f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass "
+                  f"--sigma-data {std:.3g}")
 
     # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
     torch.manual_seed(cfg["seed"])
@@ -222,10 +223,11 @@ def main(argv=None):
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     if "ema" in given and cfg["ema_kind"] == "const" and cfg["ema_warmup"] and rank == 0:
         for b in cfg["ema"]:
-            if (1 + cfg["steps"]) / (10 + cfg["steps"]) < b:  # the ramp reaches b at k = (10 b - 1) / (1 - b)
+            if (1 + cfg["steps"]) / (10 + cfg["steps"]) < b:
+                reach = math.ceil((10 * b - 1) / (1 - b) - 1e-9)  # (1 + k) / (10 + k) >= b from this k on
                 print(f"warning: with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema {b} until "
-                      f"step {math.ceil((10 * b - 1) / (1 - b) - 1e-9)}, after this run's {cfg['steps']} steps: --ema {b} "
-                      f"changes nothing here (pass --ema-warmup false for a constant decay)")
+                      f"step {reach}, after this run's {cfg['steps']} steps: --ema {b} changes nothing here (pass "
+                      f"--ema-warmup false for a constant decay)")
     normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step
     if normalize_weights is not None and state is None:
         normalize_weights()
