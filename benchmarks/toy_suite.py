@@ -396,7 +396,7 @@ def main():
         print(f"| {d} | {base[d][1] / base[d][0]:.2f} | " + " | ".join(cells) + " |")
     worst = {m: max((ratios.get((d, m), math.inf) for d in dists)) for m in methods}
     print("| worst | | " + " | ".join(f"{worst[m]:.2f}" for m in methods) + " |")
-    above = [f"{m} on {d} {r:.3f}" for (d, m), r in ratios.items() if r > 0.35]
+    above = [f"{LABELS[m].split(' (')[0]} on {d} {r:.3f}" for (d, m), r in ratios.items() if r > 0.35]
     print("above 0.35 (unrounded; red in the grid): " + (", ".join(above) if above else "none"))
     if args.draws > 1 and ratios:
         spread = sorted((float(np.std(results[j]["ratios"])), j) for j in ratios)

@@ -111,7 +111,7 @@ def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tm
     assert len(set(run["ratios"])) == 3 and run["ratio"] == pytest.approx(np.mean(run["ratios"]), rel=1e-12)
     assert f"| moons | {results['baselines']['moons']['floor'] / results['baselines']['moons']['gaussian']:.2f} | " \
            f"{run['ratio']:.2f} (" in p.stdout
-    assert run["ratio"] > 0.35 and f"above 0.35 (unrounded; red in the grid): meanflow on moons {run['ratio']:.3f}\n" \
+    assert run["ratio"] > 0.35 and f"above 0.35 (unrounded; red in the grid): MeanFlow on moons {run['ratio']:.3f}\n" \
         in p.stdout  # 4 steps: far from the goal
     assert f"moons meanflow: 2 {ema2:.2f} ({online2:.2f})  4 {ema4:.2f} ({online4:.2f})" in p.stdout
 
