@@ -348,7 +348,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
     p.add_argument("--draws", type=int, default=8, help="sets of 4,096 one-step samples scored per run (the table "
-                   "shows their mean ratio; the baselines are averaged alike): one set's ratio varies by ~0.05")
+                   "shows their mean ratio; the baselines are averaged alike): one set's ratio varies by ~0.04 (std)")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
                    "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
