@@ -222,8 +222,8 @@ def main(argv=None):
     elif method.NEEDS_INIT and state is None and rank == 0:
         print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     if "ema" in given and cfg["ema_kind"] == "const" and cfg["ema_warmup"] and rank == 0:
-        for b in cfg["ema"]:
-            if (1 + cfg["steps"]) / (10 + cfg["steps"]) < b:
+        for b, last in zip(cfg["ema"], ema_decays(cfg, cfg["steps"])):
+            if last < b:  # the warm-up ramp still caps the decay at the run's last step
                 reach = math.ceil((10 * b - 1) / (1 - b) - 1e-9)  # (1 + k) / (10 + k) >= b from this k on
                 print(f"warning: with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema {b} until "
                       f"step {reach}, after this run's {cfg['steps']} steps: --ema {b} changes nothing here (pass "
