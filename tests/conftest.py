@@ -74,6 +74,18 @@ def train_toy(method, cfg, net, steps, lr, teacher=None, betas=(0.9, 0.99)):
     return ema
 
 
+def posterior_mean_by_definition(x, x_t, scale, std, y=None):
+    """sum_k w_k x_k, w_k proportional to exp(-||x_t - scale x_k||^2 / (2 std^2)) over the samples with x_t's label,
+    written out one sample at a time (the reference for cm.batch_denoise and its copy in scm.py)."""
+    out = torch.empty_like(x_t)
+    for i in range(len(x_t)):  # the first len(x_t) samples' partners
+        same = [k for k in range(len(x)) if y is None or torch.equal(y[k], y[i])]
+        d2 = torch.stack([(x_t[i] - scale[i] * x[k]).square().sum() for k in same])
+        w = torch.exp(-(d2 - d2.min()) / (2 * std[i] ** 2))
+        out[i] = sum(wk * x[k] for wk, k in zip(w / w.sum(), same))
+    return out
+
+
 @pytest.fixture(scope="session")
 def toy_teacher():
     """A diffusion.py teacher on the 8-Gaussian ring (600 Adam steps, 128-wide MLP), shared by the distillation

@@ -1,5 +1,6 @@
 """cm.py: boundary condition, the ECT r(sigma) map and stage schedule (hand-computed), shared dropout masks, weights,
-the CD exact oracle on Gaussian data (loss -> 0 with the ODE-step error as the gap shrinks), 2-D quality."""
+the CD exact oracle on Gaussian data (loss -> 0 with the ODE-step error as the gap shrinks), the batch target (against
+its definition and the exact Gaussian posterior), 2-D quality."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 import cm
 import diffusion
 import nets
-from conftest import randomize_, sliced_wasserstein, train_toy
+from conftest import posterior_mean_by_definition, randomize_, sliced_wasserstein, train_toy
 
 SD, S = 0.5, 0.3  # sigma_data; std of the Gaussian data in the oracle tests
 
@@ -103,6 +104,75 @@ def test_r_zero_targets_the_data():
     r = torch.tensor([0.0, 0.5, 0.0, 1.0], dtype=torch.float64)
     target = cm.target_fn(net, x, x + 1, r, None, cm.Config(r_min=0.0))
     assert torch.equal(target[0], x[0]) and torch.equal(target[2], x[2]) and not torch.equal(target[1], x[1])
+
+
+# --- Batch target ------------------------------------------------------------------------------------------------
+
+def test_batch_denoise_is_the_posterior_mean_over_the_batch_and_label():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 2, 3, dtype=torch.float64, generator=g)
+    scale = 0.5 + torch.rand(9, dtype=torch.float64, generator=g)
+    std = 0.5 + torch.rand(9, dtype=torch.float64, generator=g)
+    x_t = bc(scale, x) * x + bc(std, x) * torch.randn(x.shape, dtype=torch.float64, generator=g)
+    y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1]), 3).double()
+    y[8] = 0  # an all-zero label row: its own class
+    for labels in (None, y):
+        expected = posterior_mean_by_definition(x, x_t, scale, std, labels)
+        assert (expected - x).abs().max() > 0.3  # the weights are spread, not one-hot on the own sample
+        torch.testing.assert_close(cm.batch_denoise(x, x_t, scale, std, labels), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(cm.batch_denoise(x, x_t, scale, std, y)[8], x[8])
+
+
+def test_batch_target_of_one_sample_is_the_ct_target():
+    """With a batch of one, E[x | x_sigma] = x and the Euler step to r lands on x + r eps (float64, 1e-12)."""
+    g = torch.Generator().manual_seed(0)
+    x, eps = (torch.randn(1, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    sigma, r = torch.tensor([1.7], dtype=torch.float64), torch.tensor([1.2], dtype=torch.float64)
+    x_sigma = x + sigma * eps
+    x_r = cm.ct_partner(x, x_sigma, eps, sigma, r, None, cm.Config(batch_target=True))
+    torch.testing.assert_close(x_r, x + r * eps, rtol=1e-12, atol=1e-12)
+    assert torch.equal(cm.ct_partner(x, x_sigma, eps, sigma, r, None, cm.Config()), x + r * eps)
+
+
+def test_batch_target_follows_the_exact_ode_step_of_gaussian_data():
+    """Data N(0, S^2 I): E[x | x_sigma] = S^2 / (S^2 + sigma^2) x_sigma, and the Euler step with it is the target a
+    perfect teacher gives. The single-sample x + r eps is that step plus (sigma - r) / sigma (x - E[x | x_sigma]);
+    the batch target (4096 samples) is within a tenth of that error."""
+    g = torch.Generator().manual_seed(0)
+    x = S * torch.randn(4096, 2, dtype=torch.float64, generator=g)
+    eps = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    sigma = torch.exp(torch.randn(4096, dtype=torch.float64, generator=g) - 1)  # 0.05 to 5
+    r = 0.6 * sigma
+    x_sigma = x + bc(sigma, x) * eps
+    D = exact_denoiser(x_sigma, sigma)
+    exact = x_sigma + bc(r - sigma, x) * (x_sigma - D) / bc(sigma, x)
+    rms = {}
+    for batch_target in (False, True):
+        x_r = cm.ct_partner(x, x_sigma, eps, sigma, r, None, cm.Config(batch_target=batch_target))
+        rms[batch_target] = (x_r - exact).square().mean().sqrt().item()
+    assert rms[True] < 0.1 * rms[False]
+
+
+def test_ct_loss_uses_the_batch_target_and_its_value_at_r_zero():
+    """cm.loss with batch_target, replayed by hand (the same generator draws) with the posterior mean written out:
+    at stage 0 with r_min = 0 many partners sit at r = 0, where the target is E[x | x_sigma] itself."""
+    torch.manual_seed(0)
+    net = randomize_(nets.build_net("mlp", (2,)).double())
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = cm.Config(batch_target=True, r_min=0.0, P_mean=0.0, sigma_data=1.0)
+    per_example, logs = cm.loss(net, x, None, cfg, 1, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    sigma = cm.sample_sigma(64, cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, g, x.device)
+    sigma, r = cm.partner_sigma(sigma, cm.ect_ratio(0, cfg), cfg)
+    eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    x_sigma = x + bc(sigma, x) * eps
+    D = posterior_mean_by_definition(x, x_sigma, torch.ones_like(sigma), sigma)
+    x_r = x_sigma + bc(r - sigma, x) * (x_sigma - D) / bc(sigma, x)
+    target = torch.where(bc(r, x) > 0, cm.consistency_fn(net, x_r, r.clamp_min(1e-12), None, cfg), x_r)
+    d = (cm.consistency_fn(net, x_sigma, sigma, None, cfg) - target).norm(dim=1)
+    assert 0 < (r == 0).sum() < 64
+    torch.testing.assert_close(per_example, cm.loss_weight(sigma, r, cfg) * ((d**2 + cfg.huber_c**2).sqrt() - cfg.huber_c),
+                               rtol=1e-10, atol=1e-12)
 
 
 # --- CD exact oracle ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import cm
 import nets
 import tcm
-from conftest import randomize_, sliced_wasserstein, train_toy
+from conftest import posterior_mean_by_definition, randomize_, sliced_wasserstein, train_toy
 
 
 def test_log_student_t_quantiles_match_the_reference():
@@ -79,6 +79,27 @@ def test_loss_mixes_boundary_and_interior_means():
     assert (logs["t"][~on_b] >= 1.0).all() and ((logs["t"] - logs["gap"])[on_b] < 1.0).all()
     interior, boundary = losses[0.0], losses[1.0] - losses[0.0]
     assert abs(losses[0.1] - (interior + 0.1 * boundary)) < 1e-9 * losses[1.0]
+
+
+def test_loss_with_the_batch_target():
+    """tcm.loss with batch_target, replayed by hand (the same generator draws): x_r is the Euler step from x_sigma to r
+    with the batch's E[x | x_sigma] written out, and the target routes from x_r."""
+    student, stage1 = two_nets(dropout=0.0)
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cfg = tcm.Config(batch_target=True, ratio_limit=0.9)
+    per_example, _ = tcm.loss(student, x, None, cfg, 1, torch.Generator().manual_seed(3), teacher=stage1)
+    g = torch.Generator().manual_seed(3)
+    sigma = tcm.sample_sigma_student_t(64, cfg, g, x.device)
+    on_b = tcm.boundary_mask(64, cfg, g, x.device)
+    sigma, r = cm.partner_sigma(torch.where(on_b, cfg.transition_sigma + 1e-8, sigma), cfg.ratio_limit, cfg)
+    x_sigma = x + sigma[:, None] * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    D = posterior_mean_by_definition(x, x_sigma, torch.ones_like(sigma), sigma)
+    x_r = x_sigma + ((r - sigma) / sigma)[:, None] * (x_sigma - D)
+    d = (cm.consistency_fn(student, x_sigma, sigma, None, cfg) - tcm.route(student, stage1, x_r, r, None, cfg)).norm(dim=1)
+    scale = torch.where(on_b, cfg.boundary_weight * 64 / on_b.sum().double(), 64 / (~on_b).sum().double())
+    expected = scale * cm.loss_weight(sigma, r, cfg) * ((d**2 + cfg.huber_c**2).sqrt() - cfg.huber_c)
+    assert (D - x).abs().max() > 0.5  # the batch's estimate is not the sample's own x
+    torch.testing.assert_close(per_example, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_needs_the_stage1_net():

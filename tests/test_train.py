@@ -241,6 +241,11 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
      "--teacher .* was trained with sigma_data 1.0 and this run has 0.7"),
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--sigma-data", "0.5"],
      "--stage1 .* was trained with sigma_data 1.0 and this run has 0.5"),
+    # The toy presets' batch target replaces CT's single-sample x_r; a teacher's step replaces both.
+    (["--method", "scm", "--preset", "toy", "--data", "toy", "--init", "DIF", "--teacher", "DIF"],
+     "--batch-target is consistency training's target"),
+    (["--method", "cm", "--preset", "toy-cd", "--data", "toy", "--teacher", "DIF", "--batch-target", "true"],
+     "--batch-target is consistency training's target"),
 ])
 def test_teacher_init_and_stage1_errors(tmp_path, args, message):
     """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error and leave
