@@ -11,7 +11,7 @@ f(x_sigma, sigma) = f(x_r, r) for the less noisy partner r = r(sigma) < sigma on
 | x, eps       | x, eps      | data, noise N(0, I)                                            | (B, *D) |
 | t (sigma)    | sigma       | noise level, truncated log-normal, float64                     | (B,)    |
 | r            | r           | partner level r(sigma) = max(sigma - Delta(sigma), r_min)      | (B,)    |
-| x_r          | x_r         | partner point: CT x + r eps, CD one teacher ODE step           | (B, *D) |
+| x_r          | x_r         | partner point: CT x + r eps or the batch target; CD ODE step   | (B, *D) |
 | a            | ratio       | ECT ratio 1 - q^-(stage + 1), capped at ratio_limit            |         |
 | f_theta      | f           | consistency function (EDM preconditioning)                     | (B, *D) |
 | f_theta-     | target      | sg(f(x_r, r)) of the online net, same dropout masks            | (B, *D) |

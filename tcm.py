@@ -20,7 +20,8 @@ Network call: as cm.py. `teacher` is the frozen stage-1 network; train.py builds
 online weights, which also initialise the student and every EMA; REFERENCE §4.1, quirk 11).
 
 What TCM reuses from cm.py (imported below, unchanged): the consistency function, r(sigma), CT's partner point x_r
-(optionally the batch target), the pseudo-Huber loss and its weights, the sampler. What is new here: the log-Student-t time distribution, the boundary set, routing.
+(optionally the batch target), the pseudo-Huber loss and its weights, the sampler. What is new here: the
+log-Student-t time distribution, the boundary set, routing.
 """
 import functools
 import math

@@ -123,6 +123,24 @@ def test_batch_denoise_is_the_posterior_mean_over_the_batch_and_label():
     assert torch.equal(cm.batch_denoise(x, x_t, scale, std, y)[8], x[8])
 
 
+def test_the_weights_benchmark_reads_the_weights_batch_denoise_sums():
+    """benchmarks/batch_target_weights.py writes the softmax out again to report it: its weights times the batch are
+    cm.batch_denoise (float64, 1e-12)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location("btw", os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "batch_target_weights.py"))
+    btw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(btw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 2, dtype=torch.float64, generator=g)
+    sigma = torch.rand(16, dtype=torch.float64, generator=g) + 0.5
+    x_sigma = x + bc(sigma, x) * torch.randn(x.shape, dtype=torch.float64, generator=g)
+    w = btw.posterior_weights(x, x_sigma, sigma)
+    torch.testing.assert_close((w @ x.flatten(1)).reshape(x.shape), cm.batch_denoise(x, x_sigma, torch.ones_like(sigma), sigma),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_batch_target_of_one_sample_is_the_ct_target():
     """With a batch of one, E[x | x_sigma] = x and the Euler step to r lands on x + r eps (float64, 1e-12)."""
     g = torch.Generator().manual_seed(0)
