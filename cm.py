@@ -203,8 +203,8 @@ def distance_loss(f, target, sigma, r, cfg):
 
 
 def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
-    """Per-example CM loss (B,) and logs. CT when teacher is None (x_r = x + r eps with the same eps), CD with a frozen
-    EDM-preconditioned teacher (eval mode). images: training images seen before this step (global), for the ECT stage.
+    """Per-example CM loss (B,) and logs. CT when teacher is None (x_r = x + r eps with the same eps, or the batch
+    target: ct_partner), CD with a frozen EDM-preconditioned teacher (eval mode). images: training images seen before this step (global), for the ECT stage.
     The target is the online net under no grad, with the same dropout masks as the gradient pass; `net` may be
     DDP-wrapped (the no-grad target pass uses the bare module)."""
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)

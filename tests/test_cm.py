@@ -109,6 +109,8 @@ def test_r_zero_targets_the_data():
 # --- Batch target ------------------------------------------------------------------------------------------------
 
 def test_batch_denoise_is_the_posterior_mean_over_the_batch_and_label():
+    """Against the definition written out (float64, 1e-12), without and with labels; an all-zero label row is a class
+    of its own (here: only the sample itself)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 2, 3, dtype=torch.float64, generator=g)
     scale = 0.5 + torch.rand(9, dtype=torch.float64, generator=g)
