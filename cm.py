@@ -213,12 +213,13 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     x_sigma = x + bcast(sigma, x) * eps
     with torch.no_grad():
-        if teacher is None:  # where r = 0 the target is x_r: the data (x + 0 eps), or the batch's E[x | x_sigma]
+        if teacher is None:
             x_r = ct_partner(x, x_sigma, eps, sigma, r, y, cfg)
-            target = target_fn(getattr(net, "module", net), x_r, x_r, r, y, cfg)
         else:
             x_r = teacher_step(teacher, x_sigma, sigma, r, y, cfg)
-            target = target_fn(getattr(net, "module", net), x, x_r, r, y, cfg)
+        # Where r = 0 the target is the data; for CT that is x_r itself (x + 0 eps, or the batch's E[x | x_sigma]).
+        x_at_0 = x_r if teacher is None else x
+        target = target_fn(getattr(net, "module", net), x_at_0, x_r, r, y, cfg)
     # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
     torch.clear_autocast_cache()
     f = consistency_fn(net, x_sigma, sigma, y, cfg)
