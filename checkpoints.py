@@ -12,14 +12,11 @@ What is guaranteed (each point is a test in tests/test_runs.py):
     label_dim and cond against the checkpoint, restores the saved config, applies flags given on the command line
     with a notice, and cuts metrics.jsonl back to the checkpoint's step.
 """
-import argparse
 import contextlib
 import copy
-import dataclasses
 import importlib
 import json
 import os
-import re
 import socket
 
 import torch
@@ -27,64 +24,11 @@ import torch.distributed as dist
 
 import augment
 import nets
+from cli import UsageError
 
 LOCK = "run.lock"
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl")
 
-
-class UsageError(Exception):
-    """Bad input: reported as one line and exit status 1, before anything is written."""
-
-
-def parse_as(kind):
-    """argparse type for a flag whose value has type `kind` (bool and comma-separated tuples included)."""
-    def parse(text):
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        if kind is tuple:
-            return tuple(float(v) for v in text.split(",") if v)
-        return kind(text)
-    return parse
-
-
-def method_config(method, cfg):
-    """The method's Config from a resolved config; fields it lacks (converted checkpoints) keep their defaults."""
-    fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
-    try:
-        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields if k in cfg})
-    except ValueError as e:
-        raise UsageError(f"{method.__name__} config: {e}") from None
-
-
-def check_device(flag):
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", flag):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {flag!r}")
-
-
-def setup_distributed(device_flag):
-    """(ddp, rank, world, device). Under torchrun the device is cuda:LOCAL_RANK; --device cuda:N picks GPU N alone."""
-    check_device(device_flag)
-    ddp = "RANK" in os.environ
-    rank, world, local = 0, 1, 0
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError(f"--device {device_flag} but CUDA is not available")
-    if device_flag.startswith("cuda:") and not ddp:
-        local = int(device_flag[5:])
-        if local >= torch.cuda.device_count():
-            raise UsageError(f"--device {device_flag}, but there are {torch.cuda.device_count()} GPUs")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return ddp, rank, world, device
 
 # --- Checkpoint files --------------------------------------------------------------------------------------------
 

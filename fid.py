@@ -57,7 +57,8 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import inception
-from checkpoints import UsageError
+import recipe
+from cli import UsageError, parse_as, setup_distributed
 
 PROTOCOL = "inception-2015-12-05 pool3; uint8 floor(127.5x+128); TF1 bilinear to 299; (x-128)/128; float64 stats"
 
@@ -337,7 +338,7 @@ def run_calc(args, rank, world, device):
         raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
     ref = load_ref(args.ref)
     method = importlib.import_module(cfg["method"])
-    mcfg = sampler_config(method, checkpoints.method_config(method, cfg), args.steps, args.sigmas, args.ts)
+    mcfg = sampler_config(method, recipe.method_config(method, cfg), args.steps, args.sigmas, args.ts)
     net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
     detector, digest = inception.load_detector(args.detector, device, args.cache)
     decode = None
@@ -393,8 +394,8 @@ def build_parser():
     calc.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
                       help="number of samples (write --num-images under torchrun, which reads --num as --numa-binding)")
     calc.add_argument("--steps", type=int, help="sampler steps (default: the checkpoint's own list)")
-    calc.add_argument("--sigmas", type=checkpoints.parse_as(tuple), help="cm/scm/tcm: explicit sigma list ending in 0")
-    calc.add_argument("--ts", type=checkpoints.parse_as(tuple), help="meanflow: explicit t list ending in 0")
+    calc.add_argument("--sigmas", type=parse_as(tuple), help="cm/scm/tcm: explicit sigma list ending in 0")
+    calc.add_argument("--ts", type=parse_as(tuple), help="meanflow: explicit t list ending in 0")
     calc.add_argument("--seed", type=int, default=0, help="image i uses seed mix_seed(seed, i)")
     calc.add_argument("--ema", type=int, default=0, help="which EMA of the checkpoint")
     calc.add_argument("--save-samples", help="folder for samples.png and samples.npz (uint8 images)")
@@ -419,7 +420,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch < 1 or (args.command == "calc" and (args.num < 2 or args.repeats < 1 or args.vae_batch < 1)):
         raise UsageError("--batch, --repeats and --vae-batch must be >= 1 and --num >= 2")
-    ddp, rank, world, device = checkpoints.setup_distributed(args.device)
+    ddp, rank, world, device = setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it
             inception.fetch_detector(args.detector, args.cache)

@@ -19,7 +19,7 @@ from torch import nn
 
 import checkpoints
 import data
-from checkpoints import UsageError
+from cli import UsageError
 
 DETECTOR_URLS = {
     "pt_inception-2015-12-05-6726825d.pth":

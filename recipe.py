@@ -17,7 +17,7 @@ import augment
 import checkpoints
 import data
 import nets
-from checkpoints import UsageError, method_config, parse_as
+from cli import UsageError, check_device, parse_as
 
 METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
 
@@ -144,6 +144,15 @@ def resolve_config(argv):
     return args, json.loads(json.dumps(cfg)), method, given
 
 
+def method_config(method, cfg):
+    """The method's Config from a resolved config; fields it lacks (converted checkpoints) keep their defaults."""
+    fields = {f.name: f.default for f in dataclasses.fields(method.Config)}
+    try:
+        return method.Config(**{k: tuple(cfg[k]) if isinstance(fields[k], tuple) else cfg[k] for k in fields if k in cfg})
+    except ValueError as e:
+        raise UsageError(f"{method.__name__} config: {e}") from None
+
+
 def check_config(args, cfg, method):
     """Every choice and number in range, and the checkpoints the recipe needs named (before anything is created)."""
     for k, allowed in CHOICES.items():
@@ -161,7 +170,7 @@ def check_config(args, cfg, method):
     lo, hi = (0, 1) if cfg["ema_kind"] == "const" else (0, 0.28)
     if not cfg["ema"] or not all(lo < e < hi for e in cfg["ema"]):
         raise UsageError(f"--ema with --ema-kind {cfg['ema_kind']} needs values in ({lo}, {hi}), got {cfg['ema']}")
-    checkpoints.check_device(args.device)
+    check_device(args.device)
     checkpoints.check_out(args.out)
     if args.fid_every and not args.fid_ref:
         raise UsageError("--fid-every needs --fid-ref REF.npz (make it with: python fid.py ref --data DATA --out REF.npz)")

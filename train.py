@@ -38,7 +38,8 @@ import data
 import fid
 import nets
 import recipe
-from checkpoints import UsageError, build_net
+from checkpoints import build_net
+from cli import UsageError, setup_distributed
 
 # --- Distributed, seeds, EMA ---------------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ def main(argv=None):
         state = checkpoints.load_checkpoint(args.resume, "cpu")
         cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
     mcfg = recipe.check_config(args, cfg, method)
-    ddp, rank, world, device = checkpoints.setup_distributed(args.device)
+    ddp, rank, world, device = setup_distributed(args.device)
     if rank == 0 and state is not None:
         for notice in notices:
             print(f"resume: {notice}")

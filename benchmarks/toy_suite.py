@@ -254,10 +254,11 @@ def load_run(path):
     import types
 
     import checkpoints
+    import recipe
     state = checkpoints.load_checkpoint(path, "cpu")
     cfg = state["config"]
     method = importlib.import_module(cfg["method"])
-    mcfg, ds = checkpoints.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
+    mcfg, ds = recipe.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
     label_dim = cfg["label_dim"] if cfg["cond"] else 0
     return state, method, mcfg, ds, label_dim, checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", path)
 

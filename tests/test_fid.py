@@ -20,6 +20,7 @@ import checkpoints
 import data
 import fid
 import inception
+import recipe
 import train
 from conftest import ROOT, save_hub_named, tiny_ref
 from test_data import write_image_zip
@@ -353,7 +354,7 @@ def load_ema(image_run, i):
     state = torch.load(image_run / "img" / "ckpt.pt", weights_only=True)
     net = train.build_net(state["config"], cm, (3, 16, 16), 3).eval()
     net.load_state_dict(state["ema"][i])
-    return net, cm, checkpoints.method_config(cm, state["config"])
+    return net, cm, recipe.method_config(cm, state["config"])
 
 
 def test_per_image_seeds(image_run):
@@ -574,7 +575,7 @@ def test_latent_calc_decodes_scaled_samples(detector, latent_run, stand_in_vae, 
         g = torch.Generator().manual_seed(data.mix_seed(0, i))
         eps.append(torch.randn((4, 4, 4), generator=g))
         y.append(torch.randint(3, (), generator=g))
-    z = meanflow.sample(net, torch.stack(eps), checkpoints.method_config(meanflow, state["config"]),
+    z = meanflow.sample(net, torch.stack(eps), recipe.method_config(meanflow, state["config"]),
                         y=torch.nn.functional.one_hot(torch.stack(y), 3).float())
     with torch.no_grad():
         x = stand_in_vae().decode(z / 0.18215).sample
@@ -588,7 +589,7 @@ def test_latent_images_do_not_depend_on_the_split(latent_run, stand_in_vae):
     import meanflow
     state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
     net = checkpoints.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
-    mcfg = checkpoints.method_config(meanflow, state["config"])
+    mcfg = recipe.method_config(meanflow, state["config"])
     decode = fid.vae_decoder("stabilityai/sd-vae-ft-mse", "cpu")
     whole, bad = fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, 0, 5, 0, 0, "cpu", decode)
     parts = torch.cat([fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, s, n, 0, c, "cpu", decode)[0]

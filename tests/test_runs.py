@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoints
+import cli
 import convert
 import fid
 import meanflow
@@ -329,12 +330,12 @@ def test_fid_refuses_a_reference_with_nan(tmp_path):
     for name, bad in [("mu", dict(mu=np.where(np.arange(2048) == 7, np.nan, mu), sigma=sigma)),
                       ("sigma", dict(mu=mu, sigma=np.where(np.eye(2048) > 0, np.inf, sigma)))]:
         np.savez(tmp_path / f"{name}.npz", **bad)
-        with pytest.raises(checkpoints.UsageError, match="hold NaN or Inf"):
+        with pytest.raises(cli.UsageError, match="hold NaN or Inf"):
             fid.load_ref(str(tmp_path / f"{name}.npz"))
 
 
 def test_fid_sigmas_for_meanflow_names_ts():
-    with pytest.raises(checkpoints.UsageError, match="meanflow takes --steps or --ts$"):
+    with pytest.raises(cli.UsageError, match="meanflow takes --steps or --ts$"):
         fid.sampler_config(meanflow, meanflow.Config(), sigmas=(80.0, 0.0))
 
 # --- Kill during save --------------------------------------------------------------------------------------------------

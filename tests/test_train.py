@@ -99,7 +99,7 @@ def test_presets_are_valid_configs(name):
     for preset_name, preset in method.PRESETS.items():
         assert set(preset) <= known, (preset_name, set(preset) - known)
         cfg = {**recipe.TRAIN_DEFAULTS, **{f: d.default for f, d in method.Config.__dataclass_fields__.items()}, **preset}
-        checkpoints.method_config(method, cfg)
+        recipe.method_config(method, cfg)
 
 
 @pytest.mark.parametrize("args, message", [
