@@ -31,7 +31,8 @@ import torch.nn.functional as F
 PIPES = {
     # EDM CIFAR-10 (EDM's train.py with --augment, p = 0.12): 9-d labels, augment_dim=9 in the net.
     "edm": dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1),
-    # MeanFlow CIFAR-10 (the reference's training loop, p = 0.12): no y-flip, no rotation; 6-d labels.
+    # MeanFlow CIFAR-10 (FastGen 34f30e8, `fastgen/configs/experiments/EDM/config_mf_cifar10.py`, p = 0.12): no
+    # y-flip, no rotation; 6-d labels.
     "meanflow": dict(xflip=1e8, scale=1, aniso=1, translate_frac=1),
 }
 ORDER = ("xflip", "yflip", "rotate_int", "translate_int", "scale", "rotate_frac", "aniso", "translate_frac")

@@ -5,7 +5,10 @@
     python convert.py DiT-XL-2-256x256.pt ckpt/dit-xl2.pt
     python train.py --method cm --data cifar10 --init ckpt/edm-cifar10-uncond-vp.pt       # then use it
 
-Supported files (REFERENCE §6.8):
+Supported files. Layouts: EDM's network snapshots are pickled dicts with the keys ema, loss_fn, augment_pipe and
+dataset_kwargs (NVlabs/edm `training/training_loop.py`; nets from its `training/networks.py`); EDM2's post-hoc EMA
+files are pickled dicts too, the net in fp16 under ema (NVlabs/edm2 `reconstruct_phema.py`; nets from its
+`training/networks_edm2.py`); DiT's are state dicts (nets from facebookresearch/DiT `models.py`).
 
 | file | URL | our net | licence of the weights |
 |---|---|---|---|
@@ -24,8 +27,9 @@ file is a derivative of the weights under the same terms.
 
 The output is `{net: state_dict, ema: [state_dict], step: 0, config: {...}}`, tensors and plain data only, so
 `torch.load(weights_only=True)` reads it and train.py's --init and --teacher take it as a "diffusion" checkpoint.
-The NVIDIA pickles are read by a restricted unpickler that never runs the source code they embed (§6.9); still, pickle
-calls the allowed rebuild functions, so convert only files you trust. DiT training checkpoints go through torch's
+The NVIDIA pickles are read by a restricted unpickler that never runs the source code they embed (the original
+loader, `_reconstruct_persistent_obj` in NVlabs/edm `torch_utils/persistence.py`, would exec it); still, pickle calls
+the allowed rebuild functions, so convert only files you trust. DiT training checkpoints go through torch's
 weights-only loader with one addition, their `argparse.Namespace` (read as a plain dict). Every failure is one line
 and exit status 1.
 """
@@ -59,7 +63,7 @@ def one_line(e):
     why = next((line for line in lines if "WeightsUnpickler error:" in line or "unsupported GLOBAL" in line), lines[0])
     return why.split("WeightsUnpickler error: ")[-1].split(" Please use ")[0]
 
-# --- Restricted unpickler (REFERENCE §6.9) -----------------------------------------------------------------
+# --- Restricted unpickler (for NVlabs/edm `torch_utils/persistence.py` pickles) ------------------------------
 
 
 class Persistent:
@@ -362,10 +366,10 @@ def convert(src, out, net_name=None, expect_sha256=None):
     if expect_sha256 and digest != expect_sha256.lower():
         raise ConvertError(f"{src} has sha256 {digest}, expected {expect_sha256}")
     weights, info = read_source(src)
-    sd, config = to_our_net(weights, info, net_name)
+    state_dict, config = to_our_net(weights, info, net_name)
     config["source"].update(file=os.path.basename(src), sha256=digest)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    checkpoints.atomic_save(dict(net=sd, ema=[sd], step=0, config=config), out)  # net and ema share storages
+    checkpoints.atomic_save(dict(net=state_dict, ema=[state_dict], step=0, config=config), out)  # shared storages
     return config
 
 

@@ -5,7 +5,7 @@
     cifar10                the official CIFAR-10 python tarball, downloaded once into the cache (md5 checked)
     path/to/dataset.zip    EDM dataset_tool layout: images (png/jpg) + optional dataset.json with labels;
     path/to/folder/        the same as a folder (e.g. ImageNet-64 made by EDM's or EDM2's dataset tool)
-    path/to/latents/       pre-encoded SD-VAE latents (ImageNet-256, REFERENCE §8), made by `encode-latents` below
+    path/to/latents/       pre-encoded SD-VAE latents (ImageNet-256), made by `encode-latents` below
 
 Images come out as float in [-1, 1] (uint8 / 127.5 - 1), shape (B, C, H, W); points as float32 (B, D); latents as
 0.18215 (mean + std eps), (B, 4, 32, 32). Small datasets are held in memory (CIFAR-10 is 150 MB as uint8). Image sets
@@ -41,7 +41,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MMAP_BYTES = 2**30  # decoded image sets above this size are cached as .npy and memory-mapped
-SD_VAE_SCALE = 0.18215  # Stable Diffusion's latent scale factor (REFERENCE §8)
+SD_VAE_SCALE = 0.18215  # Stable Diffusion's latent scale factor (facebookresearch/DiT `train.py` scales by it)
 IMAGENET_CLASSES = 1000
 
 
@@ -246,16 +246,16 @@ def _decode(path, name, read, shape=None, first_name=None):
 def _decoded_cache(path, images, read, first, cache_dir):
     """All images as a (N, C, H, W) uint8 array memory-mapped from cache_dir, decoded on first use (one process
     writes, under a temporary name, then renames). The key covers the source's path, sizes and mtimes."""
-    h = hashlib.sha256(os.path.abspath(path).encode())
+    key = hashlib.sha256(os.path.abspath(path).encode())
     if os.path.isdir(path):
         for n in images:
-            st = os.stat(os.path.join(path, n))
-            h.update(f"{n}:{st.st_size}:{st.st_mtime_ns};".encode())
+            stat = os.stat(os.path.join(path, n))
+            key.update(f"{n}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     else:
-        st = os.stat(path)
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        stat = os.stat(path)
+        key.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-    file = os.path.join(cache_dir, f"{name}-{h.hexdigest()[:16]}.npy")
+    file = os.path.join(cache_dir, f"{name}-{key.hexdigest()[:16]}.npy")
     if not os.path.exists(file):
         print(f"decoding {len(images)} images of {path} once into {file}", flush=True)
         os.makedirs(cache_dir, exist_ok=True)
@@ -293,9 +293,11 @@ def _read_labels(path, names, images, read):
         raise DataError(f"{path}: labels must lie in [0, {label_dim}), got [{int(labels.min())}, {int(labels.max())}]")
     return labels, int(label_dim)
 
-# --- Latents (ImageNet-256 through the SD-VAE, REFERENCE §8) ------------------------------------------------
+# --- Latents (ImageNet-256 through the SD-VAE) ---------------------------------------------------------------------
 # A folder with mean.npy and std.npy (float16, (N, 4, 32, 32): the VAE posterior per image), labels.npy ((N,) int64,
 # or absent) and latents.json {"format", "count", "shape", "label_dim", "scale", "vae", "resolution", "crop"}.
+# Each draw samples the posterior afresh, as FastGen 34f30e8 does with pre-encoded mean and std
+# (`fastgen/networks/DiT/network.py`, SDVAE.encode).
 
 LATENTS_JSON = "latents.json"
 LATENTS_FORMAT = "sd-vae-posterior-v1"
@@ -336,9 +338,9 @@ class LatentDataset:
         No x-flips: a flipped image's latent is not the flipped latent."""
         if flip is not None:
             raise DataError("x-flips are not supported for latents (flip the images before encoding instead)")
-        i = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx)
-        mean = torch.from_numpy(self.mean[i].astype(np.float32))  # (B, 4, 32, 32)
-        std = torch.from_numpy(self.std[i].astype(np.float32))
+        rows = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx)
+        mean = torch.from_numpy(self.mean[rows].astype(np.float32))  # (B, 4, 32, 32)
+        std = torch.from_numpy(self.std[rows].astype(np.float32))
         rng_device = generator.device if generator is not None else "cpu"
         eps = torch.randn(mean.shape, generator=generator, device=rng_device)
         return ((mean.to(rng_device) + std.to(rng_device) * eps) * self.scale).to(device)
@@ -358,7 +360,7 @@ def center_crop_dhariwal(img, res):
     return img.crop((left, top, left + res, top + res))
 
 
-SD_VAE = "stabilityai/sd-vae-ft-mse"  # the VAE of the ImageNet-256 latents (REFERENCE §8)
+SD_VAE = "stabilityai/sd-vae-ft-mse"  # the VAE of FastGen 34f30e8's DiT runs (`fastgen/networks/DiT/network.py`, SDVAE)
 
 
 def load_sd_vae(name, device, dtype=torch.float32, need="encode-latents"):
@@ -382,8 +384,8 @@ def sd_vae_encoder(name=SD_VAE, device="cuda"):
 
     @torch.no_grad()
     def encode(images):
-        dist = vae.encode(images.to(device)).latent_dist
-        return dist.mean, dist.std
+        posterior = vae.encode(images.to(device)).latent_dist
+        return posterior.mean, posterior.std
     return encode
 
 
@@ -473,20 +475,20 @@ def load_cifar10(cache_dir, url=CIFAR10_URL, md5=CIFAR10_MD5):
     digest = file_digest(path, "md5")
     if digest != md5:
         raise DataError(f"{path} has md5 {digest}, expected {md5}: delete it and try again")
-    xs, ys = [], []
+    images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
             for i in range(1, 6):
                 batch = _NumpyUnpickler(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes").load()
-                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
     except (tarfile.TarError, KeyError, pickle.UnpicklingError, OSError, EOFError) as e:
         raise DataError(f"{path} is not a valid CIFAR-10 python archive ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 def file_digest(path, algorithm="sha256"):
-    """Hex digest of a file, read in 1 MiB blocks (CIFAR-10's md5; fid.py's and convert.py's sha256)."""
+    """Hex digest of a file, read in 1 MiB blocks (CIFAR-10's md5; convert.py's sha256)."""
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -511,17 +513,19 @@ class _NumpyUnpickler(pickle.Unpickler):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Dataset tools.")
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("encode-latents", help="encode an image zip/folder into SD-VAE latents (ImageNet-256)")
-    e.add_argument("--src", required=True, help="image zip or folder (dataset.json labels, or n0xxxxxxx class folders)")
-    e.add_argument("--out", required=True, help="output folder for mean.npy, std.npy, labels.npy, latents.json")
-    e.add_argument("--vae", default=SD_VAE, help="diffusers AutoencoderKL name or path")
-    e.add_argument("--batch", type=int, default=64)
-    e.add_argument("--resolution", type=int, default=256)
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d = sub.add_parser("decode", help="decode a large image zip/folder into the memory-mapped cache now, in one process "
-                                      "(do this before a multi-GPU run: waiting ranks could time out)")
-    d.add_argument("--data", required=True)
-    d.add_argument("--cache", default=cache_dir_default())
+    encode_cmd = sub.add_parser("encode-latents", help="encode an image zip/folder into SD-VAE latents (ImageNet-256)")
+    encode_cmd.add_argument("--src", required=True,
+                            help="image zip or folder (dataset.json labels, or n0xxxxxxx class folders)")
+    encode_cmd.add_argument("--out", required=True,
+                            help="output folder for mean.npy, std.npy, labels.npy, latents.json")
+    encode_cmd.add_argument("--vae", default=SD_VAE, help="diffusers AutoencoderKL name or path")
+    encode_cmd.add_argument("--batch", type=int, default=64)
+    encode_cmd.add_argument("--resolution", type=int, default=256)
+    encode_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    decode_cmd = sub.add_parser("decode", help="decode a large image zip/folder into the memory-mapped cache now, in one "
+                                               "process (do this before a multi-GPU run: waiting ranks could time out)")
+    decode_cmd.add_argument("--data", required=True)
+    decode_cmd.add_argument("--cache", default=cache_dir_default())
     args = p.parse_args(argv)
     if args.command == "decode":
         try:

@@ -1,4 +1,6 @@
-"""FID of a checkpoint against reference statistics, with one pinned protocol (REFERENCE §7).
+"""FID (Heusel et al., arXiv:1706.08500v6) of a checkpoint against reference statistics, with one pinned protocol.
+Its conventions come from NVlabs/edm `fid.py` (calculate_inception_stats, calculate_fid_from_inception_stats: float64
+sums, .npz files with mu and sigma) and `generate.py` (the uint8 rounding), and from pytorch-fid (the detector).
 
     python fid.py ref  --data cifar10 --out cifar10-ref.npz                        # statistics of the 50k train images
     python fid.py calc --ckpt runs/cm-cifar10-000/ckpt.pt --steps 1 --num 50000 --ref cifar10-ref.npz
@@ -30,7 +32,8 @@ Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
     mix_seed(seed, c, 1): multi-step sets depend on --batch, never on the rank count. meanflow and diffusion
     samplers are deterministic given the noise.
   * --steps N: omitted = the checkpoint's own list. cm/scm/tcm: 1 = (sample_sigmas[0], 0); N > 1 = the reference's
-    default Karras-index list sigma_k, k = floor(linspace(998, 2, N + 1)), last set to 0 (REFERENCE §1.4), or
+    default Karras-index list sigma_k, k = floor(linspace(998, 2, N + 1)), last set to 0 (FastGen 34f30e8,
+    `fastgen/networks/noise_schedule.py`: EDMNoiseSchedule.get_t_list), or
     --sigmas. meanflow: 1 = (sample_ts[0], 0); N > 1 = linspace(1, 0, N + 1) with the first entry sample_ts[0]
     (2 steps: 0.999, 0.5, 0), or --ts. diffusion: N Heun steps (2 N - 1 evaluations) on its Karras grid.
   * Latent models (checkpoints of 4-channel data, the imagenet256 presets): samples / 0.18215 go through the SD-VAE
@@ -105,6 +108,24 @@ def features(detector, images):
     with full_fp32():
         return detector((x - 128) / 128)
 
+# --- Detector: inception.py's DetectorError as this file's one-line UsageError --------------------------------
+
+
+def load_detector(spec, device, cache_dir):
+    """inception.load_detector (cache_dir falls back to data.py's default), a DetectorError reported as UsageError."""
+    try:
+        return inception.load_detector(spec, device, cache_dir or data.cache_dir_default())
+    except inception.DetectorError as e:
+        raise UsageError(str(e)) from None
+
+
+def fetch_detector(spec, cache_dir):
+    """inception.fetch_detector, a DetectorError reported as UsageError."""
+    try:
+        return inception.fetch_detector(spec, cache_dir)
+    except inception.DetectorError as e:
+        raise UsageError(str(e)) from None
+
 # --- Statistics and distance ----------------------------------------------------------------------------------
 
 
@@ -127,12 +148,12 @@ class FeatureStats:
         if dist.is_available() and dist.is_initialized():
             for t in (self.s1, self.s2, self.counts):
                 dist.all_reduce(t)
-        n, bad = self.counts.tolist()
+        n, nonfinite = self.counts.tolist()
         if n < 2:
             raise UsageError(f"need at least 2 images for a covariance, got {int(n)}")
         mu = self.s1 / n
         sigma = (self.s2 - n * torch.outer(mu, mu)) / (n - 1)
-        return mu.cpu(), sigma.cpu(), int(n), int(bad)
+        return mu.cpu(), sigma.cpu(), int(n), int(nonfinite)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -163,8 +184,8 @@ def load_ref(path):
 # --- Generation ----------------------------------------------------------------------------------------------------
 
 
-def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
-    """mcfg with the sampler --steps / --sigmas / --ts ask for (see the module docstring)."""
+def sampler_config(method, method_cfg, steps=None, sigmas=None, ts=None):
+    """method_cfg with the sampler --steps / --sigmas / --ts ask for (see the module docstring)."""
     field = dict(meanflow="sample_ts", diffusion="sample_steps").get(method.__name__, "sample_sigmas")
     given = dict(sample_sigmas=sigmas, sample_ts=ts).get(field)
     if (sigmas and field != "sample_sigmas") or (ts and field != "sample_ts"):
@@ -175,20 +196,20 @@ def sampler_config(method, mcfg, steps=None, sigmas=None, ts=None):
             raise UsageError(f"--steps {steps} contradicts the {len(given) - 1}-step list {','.join(map(str, given))}")
         value = tuple(given)
     elif steps is None:
-        return mcfg
+        return method_cfg
     elif steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     elif field == "sample_steps":
         value = steps
     elif steps == 1:
-        value = (getattr(mcfg, field)[0], 0.0)
-    elif field == "sample_sigmas":  # Karras grid, rho 7, N = 1000, ascending on [0.002, 80] (REFERENCE §1.4)
+        value = (getattr(method_cfg, field)[0], 0.0)
+    elif field == "sample_sigmas":  # Karras grid, rho 7, N = 1000, ascending on [0.002, 80] (EDMNoiseSchedule)
         k = np.floor(np.linspace(998, 2, steps + 1))
         value = tuple(((0.002 ** (1 / 7) + k / 999 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7)[:-1].tolist()) + (0.0,)
     else:
-        value = (mcfg.sample_ts[0],) + tuple(np.linspace(1, 0, steps + 1)[1:].tolist())
+        value = (method_cfg.sample_ts[0],) + tuple(np.linspace(1, 0, steps + 1)[1:].tolist())
     try:
-        return dataclasses.replace(mcfg, **{field: value})
+        return dataclasses.replace(method_cfg, **{field: value})
     except ValueError as e:
         raise UsageError(f"sampler list: {e}") from None
 
@@ -204,11 +225,11 @@ def vae_decoder(name=data.SD_VAE, device="cpu", dtype="auto"):
     device = torch.device(device)
     if dtype == "auto":
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    dt = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
-    vae = data.load_sd_vae(name, device, dt, need="FID of a latent model (decoding with the SD-VAE)")
+    torch_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype]
+    vae = data.load_sd_vae(name, device, torch_dtype, need="FID of a latent model (decoding with the SD-VAE)")
 
     def decode(z):
-        return vae.decode(z.to(device, dt)).sample.float()
+        return vae.decode(z.to(device, torch_dtype)).sample.float()
     return decode
 
 
@@ -224,30 +245,30 @@ def image_shape(shape, decode):
 
 
 @torch.no_grad()
-def generate(net, method, mcfg, shape, label_dim, start, count, seed, chunk, device, decode=None, vae_batch=32):
+def generate(net, method, method_cfg, shape, label_dim, start, count, seed, chunk, device, decode=None, vae_batch=32):
     """uint8 images start .. start + count - 1 (one chunk) and their number of non-finite samples. decode: None for
     image models; for latent models the VAE decoder (vae_decoder), applied to the samples by decode_latents."""
     eps, labels = [], []
     for i in range(start, start + count):
-        g = torch.Generator().manual_seed(data.mix_seed(seed, i))  # per image, on the CPU: any device, any split
-        eps.append(torch.randn(shape, generator=g))
+        gen = torch.Generator().manual_seed(data.mix_seed(seed, i))  # per image, on the CPU: any device, any split
+        eps.append(torch.randn(shape, generator=gen))
         if label_dim:
-            labels.append(torch.randint(label_dim, (), generator=g))
+            labels.append(torch.randint(label_dim, (), generator=gen))
     eps = torch.stack(eps).to(device)
     y = F.one_hot(torch.stack(labels), label_dim).float().to(device) if label_dim else None
     extra = {}
     if "gen" in inspect.signature(method.sample).parameters:  # re-noising of multi-step CM samplers
         extra["gen"] = torch.Generator(device).manual_seed(data.mix_seed(seed, chunk, 1))
-    x = method.sample(net, eps, mcfg, y=y, **extra)
+    x = method.sample(net, eps, method_cfg, y=y, **extra)
     if decode is not None:
         finite = torch.isfinite(x).flatten(1).all(1)  # a NaN latent may decode to a finite image
         x = decode_latents(decode, x, vae_batch)
         x = torch.where(finite.reshape(-1, 1, 1, 1).to(x.device), x, torch.nan)
-    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-    return quantize(x), bad
+    nonfinite = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    return quantize(x), nonfinite
 
 
-def sample_stats(net, method, mcfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False,
+def sample_stats(net, method, method_cfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False,
                  decode=None, repeat=0, vae_batch=32):
     """Feature statistics of `num` samples of `net` (an EMA copy in eval mode) on every rank: chunk c of `batch`
     images goes to rank c % world. repeat k uses images k num .. (k + 1) num - 1 (and chunk seeds after those of
@@ -258,45 +279,46 @@ def sample_stats(net, method, mcfg, shape, label_dim, num, detector, device, see
     kept = torch.zeros((num, *image_shape(shape, decode)), dtype=torch.uint8, device=device) if keep else None
     for c in range(rank, chunks, world):
         start, count = c * batch, min(batch, num - c * batch)
-        images, bad = generate(net, method, mcfg, shape, label_dim, repeat * num + start, count, seed,
-                               repeat * chunks + c, device, decode, vae_batch)
-        stats.add(features(detector, images), bad)
+        images, nonfinite = generate(net, method, method_cfg, shape, label_dim, repeat * num + start, count, seed,
+                                     repeat * chunks + c, device, decode, vae_batch)
+        stats.add(features(detector, images), nonfinite)
         if keep:
             kept[start:start + count] = images
     if keep and world > 1:
         dist.all_reduce(kept)  # each image is non-zero on one rank only
-    mu, sigma, _, bad = stats.result()
-    return mu, sigma, bad, (kept.cpu() if keep and rank == 0 else None)
+    mu, sigma, _, nonfinite = stats.result()
+    return mu, sigma, nonfinite, (kept.cpu() if keep and rank == 0 else None)
 
 
-def compute_fid(net, method, mcfg, shape, label_dim, num, ref_stats, detector, device, seed=0, batch=250):
+def compute_fid(net, method, method_cfg, shape, label_dim, num, ref_stats, detector, device, seed=0, batch=250):
     """FID of `num` samples against ref_stats = (mu, sigma); call on every rank (train.py --fid-every). NaN when
     any sample is not finite."""
-    mu, sigma, bad, _ = sample_stats(net, method, mcfg, tuple(shape), label_dim, num, detector, device, seed, batch)
-    return float("nan") if bad else frechet_distance(mu, sigma, *ref_stats)
+    mu, sigma, nonfinite, _ = sample_stats(net, method, method_cfg, tuple(shape), label_dim, num, detector, device,
+                                           seed, batch)
+    return float("nan") if nonfinite else frechet_distance(mu, sigma, *ref_stats)
 
 
-def fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device):
+def fid_evaluator(args, cfg, ds, label_dim, method, method_cfg, rank, ddp, device):
     """train.py --fid-every: a function ema -> FID (this file's protocol, per-image seeds), to call on every rank."""
     if not ds.is_image or ds.shape[0] != 3:
         raise UsageError(f"--fid-every needs RGB images; {cfg['data']} has samples of shape {ds.shape}")
     ref = load_ref(args.fid_ref)
     spec = args.fid_detector or inception.DETECTOR_DEFAULT
     if rank == 0:  # may download the weights once into the cache
-        detector, _ = inception.load_detector(spec, device, args.cache)
+        detector, _ = load_detector(spec, device, args.cache)
     if ddp:
         dist.barrier()
     if rank != 0:
-        detector, _ = inception.load_detector(spec, device, args.cache)
-    return lambda ema: compute_fid(ema, method, mcfg, ds.shape, label_dim, args.fid_num, ref, detector, device,
-                                   seed=cfg["seed"])
+        detector, _ = load_detector(spec, device, args.cache)
+    return lambda ema: compute_fid(ema, method, method_cfg, ds.shape, label_dim, args.fid_num, ref, detector,
+                                   device, seed=cfg["seed"])
 
 
 # --- Command line --------------------------------------------------------------------------------------------------
 
 
 def run_ref(args, rank, world, device):
-    detector, digest = inception.load_detector(args.detector, device, args.cache)  # before the (large) data
+    detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
     if args.resolution:  # images of any size, cropped as data.py encode-latents crops them
         stats = FeatureStats(device)
         for _, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
@@ -338,9 +360,9 @@ def run_calc(args, rank, world, device):
         raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
     ref = load_ref(args.ref)
     method = importlib.import_module(cfg["method"])
-    mcfg = sampler_config(method, recipe.method_config(method, cfg), args.steps, args.sigmas, args.ts)
+    method_cfg = sampler_config(method, recipe.method_config(method, cfg), args.steps, args.sigmas, args.ts)
     net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
-    detector, digest = inception.load_detector(args.detector, device, args.cache)
+    detector, digest = load_detector(args.detector, device, args.cache)
     decode = None
     if shape[0] == 4:  # SD-VAE latents; rank 0 loads first (it may download), then the others
         if rank == 0:
@@ -351,35 +373,37 @@ def run_calc(args, rank, world, device):
             decode = vae_decoder(args.vae, device, args.vae_dtype)
     fids = []
     for k in range(args.repeats):
-        mu, sigma, bad, kept = sample_stats(net.eval(), method, mcfg, shape, cfg["label_dim"], args.num, detector,
-                                            device, args.seed, args.batch, keep=bool(args.save_samples) and k == 0,
-                                            decode=decode, repeat=k, vae_batch=args.vae_batch)
-        if bad:
-            raise UsageError(f"{bad} of {args.num} samples are not finite: the model diverged")
+        mu, sigma, nonfinite, kept = sample_stats(net.eval(), method, method_cfg, shape, cfg["label_dim"], args.num,
+                                                  detector, device, args.seed, args.batch,
+                                                  keep=bool(args.save_samples) and k == 0, decode=decode, repeat=k,
+                                                  vae_batch=args.vae_batch)
+        if nonfinite:
+            raise UsageError(f"{nonfinite} of {args.num} samples are not finite: the model diverged")
         fids.append(frechet_distance(mu, sigma, *ref))
         if k == 0:
             images = kept
     fid = fids[0]
-    sampler = {k: getattr(mcfg, k) for k in ("sample_sigmas", "sample_ts", "sample_steps") if hasattr(mcfg, k)}
-    rec = dict(fid=fid, fids=fids, fid_min=min(fids), fid_mean=sum(fids) / len(fids), repeats=args.repeats,
-               num=args.num, steps=args.steps, sampler=sampler, method=cfg["method"], ckpt=args.ckpt,
-               step=state["step"], ema=args.ema, seed=args.seed, batch=args.batch, ref=args.ref,
-               detector=args.detector, detector_sha256=digest, protocol=PROTOCOL, world_size=world,
-               vae=args.vae if decode is not None else None, seconds=round(time.time() - t0, 1))
+    sampler = {k: getattr(method_cfg, k) for k in ("sample_sigmas", "sample_ts", "sample_steps")
+               if hasattr(method_cfg, k)}
+    record = dict(fid=fid, fids=fids, fid_min=min(fids), fid_mean=sum(fids) / len(fids), repeats=args.repeats,
+                  num=args.num, steps=args.steps, sampler=sampler, method=cfg["method"], ckpt=args.ckpt,
+                  step=state["step"], ema=args.ema, seed=args.seed, batch=args.batch, ref=args.ref,
+                  detector=args.detector, detector_sha256=digest, protocol=PROTOCOL, world_size=world,
+                  vae=args.vae if decode is not None else None, seconds=round(time.time() - t0, 1))
     if rank == 0:
         print(f"FID {fid:.4f} | {args.num} samples of {args.ckpt} (step {state['step']}, ema {args.ema}, {sampler}) "
-              f"vs {args.ref} | {world} ranks | {rec['seconds']} s")
+              f"vs {args.ref} | {world} ranks | {record['seconds']} s")
         if args.repeats > 1:
-            print(f"FID of {args.repeats} seed sets: {', '.join(f'{v:.4f}' for v in fids)} | min {rec['fid_min']:.4f} | "
-                  f"mean {rec['fid_mean']:.4f}")
+            print(f"FID of {args.repeats} seed sets: {', '.join(f'{v:.4f}' for v in fids)} | "
+                  f"min {record['fid_min']:.4f} | mean {record['fid_mean']:.4f}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(rec, f, indent=2)
+                json.dump(record, f, indent=2)
         if args.save_samples:
             os.makedirs(args.save_samples, exist_ok=True)
             data.save_picture(os.path.join(args.save_samples, "samples.png"), images[:256].float() / 127.5 - 1, None)
             np.savez(os.path.join(args.save_samples, "samples.npz"), images=images.numpy())
-    return rec
+    return record
 
 
 def build_parser():
@@ -407,12 +431,12 @@ def build_parser():
     calc.add_argument("--vae-batch", type=int, default=32, help="latent models: latents per decoder call")
     ref.add_argument("--resolution", type=int, help="center-crop-dhariwal every image to this size first, as "
                      "data.py encode-latents did (reference statistics for latent models)")
-    for q in (ref, calc):
-        q.add_argument("--detector", default=inception.DETECTOR_DEFAULT,
+    for command in (ref, calc):
+        command.add_argument("--detector", default=inception.DETECTOR_DEFAULT,
                        help="Inception weights: path, URL or known file name")
-        q.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
-        q.add_argument("--device", default="auto", help="auto, cpu or cuda")
-        q.add_argument("--cache", default=data.cache_dir_default(), help="download cache")
+        command.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
+        command.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        command.add_argument("--cache", default=data.cache_dir_default(), help="download cache")
     return p
 
 
@@ -423,7 +447,7 @@ def main(argv=None):
     ddp, rank, world, device = setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it
-            inception.fetch_detector(args.detector, args.cache)
+            fetch_detector(args.detector, args.cache)
         if ddp:
             dist.barrier()
         return (run_ref if args.command == "ref" else run_calc)(args, rank, world, device)

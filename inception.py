@@ -1,11 +1,16 @@
-"""The FID detector: Inception-v3 "2015-12-05" (the TF graph every published FID uses) as a torch module, and its
-published weights, fetched or found on disk and checked by SHA-256 before they are loaded (REFERENCE §7). fid.py
-holds the rest of the protocol; this file is the network and where its weights come from.
+"""The FID detector: Inception-v3 "2015-12-05" (the TF graph every published FID uses; Heusel et al.,
+arXiv:1706.08500v6, take its pool3 features) as a torch module, and its published weights, fetched or found on disk
+and checked by SHA-256 before they are loaded. The TF graph's differences from torchvision's Inception-v3 are the ones
+pytorch-fid ports (its `inception.py`: FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2). fid.py holds
+the rest of the protocol; this file is the network and where its weights come from. It imports nothing of the
+project: every problem is a DetectorError with a one-line message (fid.py reports it as its own usage error), and the
+download cache is the caller's.
 
 Weights: the torchvision-style state dict pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or its copy
 weights-inception-2015-12-05-6726825d.pth (torch-fidelity), loaded with weights_only=True. NVIDIA's TorchScript .pt /
 pickle detector is refused: loading it runs code stored in the downloaded file.
 """
+import hashlib
 import os
 import re
 import shutil
@@ -17,10 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoints
-import data
-from cli import UsageError
-
 DETECTOR_URLS = {
     "pt_inception-2015-12-05-6726825d.pth":
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
@@ -30,6 +31,11 @@ DETECTOR_URLS = {
 DETECTOR_DEFAULT = "pt_inception-2015-12-05-6726825d.pth"
 PUBLISHED_SHA256_PREFIX = "6726825d"
 FETCH_HINT = f"fetch {' or '.join(DETECTOR_URLS.values())} and pass --detector PATH"
+
+
+class DetectorError(Exception):
+    """A detector file that is missing, unverifiable or unloadable; the message is one line."""
+
 
 # --- Detector: Inception-v3 "2015-12-05" ----------------------------------------------------------------------
 # torchvision's Inception-v3 module names (so the published state dicts load strictly), with the TF graph's
@@ -167,30 +173,39 @@ class InceptionV3(nn.Module):
 # --- Detector weights ---------------------------------------------------------------------------------------------
 
 
+def sha256_of(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_sha256(path, name):
     """Full SHA-256 of the file; it must start with the hex digits after the last '-' of `name` (torch.hub)."""
     m = re.search(r"-([0-9a-f]{8,64})\.pth$", name)
     if not m:
-        raise UsageError(f"detector file {name} must be named NAME-<first 8 hex digits of its SHA-256>.pth "
-                         f"(torch.hub convention) so it can be verified; {FETCH_HINT}")
-    digest = data.file_digest(path)
+        raise DetectorError(f"detector file {name} must be named NAME-<first 8 hex digits of its SHA-256>.pth "
+                            f"(torch.hub convention) so it can be verified; {FETCH_HINT}")
+    digest = sha256_of(path)
     if not digest.startswith(m.group(1)):
-        raise UsageError(f"{path} has SHA-256 {digest[:16]}..., but its name promises {m.group(1)}: the file is "
-                         f"corrupt or incomplete; delete it and {FETCH_HINT}")
+        raise DetectorError(f"{path} has SHA-256 {digest[:16]}..., but its name promises {m.group(1)}: the file is "
+                            f"corrupt or incomplete; delete it and {FETCH_HINT}")
     return digest
 
 
 def fetch_detector(spec, cache_dir):
     """A verified local detector file for a path, a URL or a known file name. Returns (path, sha256)."""
     if spec.endswith((".pt", ".pkl")):
-        raise UsageError(f"{spec}: NVIDIA's TorchScript/pickle detector is not supported (loading it would run code "
-                         f"stored in the file); {FETCH_HINT}")
+        raise DetectorError(f"{spec}: NVIDIA's TorchScript/pickle detector is not supported (loading it would run code "
+                            f"stored in the file); {FETCH_HINT}")
     if os.path.isfile(spec):
         return spec, check_sha256(spec, os.path.basename(spec))
     name = os.path.basename(spec.split("?")[0])
     url = spec if spec.startswith(("http://", "https://")) else DETECTOR_URLS.get(spec)
     if url is None:
-        raise UsageError(f"no detector file {spec}; {FETCH_HINT}")
+        raise DetectorError(f"no detector file {spec}; {FETCH_HINT}")
     path = os.path.join(cache_dir, name)
     if os.path.isfile(path):
         return path, check_sha256(path, name)
@@ -203,27 +218,30 @@ def fetch_detector(spec, cache_dir):
     except Exception as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, UsageError):
+        if isinstance(e, DetectorError):
             raise
-        raise UsageError(f"cannot download the detector from {url} ({type(e).__name__}); {FETCH_HINT}") from None
+        raise DetectorError(f"cannot download the detector from {url} ({type(e).__name__}); {FETCH_HINT}") from None
     os.replace(tmp, path)  # a crash never leaves a half file under the final name
     return path, digest
 
 
-def load_detector(spec, device, cache_dir=None):
-    """(InceptionV3 in eval mode on device, sha256 of the weights)."""
-    path, digest = fetch_detector(spec, cache_dir or data.cache_dir_default())
+def load_detector(spec, device, cache_dir):
+    """(InceptionV3 in eval mode on device, sha256 of the weights); cache_dir holds downloads."""
+    path, digest = fetch_detector(spec, cache_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"cannot load {path} as a state dict ({type(e).__name__})") from None
+        raise DetectorError(f"cannot load {path} as a state dict ({type(e).__name__})") from None
     net = InceptionV3()
     if not isinstance(state, dict):
-        raise UsageError(f"{path} does not hold a state dict")
+        raise DetectorError(f"{path} does not hold a state dict")
     # BN's num_batches_tracked counters are bookkeeping the published files may or may not carry: ours are used.
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     state.update({k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")})
-    checkpoints.load_weights(net, state, f"detector {path}")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DetectorError(f"detector {path} does not fit this data/net: {str(e).splitlines()[0]}") from None
     if not digest.startswith(PUBLISHED_SHA256_PREFIX) and not (dist.is_initialized() and dist.get_rank() > 0):
         print(f"warning: {path} is not the published 2015-12-05 detector (SHA-256 {digest[:8]}...): "
               "FIDs are not comparable with published ones", file=sys.stderr)

@@ -17,7 +17,8 @@ Call signature shared by every net here (each method file documents what it feed
 All nets are plain PyTorch: no custom autograd.Function, no numpy constants in modules. Group/layer norm and
 attention run the native kernels (F.group_norm, F.layer_norm, F.scaled_dot_product_attention), which save little for
 backward; inside torch.func transforms, where those kernels have no usable forward-mode rule, the same ops run
-written out (`_in_func_transform`). So `torch.func.jvp`, `torch.compile` and float64 all work (REFERENCE.md §6.7, §11).
+written out (`_in_func_transform`). So `torch.func.jvp`, `torch.compile` and float64 all work (tests/test_nets.py:
+test_jvp_matches_central_difference, test_torch_compile_matches_eager, test_float64_forward_and_logvar).
 
 Fused JVP: `net(x, t, r, y, tangents=(dx, dt, dr))` returns the pair `(out, d_out)`. `out` is a normal
 differentiable forward; `d_out`, the JVP along the tangents (None = zero), is computed in the same pass, in
@@ -145,7 +146,8 @@ def silu(x):
 
 def dropout(x, p, training):
     """Dropout whose mask is drawn in fp32 whatever the activation dtype, so two passes under different
-    precisions (fp32 JVP, bf16 grad pass) consume the RNG identically and share the mask (REFERENCE §1.7)."""
+    precisions (fp32 JVP, bf16 grad pass) consume the RNG identically and share the mask (tests/test_meanflow.py,
+    test_masks_shared_across_precisions_under_bf16)."""
     if not training or p == 0:
         return x
     keep = torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1 - p)
@@ -167,8 +169,9 @@ def gelu_tanh(x):
 
 
 def _in_func_transform():
-    """True inside torch.func transforms (jvp, grad, vmap). There the norms and attention run written out: the native
-    fused kernels lack forward-mode rules that torch.func.jvp and torch.compile can trace together (REFERENCE §6.7).
+    """True inside torch.func transforms (jvp, grad, vmap). There the norms and attention run written out: the fused
+    attention kernels have no forward-mode rule (tests/test_nets.py, test_fused_attention_has_no_forward_mode_rule),
+    and the written-out ops are what a compiled torch.func.jvp traces (test_torch_compile_matches_eager).
     torch.compile reads this depth while tracing, so a compiled torch.func.jvp takes the written-out branch too."""
     return torch._C._functorch.get_dynamic_layer_stack_depth() > 0
 
@@ -348,7 +351,8 @@ def attention(q, k, v):
     """Softmax attention per head. q, k, v: (B, heads, L, C) -> (B, heads, L, C), logits scaled by 1/sqrt(C).
     The primal runs F.scaled_dot_product_attention (flash / memory-efficient kernels: no (L, L) weights saved for
     backward). The fused tangent recomputes the weights without a graph; inside torch.func transforms, where the
-    fused kernels have no forward-mode rule (REFERENCE §6.7), the attention runs written out."""
+    fused kernels have no forward-mode rule (tests/test_nets.py, test_fused_attention_has_no_forward_mode_rule), the
+    attention runs written out."""
     scale = 1 / math.sqrt(q.shape[-1])
     if not isinstance(q, Dual):
         if _in_func_transform():
@@ -375,7 +379,7 @@ class PositionalEmbedding(nn.Module):
     def forward(self, t):
         tp = t.p if isinstance(t, Dual) else t
         half = self.num_channels // 2
-        dtype = torch.promote_types(tp.dtype, torch.float32)  # time embeddings stay in fp32 (REFERENCE §9.4)
+        dtype = torch.promote_types(tp.dtype, torch.float32)  # fp32 at least, never cast down (EDM2's MPFourier: fp32)
         freqs = torch.arange(half, dtype=dtype, device=tp.device) / (half - (1 if self.endpoint else 0))
         freqs = (1 / self.max_positions) ** freqs
         arg = tp.to(dtype).outer(freqs)  # (B, half)
@@ -554,7 +558,8 @@ def _logvar(head, noise_emb):
 # --- ADM (EDM DhariwalUNet) -------------------------------------------------------------------------------
 
 class DhariwalUNet(nn.Module):
-    """ADM (Dhariwal & Nichol 2021) as re-implemented in EDM, REFERENCE §6.3. Defaults are EDM's ImageNet-64
+    """ADM (Dhariwal & Nichol, arXiv:2105.05233v4) as re-implemented in EDM (NVlabs/edm `training/networks.py`,
+    DhariwalUNet). Defaults are EDM's ImageNet-64
     configuration: 295,899,267 parameters with label_dim=1000 (augment_dim=0; EDM trained it without augmentation).
     Scale-and-shift modulation, GroupNorm eps 1e-5, skip scale 1, heads = C/64, resampling skips without projection.
     use_r: a second positional embedding of r is concatenated to that of t (as in SongUNet), so map_augment and
@@ -674,7 +679,8 @@ class MLP(nn.Module):
 
 
 # --- EDM2 (magnitude-preserving UNet) ----------------------------------------------------------------------
-# Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", REFERENCE §6.4.
+# Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", arXiv:2312.02696v2, and its
+# code, NVlabs/edm2 `training/networks_edm2.py` (MPFourier, MPConv, Block, UNet, Precond).
 # Every layer preserves activation magnitudes in expectation: weights are used as normalize(w)/sqrt(fan_in) and
 # sums/concatenations/SiLU are rescaled (mp_sum, mp_cat, mp_silu). No biases, no normalisation layers.
 
@@ -725,7 +731,9 @@ class MPConv(nn.Module):
     """Magnitude-preserving linear (kernel=()) or conv layer: weight used as normalize(w) * gain / sqrt(fan_in),
     computed in fp32 on every call. Deviation: EDM2 also writes normalize(w) into the weight in every training
     forward ("forced weight normalisation"); here that in-place write is EDM2UNet.normalize_weights_(), called by
-    the training loop outside forward, so forward stays functional for torch.func.jvp and compile (§6.7, §9.8)."""
+    the training loop outside forward, so forward stays functional for torch.func.jvp and compile
+    (tests/test_nets_imagenet.py: test_edm2_forward_writes_nothing_in_place,
+    test_edm2_normalize_weights_keeps_the_function)."""
 
     def __init__(self, in_channels, out_channels, kernel=()):
         super().__init__()
@@ -792,14 +800,16 @@ class EDM2Block(nn.Module):
 
 
 class EDM2UNet(nn.Module):
-    """EDM2's UNet with the log-variance head of its Precond (`logvar_fourier`, `logvar_linear`), REFERENCE §6.4.
+    """EDM2's UNet with the log-variance head of its Precond (`logvar_fourier`, `logvar_linear`; NVlabs/edm2
+    `training/networks_edm2.py`, UNet and Precond).
     Keys are the official `unet.*` keys without the `unet.` prefix. Defaults: EDM2-S (model_channels 192);
     XS/S/M/L/XL = 128/192/256/320/384. in_channels excludes the constant ones channel the net appends.
     y=None is the null label (a zero one-hot, as EDM2's Precond feeds). Dropout applies in blocks at the
     resolutions `dropout_res`: all of them by default, as in EDM2's own training; the consistency recipes pass
     (16, 8). logvar=False drops the head (EDM2 always has it).
-    use_r (decision; the reference's version is broken, REFERENCE §10 #21): r gets its own MPFourier embedding and
-    MPConv (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label.
+    use_r (our decision; FastGen 34f30e8's fails: `EMD2UNet.forward` in `fastgen/networks/EDM2/network.py` reads
+    `self.r_timestep`, which its `__init__` never sets): r gets its own MPFourier embedding and MPConv
+    (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label.
     Training must call `normalize_weights_()` once after init and after every optimizer step (see MPConv)."""
 
     def __init__(self, img_resolution=64, in_channels=3, out_channels=3, label_dim=0, model_channels=192,
@@ -807,27 +817,27 @@ class EDM2UNet(nn.Module):
                  attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5, dropout=0.0, dropout_res=None,
                  channels_per_head=64, logvar_channels=128, use_r=False, logvar=False):
         super().__init__()
-        cblock = [model_channels * m for m in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
-        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        block_channels = [model_channels * m for m in channel_mult]
+        noise_channels = model_channels * channel_mult_noise if channel_mult_noise is not None else block_channels[0]
+        emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(block_channels)
         self.img_resolution, self.img_channels, self.label_dim, self.use_r = img_resolution, in_channels, label_dim, use_r
         self.label_balance, self.concat_balance = label_balance, concat_balance
         self.out_gain = nn.Parameter(torch.zeros([]))
-        self.emb_fourier = MPFourier(cnoise)
-        self.emb_noise = MPConv(cnoise, cemb)
-        self.emb_label = MPConv(label_dim, cemb) if label_dim else None
-        self.emb_fourier_r = MPFourier(cnoise) if use_r else None
-        self.emb_noise_r = MPConv(cnoise, cemb) if use_r else None
+        self.emb_fourier = MPFourier(noise_channels)
+        self.emb_noise = MPConv(noise_channels, emb_channels)
+        self.emb_label = MPConv(label_dim, emb_channels) if label_dim else None
+        self.emb_fourier_r = MPFourier(noise_channels) if use_r else None
+        self.emb_noise_r = MPConv(noise_channels, emb_channels) if use_r else None
         self.logvar_fourier = MPFourier(logvar_channels) if logvar else None
         self.logvar_linear = MPConv(logvar_channels, 1) if logvar else None
 
         def block(cin, cout, res, **kwargs):
             drop = dropout if dropout_res is None or res in dropout_res else 0.0
-            return EDM2Block(cin, cout, cemb, channels_per_head=channels_per_head, dropout=drop, **kwargs)
+            return EDM2Block(cin, cout, emb_channels, channels_per_head=channels_per_head, dropout=drop, **kwargs)
 
         self.enc = nn.ModuleDict()
         cout = in_channels + 1  # + the constant ones channel
-        for level, channels in enumerate(cblock):
+        for level, channels in enumerate(block_channels):
             res = img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = MPConv(cout, channels, (3, 3))
@@ -840,9 +850,9 @@ class EDM2UNet(nn.Module):
         skips = [b.out_channels for b in self.enc.values()]
 
         self.dec = nn.ModuleDict()
-        for level, channels in reversed(list(enumerate(cblock))):
+        for level, channels in reversed(list(enumerate(block_channels))):
             res = img_resolution >> level
-            if level == len(cblock) - 1:
+            if level == len(block_channels) - 1:
                 self.dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
                 self.dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
             else:
@@ -889,7 +899,9 @@ class EDM2UNet(nn.Module):
 
 
 # --- DiT (adaLN-Zero transformer) ---------------------------------------------------------------------------
-# Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", REFERENCE §6.5. Keys as the official checkpoints.
+# Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:2212.09748v2, and its code,
+# facebookresearch/DiT `models.py` (DiT, DiTBlock, TimestepEmbedder, LabelEmbedder, FinalLayer). Keys as the official
+# checkpoints.
 
 def sincos_2d(dim, grid_size):
     """DiT's fixed 2-D position embedding (L, dim): the first half encodes the column, the second the row, each as
@@ -961,7 +973,8 @@ class DiT(nn.Module):
     all-zero = null, None = all null) enters without integer casts: y @ table[:L] + (1 - sum y) table[L].
     learn_sigma (None: True without use_r, as the official checkpoints; False with use_r, as MeanFlow) doubles the
     output channels; the net returns only the first in_channels (the methods here need no learned variance).
-    use_r (MeanFlow, REFERENCE §5.7): `r_embedder` embeds t - r and c = t_emb(t) + r_emb(t - r) + y_emb(y).
+    use_r (MeanFlow, arXiv:2505.13447v1; as FastGen 34f30e8 `fastgen/networks/DiT/network.py`, DiT.forward with
+    time_cond_type "diff"): `r_embedder` embeds t - r and c = t_emb(t) + r_emb(t - r) + y_emb(y).
     t is used as given (no x1000). logvar: Linear(256 -> 1) on t's frequency embedding."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,

@@ -3,7 +3,8 @@ preset: ADM at 3x64x64, 1000 classes). Prints one line per noise level and a sum
 
     python benchmarks/bf16_tangent.py [--net adm] [--sigmas 0.05,0.5,2,10,80] [--seed 0]
 
-Reference: `tangent="jvp"` under bf16 autocast (the JVP pass runs in fp32, REFERENCE §3.4). Compared:
+Reference: `tangent="jvp"` under bf16 autocast (the JVP pass runs in fp32, scm.py's F_and_dF, as FastGen 34f30e8's
+sCD ImageNet-64 recipe sets it: `precision_amp_jvp` in `fastgen/configs/experiments/EDM/config_scd_in64.py`). Compared:
 - `fused` under bf16: fp32 tangent arithmetic linearised around the bf16 primal activations;
 - `fused` in fp32 (should agree with the reference to fp32 rounding: a check of the measurement itself);
 - the bf16 primal F against the fp32 primal (the rounding every bf16 training step has anyway).

@@ -5,7 +5,8 @@
 For each net at its reference data shape (batch 4, fp32 with TF32 off):
 - fused tangents vs torch.func.jvp (relative error of the JVP) and the fused primal vs a plain forward;
 - with dropout on: the fused pass, a plain forward and torch.func.jvp under the same seed see the same mask on CUDA
-  (REFERENCE §1.7; a mismatch shows as a large primal difference);
+  (the CPU case: tests/test_meanflow.py, test_masks_shared_across_precisions_under_bf16; a mismatch shows as a
+  large primal difference);
 - under bf16 autocast: the fused primal and JVP relative to fp32 (the JVP runs in fp32 by design, so its error comes
   from the bf16 primal activations only);
 - a bf16 training step of every method on a tiny UNet: finite loss and gradients.

@@ -29,7 +29,7 @@ import nets  # noqa: E402
 
 # name -> (data shape, reference per-GPU batch): DDPM++ CIFAR-10 (MeanFlow/sCM), ImageNet-64 ADM/EDM2 (CM/sCM
 # configs run 32 per GPU), DiT on 4x32x32 latents (MeanFlow: B/2 32 per GPU, XL/2 8).
-REFERENCE = {
+FULL_SIZE_NETS = {
     "ddpmpp": ((3, 32, 32), 128), "adm": ((3, 64, 64), 32), "edm2-s": ((3, 64, 64), 32), "edm2-xl": ((3, 64, 64), 32),
     "dit-b2": ((4, 32, 32), 32), "dit-xl2": ((4, 32, 32), 8),
 }
@@ -97,7 +97,7 @@ def bench(name, shape, batch, label_dim, args, device, autocast):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default=None, help=f"comma-separated; default: {','.join(REFERENCE)} "
+    p.add_argument("--nets", default=None, help=f"comma-separated; default: {','.join(FULL_SIZE_NETS)} "
                                                 f"(with --tiny: {','.join(TINY)})")
     p.add_argument("--batch", type=int, default=None, help="default: each net's reference batch (8 with --tiny)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +109,7 @@ def main():
 
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    table = TINY if args.tiny else REFERENCE
+    table = TINY if args.tiny else FULL_SIZE_NETS
     names = args.nets.split(",") if args.nets else list(table)
     print(f"torch {torch.__version__} | {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} threads) | {args.precision} | median of {args.iters}")

@@ -239,7 +239,8 @@ def test_labels_reach_the_net_only_inside_the_loss():
 @pytest.mark.parametrize("method, pipe, dim, count", [("meanflow", "meanflow", 6, 55_799_811),
                                                      ("diffusion", "edm", 9, 55_733_891)])
 def test_cifar10_presets(method, pipe, dim, count):
-    """REFERENCE §5.7: the MeanFlow CIFAR-10 net with augment_dim 6 has 55,799,811 parameters; EDM's is 55,733,891."""
+    """The MeanFlow CIFAR-10 net (augment_dim 6, as FastGen 34f30e8 sets it in
+    `fastgen/configs/experiments/EDM/config_mf_cifar10.py`) has 55,799,811 parameters; EDM's is 55,733,891."""
     _, cfg, m, _ = recipe.resolve_config(["--method", method, "--data", "cifar10"])
     assert cfg["augment"] == 0.12 and cfg["augment_pipe"] == pipe and cfg["xflip"] == (method == "meanflow")
     with torch.device("meta"):

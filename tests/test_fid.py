@@ -1,6 +1,7 @@
 """fid.py and inception.py: the Frechet distance in float64, the Inception-v3 port's layout, the weight loader and its
 checks, the TF1 resize, and the ref/calc commands end to end (per-image seeds; 2 gloo ranks equal 1 process). The
 published detector weights cannot be fetched here: every test uses random weights saved under a hub-style file name."""
+import ast
 import io
 import json
 import math
@@ -260,10 +261,10 @@ def test_loader_round_trip_and_features(detector, tmp_path):
     are (N, 2048), float32, finite, equal to the saved net on the protocol's input, and do not depend on the batch
     they were computed in (float32 tolerance 1e-5)."""
     path, net = detector
-    loaded, digest = inception.load_detector(path, "cpu")
+    loaded, digest = inception.load_detector(path, "cpu", str(tmp_path))
     assert digest == data.file_digest(path) and os.path.basename(path).endswith(f"-{digest[:8]}.pth")
     bare = save_hub_named({k: v for k, v in net.state_dict().items() if "num_batches" not in k}, str(tmp_path))
-    for other in (loaded, inception.load_detector(bare, "cpu")[0]):
+    for other in (loaded, inception.load_detector(bare, "cpu", str(tmp_path))[0]):
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items())
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     f = fid.features(loaded, images)
@@ -277,19 +278,49 @@ def test_loader_round_trip_and_features(detector, tmp_path):
 
 def test_loader_refusals(detector, tmp_path, monkeypatch):
     path, _ = detector
+    cache = str(tmp_path / "cache")
     wrong = tmp_path / "rand-inception-00000000.pth"
     os.link(path, wrong)
-    with pytest.raises(train.UsageError, match="SHA-256 .* promises 00000000"):
-        inception.load_detector(str(wrong), "cpu")
+    with pytest.raises(inception.DetectorError, match="SHA-256 .* promises 00000000"):
+        inception.load_detector(str(wrong), "cpu", cache)
     unnamed = tmp_path / "inception.pth"
     os.link(path, unnamed)
-    with pytest.raises(train.UsageError, match="torch.hub convention"):
-        inception.load_detector(str(unnamed), "cpu")
-    with pytest.raises(train.UsageError, match="run code"):
-        inception.load_detector("inception-2015-12-05.pt", "cpu")
+    with pytest.raises(inception.DetectorError, match="torch.hub convention"):
+        inception.load_detector(str(unnamed), "cpu", cache)
+    with pytest.raises(inception.DetectorError, match="run code"):
+        inception.load_detector("inception-2015-12-05.pt", "cpu", cache)
     short = save_hub_named({"fc.weight": torch.zeros(1008, 2048)}, str(tmp_path), "partial")
-    with pytest.raises(train.UsageError, match="does not fit"):
-        inception.load_detector(short, "cpu")
+    with pytest.raises(inception.DetectorError, match=r"^detector .*partial-.*\.pth does not fit this data/net: "):
+        inception.load_detector(short, "cpu", cache)
+    assert not os.path.exists(cache)  # local files never touch the cache
+
+
+def test_fid_reports_detector_errors_as_usage_errors(detector, tmp_path):
+    """fid.py's boundary: inception.py's DetectorError comes out of fid.load_detector / fid.fetch_detector (and so
+    out of fid.fid_evaluator, train.py --fid-every) as the UsageError the commands print as one line, same text."""
+    cache = str(tmp_path)
+    short = save_hub_named({"fc.weight": torch.zeros(1008, 2048)}, cache, "partial")
+    pairs = [(lambda: inception.load_detector(short, "cpu", cache), lambda: fid.load_detector(short, "cpu", cache)),
+             (lambda: inception.load_detector("missing/x.pth", "cpu", cache),
+              lambda: fid.load_detector("missing/x.pth", "cpu", cache)),
+             (lambda: inception.fetch_detector("inception-2015-12-05.pt", cache),
+              lambda: fid.fetch_detector("inception-2015-12-05.pt", cache))]
+    for direct, through_fid in pairs:
+        with pytest.raises(inception.DetectorError) as raised:
+            direct()
+        with pytest.raises(train.UsageError) as reported:
+            through_fid()
+        assert str(reported.value) == str(raised.value) and "\n" not in str(reported.value)
+    assert fid.load_detector(detector[0], "cpu", None)[1] == data.file_digest(detector[0])  # None: data.py's cache
+
+
+def test_inception_imports_nothing_of_the_project():
+    """inception.py stands alone: standard library, torch and numpy only."""
+    with open(os.path.join(ROOT, "inception.py")) as f:
+        tree = ast.parse(f.read())
+    roots = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert roots <= set(sys.stdlib_module_names) | {"torch", "numpy"}, roots
 
 
 def test_missing_detector_names_the_urls(tmp_path, monkeypatch, capsys):
@@ -298,14 +329,15 @@ def test_missing_detector_names_the_urls(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("offline")
     monkeypatch.setattr(inception.urllib.request, "urlopen", offline)
-    with pytest.raises(train.UsageError) as e:
+    with pytest.raises(inception.DetectorError) as e:
         inception.load_detector(inception.DETECTOR_DEFAULT, "cpu", cache_dir=str(tmp_path))
     message = str(e.value)
     assert "\n" not in message and "--detector PATH" in message
     assert all(url in message for url in inception.DETECTOR_URLS.values())
     assert not os.listdir(tmp_path)  # no half file left behind
-    with pytest.raises(train.UsageError, match="no detector file missing/x.pth; fetch https://github.com/mseitzer"):
-        inception.load_detector("missing/x.pth", "cpu")
+    missing = "no detector file missing/x.pth; fetch https://github.com/mseitzer"
+    with pytest.raises(inception.DetectorError, match=missing):
+        inception.load_detector("missing/x.pth", "cpu", str(tmp_path))
     p = subprocess.run([sys.executable, "fid.py", "ref", "--data", "toy", "--out", str(tmp_path / "r.npz"),
                         "--detector", "missing/x.pth"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fid.py: error: no detector file" in p.stderr
@@ -360,14 +392,14 @@ def load_ema(image_run, i):
 def test_per_image_seeds(image_run):
     """Image i depends on (seed, i) only: 5 images in one chunk equal chunks of 3 + 2 (float rounding of another
     batch size may move a pixel by 1); the first 3 are what 3 alone give; another seed gives other images."""
-    net, cm, mcfg = load_ema(image_run, 0)
-    whole, bad = fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 5, 0, 0, "cpu")
-    parts = torch.cat([fid.generate(net, cm, mcfg, (3, 16, 16), 3, s, n, 0, c, "cpu")[0]
+    net, cm, method_cfg = load_ema(image_run, 0)
+    whole, bad = fid.generate(net, cm, method_cfg, (3, 16, 16), 3, 0, 5, 0, 0, "cpu")
+    parts = torch.cat([fid.generate(net, cm, method_cfg, (3, 16, 16), 3, s, n, 0, c, "cpu")[0]
                        for c, (s, n) in enumerate([(0, 3), (3, 2)])])
     assert bad == 0 and whole.shape == (5, 3, 16, 16) and whole.dtype == torch.uint8 and whole.float().std() > 0
     assert (whole.int() - parts.int()).abs().max() <= 1 and (whole == parts).float().mean() > 0.99
-    assert torch.equal(parts[:3], fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 3, 0, 0, "cpu")[0])
-    other, _ = fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 3, 1, 0, "cpu")
+    assert torch.equal(parts[:3], fid.generate(net, cm, method_cfg, (3, 16, 16), 3, 0, 3, 0, 0, "cpu")[0])
+    other, _ = fid.generate(net, cm, method_cfg, (3, 16, 16), 3, 0, 3, 1, 0, "cpu")
     assert (other != whole[:3]).float().mean() > 0.5
 
 
@@ -384,12 +416,12 @@ def test_calc_json_samples_and_compute_fid(detector, image_run, tmp_path, monkey
     assert rec["fid"] == a["fid"] > 0 and rec["num"] == 4 and rec["world_size"] == 1 and rec["step"] == 2
     assert rec["detector_sha256"] == data.file_digest(det) and rec["sampler"] == {"sample_sigmas": [79.5638, 0.0]}
     assert os.path.getsize(tmp_path / "a" / "samples.png") > 0
-    net, cm, mcfg = load_ema(image_run, 0)
+    net, cm, method_cfg = load_ema(image_run, 0)
     images = np.load(tmp_path / "a" / "samples.npz")["images"]
-    assert np.array_equal(images, fid.generate(net, cm, mcfg, (3, 16, 16), 3, 0, 4, 0, 0, "cpu")[0].numpy())
-    loaded, _ = inception.load_detector(det, "cpu")
+    assert np.array_equal(images, fid.generate(net, cm, method_cfg, (3, 16, 16), 3, 0, 4, 0, 0, "cpu")[0].numpy())
+    loaded, _ = inception.load_detector(det, "cpu", str(tmp_path))
     monkeypatch.setattr(fid, "frechet_distance", lambda *args: calls.append(args) or -1.0)
-    value = fid.compute_fid(net, cm, mcfg, [3, 16, 16], 3, 4, fid.load_ref(ref), loaded, "cpu", seed=0, batch=4)
+    value = fid.compute_fid(net, cm, method_cfg, [3, 16, 16], 3, 4, fid.load_ref(ref), loaded, "cpu", seed=0, batch=4)
     assert value == -1.0 and len(calls) == 2
     for x, y in zip(*calls):
         assert np.array_equal(np.asarray(x), np.asarray(y))
@@ -589,10 +621,10 @@ def test_latent_images_do_not_depend_on_the_split(latent_run, stand_in_vae):
     import meanflow
     state = torch.load(latent_run / "run" / "ckpt.pt", weights_only=True)
     net = checkpoints.frozen_ema(state, (4, 4, 4), 3, "cpu", "ema")
-    mcfg = recipe.method_config(meanflow, state["config"])
+    method_cfg = recipe.method_config(meanflow, state["config"])
     decode = fid.vae_decoder("stabilityai/sd-vae-ft-mse", "cpu")
-    whole, bad = fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, 0, 5, 0, 0, "cpu", decode)
-    parts = torch.cat([fid.generate(net, meanflow, mcfg, (4, 4, 4), 3, s, n, 0, c, "cpu", decode)[0]
+    whole, bad = fid.generate(net, meanflow, method_cfg, (4, 4, 4), 3, 0, 5, 0, 0, "cpu", decode)
+    parts = torch.cat([fid.generate(net, meanflow, method_cfg, (4, 4, 4), 3, s, n, 0, c, "cpu", decode)[0]
                        for c, (s, n) in enumerate([(0, 2), (2, 3)])])
     assert bad == 0 and whole.shape == (5, 3, 32, 32) and fid.image_shape((4, 4, 4), decode) == (3, 32, 32)
     assert (whole.int() - parts.int()).abs().max() <= 1 and (whole == parts).float().mean() > 0.99
@@ -622,7 +654,7 @@ def test_ref_crops_like_the_latent_encoding(detector, tmp_path):
         first = Image.open(io.BytesIO(z.read(sorted(n for n in z.namelist() if n.endswith(".png"))[0]))).convert("RGB")
     assert crops.shape == (3, 3, 16, 16)
     assert np.array_equal(crops[0].permute(1, 2, 0).numpy(), np.asarray(data.center_crop_dhariwal(first, 16)))
-    net, _ = inception.load_detector(detector[0], "cpu")
+    net, _ = inception.load_detector(detector[0], "cpu", str(tmp_path))
     stats = fid.FeatureStats("cpu")
     stats.add(fid.features(net, crops))
     mu, sigma, _, _ = stats.result()

@@ -44,7 +44,8 @@ def n_params(net):
 
 
 def test_ddpmpp_cifar10_parameter_counts_and_keys():
-    """REFERENCE §6.1/§6.8: EDM's DDPM++ CIFAR-10 checkpoint layout."""
+    """EDM's DDPM++ CIFAR-10 checkpoint layout (edm-cifar10-32x32-uncond-vp.pkl; NVlabs/edm `training/networks.py`,
+    SongUNet): the parameter count follows from the shapes."""
     with torch.device("meta"):  # shapes only, nothing allocated
         net = nets.SongUNet(augment_dim=9)
     sd = net.state_dict()
@@ -180,6 +181,22 @@ def test_norms_and_attention_run_native_kernels_outside_torch_func():
     assert jvp(lambda a: torch.tensor(nets._in_func_transform()), (x,), (x,))[0]
 
 
+def test_fused_attention_has_no_forward_mode_rule():
+    """Why nets.attention runs written out inside torch.func: the fused SDPA kernel has no forward-mode rule (torch
+    2.13, CPU: its flash kernel), while the written-out form nets.attention takes there gives autograd's JVP. If torch
+    gains the rule, this test fails and the written-out branch can be reconsidered."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 16, 8, generator=g).unbind(0)
+    dq = torch.randn(q.shape, generator=g)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        jvp(lambda q_: torch.nn.functional.scaled_dot_product_attention(q_, k, v), (q,), (dq,))
+    out, d_out = jvp(lambda q_: nets.attention(q_, k, v), (q,), (dq,))
+    ref, d_ref = torch.autograd.functional.jvp(lambda q_: (q_ @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v,
+                                               (q,), (dq,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(d_out, d_ref)
+
+
 def test_dropout_masks_differ_without_replay():
     """Guards the test above: without RNG replay the two passes really would differ."""
     net, shape = tiny_net("mlp", dropout=0.5)
@@ -231,7 +248,8 @@ def test_r_input_must_match_construction():
 @pytest.mark.parametrize("kind", list(TINY))
 def test_torch_compile_matches_eager(kind):
     """torch.compile (fullgraph, static shapes) traces the plain forward, the fused tangent path and
-    torch.func.jvp, and gives the eager values (REFERENCE §9.12: compiled transforms can silently drop rules)."""
+    torch.func.jvp, and gives the eager values (values, not only tracing: a compiled transform that dropped a rule
+    would still run)."""
     torch.manual_seed(0)
     name, shape = TINY[kind]
     net = randomize_(nets.build_net(name, shape, use_r=True, dropout=0.0)).eval()

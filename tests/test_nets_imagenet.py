@@ -20,7 +20,7 @@ def meta_net(name, shape, **kwargs):
 # --- Official configurations ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, shape, kwargs, count", [
-    ("adm", (3, 64, 64), dict(label_dim=1000), 295_899_267),  # REFERENCE §6.1
+    ("adm", (3, 64, 64), dict(label_dim=1000), 295_899_267),  # edm-imagenet-64x64-cond-adm.pkl
     ("edm2-xs", (3, 64, 64), dict(label_dim=1000, logvar=True), 124_710_949),
     ("edm2-s", (3, 64, 64), dict(label_dim=1000, logvar=True), 280_209_381),
     ("edm2-m", (3, 64, 64), dict(label_dim=1000, logvar=True), 497_803_173),
@@ -40,7 +40,8 @@ def shapes(net):
 
 
 def test_adm_keys():
-    """EDM's ImageNet-64 ADM layout (REFERENCE §6.8): map_label 768 x 1000 without bias, no augment map."""
+    """EDM's ImageNet-64 ADM layout (edm-imagenet-64x64-cond-adm.pkl; NVlabs/edm `training/networks.py`,
+    DhariwalUNet): map_label 768 x 1000 without bias, no augment map."""
     sd = shapes(meta_net("adm", (3, 64, 64), label_dim=1000, logvar=True))
     expected = {
         "map_label.weight": (768, 1000), "map_layer0.weight": (768, 192), "map_layer1.bias": (768,),
@@ -57,12 +58,13 @@ def test_adm_keys():
     assert "enc.32x32_down.skip.weight" not in sd  # resample_proj=False: a parameter-free resampling skip
     net = meta_net("adm", (3, 64, 64))
     attention = sorted(n for n, m in net.named_modules() if isinstance(m, nets.UNetBlock) and m.num_heads)
-    assert len(attention) == 22  # REFERENCE §6.3
+    assert len(attention) == 22  # at 32, 16 and 8: 3 encoder + 4 decoder blocks each, and the 8x8 decoder input
     assert net.enc["8x8_block0"].num_heads == 768 // 64 and net.enc["32x32_block0"].num_heads == 384 // 64
 
 
 def test_edm2_keys():
-    """EDM2 `unet.*` keys without the prefix, plus the log-variance head (REFERENCE §6.8); no biases."""
+    """EDM2 `unet.*` keys without the prefix, plus the log-variance head (NVlabs/edm2 `training/networks_edm2.py`,
+    UNet and Precond); no biases."""
     C = 192
     sd = shapes(meta_net("edm2-s", (3, 64, 64), label_dim=1000, logvar=True))
     expected = {
