@@ -1,21 +1,27 @@
 """Consistency models: consistency training (CT) and distillation (CD) with the ECT curriculum on the gap sigma - r.
 Song et al., "Consistency Models", arXiv:2303.01469v2; Geng et al., "Consistency Models Made Easy" (ECT),
-arXiv:2406.14548v2. Formulas and defaults follow the reference implementation (NVIDIA FastGen), REFERENCE §2.
+arXiv:2406.14548v2. Formulas and defaults follow the reference implementation: NVIDIA FastGen, commit 34f30e8.
+Its files are cited by name: `CM.py` below means fastgen/methods/consistency_model/CM.py, `ct_schedule.py`
+fastgen/callbacks/ct_schedule.py, `noise_schedule.py` fastgen/networks/noise_schedule.py, `model.py`
+fastgen/methods/model.py, and config files (methods/config_cm.py, EDM/config_cm_cifar10.py, EDM2/config_cm_s.py ...)
+live under fastgen/configs/ (experiments/ for EDM/ and EDM2/); its results table is
+fastgen/methods/consistency_model/README.md.
 
 Convention: EDM noise level sigma, small = data, x_sigma = x + sigma eps. The consistency function is an
 EDM-preconditioned network, f(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4), trained so that
 f(x_sigma, sigma) = f(x_r, r) for the less noisy partner r = r(sigma) < sigma on the same trajectory.
 
-| paper        | code        | meaning                                                        | shape   |
-|--------------|-------------|----------------------------------------------------------------|---------|
-| x, eps       | x, eps      | data, noise N(0, I)                                            | (B, *D) |
-| t (sigma)    | sigma       | noise level, truncated log-normal, float64                     | (B,)    |
-| r            | r           | partner level r(sigma) = max(sigma - Delta(sigma), r_min)      | (B,)    |
-| x_r          | x_r         | partner point: CT x + r eps or the batch target; CD ODE step   | (B, *D) |
-| a            | ratio       | ECT ratio 1 - q^-(stage + 1), capped at ratio_limit            |         |
-| f_theta      | f           | consistency function (EDM preconditioning)                     | (B, *D) |
-| f_theta-     | target      | sg(f(x_r, r)) of the online net, same dropout masks            | (B, *D) |
-| d            | d           | ||f - target|| over all dimensions, float64                    | (B,)    |
+| paper        | code             | meaning                                                        | shape   |
+|--------------|------------------|----------------------------------------------------------------|---------|
+| x, eps       | x, eps           | data, noise N(0, I)                                            | (B, *D) |
+| t (sigma)    | sigma            | noise level, truncated log-normal, float64                     | (B,)    |
+| r            | r                | partner level r(sigma) = max(sigma - Delta(sigma), r_min)      | (B,)    |
+| x_r          | x_r              | partner point: CT x + r eps or the batch target; CD ODE step   | (B, *D) |
+| a            | ratio            | ECT ratio 1 - q^-(stage + 1), capped at ratio_limit            |         |
+| f_theta      | f                | consistency function (EDM preconditioning)                     | (B, *D) |
+| f_theta-     | target           | sg(f(x_r, r)) of the online net, same dropout masks            | (B, *D) |
+|              | target_at_r_zero | the target where r = 0: x_r for CT, the data x for CD          | (B, *D) |
+| d            | d                | ||f - target|| over all dimensions, float64                    | (B,)    |
 
 Network call: `F = net(x_in, c_noise, y=y)` with x_in = c_in x (B, *D), c_noise = ln(sigma) / 4 (B,), y one-hot or
 None (all-zero row: null label). The CD teacher is a frozen EDM-preconditioned net with the same call (a diffusion.py
@@ -24,7 +30,8 @@ checkpoint). Any EDM net works unchanged; training usually starts from one (--in
 Implemented: CT with shared noise and the online network as target (no EMA target), CD with one Euler or Heun step of
 the teacher's PF-ODE and CFG, the ECT r(sigma) map with its stage schedule in images seen, pseudo-Huber loss with the
 reference's weightings, optional boundary-condition parameterisation, 1-step and multi-step samplers, and (not in the
-reference) CT's lower-variance batch target, batch_target below.
+reference) CT's lower-variance batch target, batch_target below. Presets and the sweeps behind the toy ones:
+docs/presets.md.
 """
 import math
 from dataclasses import dataclass
@@ -36,30 +43,35 @@ import torch
 
 @dataclass
 class Config:
-    # sigma ~ truncated log-normal on [sigma_min, sigma_max] (REFERENCE §2.5, CIFAR-10)
+    # sigma ~ truncated log-normal on [sigma_min, sigma_max] (FastGen configs/config.py, SampleTConfig; CIFAR-10)
     P_mean: float = -1.1
     P_std: float = 2.0
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    # ECT curriculum (REFERENCE §2.1): the ratio a steps up every kimg_per_stage thousand images (global batch)
+    # ECT curriculum: the ratio a steps up every kimg_per_stage thousand images of the global batch (FastGen
+    # ct_schedule.py, CTScheduleCallback; 6400 kimg: methods/config_cm.py)
     q: float = 2.0
     kimg_per_stage: float = 6400.0
     ratio_limit: float = 0.999
-    r_min: float = 0.002  # floor of r: 0.002 = the reference (target = net at 0.002); 0 = ECT (target = data at r = 0)
-    # Loss: pseudo-Huber sqrt(d^2 + c^2) - c of the per-sample L2 distance, times a weight (REFERENCE §2.2)
-    huber_c: float = 1e-8  # ~plain L2 norm (CIFAR-10); 0.06 on ImageNet-64
+    # Floor of r: 0.002 = FastGen (CM.py, CMModel._compute_cm_loss floors r at the schedule's min_t; target = net at
+    # 0.002); 0 = ECT (target = data at r = 0)
+    r_min: float = 0.002
+    # Loss: pseudo-Huber sqrt(d^2 + c^2) - c of the per-sample L2 distance, times a weight (CM.py, _pred_to_loss)
+    huber_c: float = 1e-8  # ~plain L2 norm (methods/config_cm.py, CIFAR-10); 0.06 on ImageNet-64 (EDM2/config_cm_s.py)
     weighting: str = "inv_gap"  # inv_gap 1/(sigma - r) | inv_sqrt_gap | inv_c_out_sq | inv_c_out | inv_sigma_sq | one
-    boundary: bool = False  # True: CM boundary form, f(x, sigma_min) = x exactly (ECT's evaluation form); the
-    # reference and EDM initialisations use plain EDM coefficients (False), where f(x, 0.002) = x only approximately
+    # True: the CM boundary form (arXiv:2303.01469v2, App. C), f(x, sigma_min) = x exactly (ECT's evaluation form).
+    # FastGen and EDM initialisations use plain EDM coefficients (False), where f(x, 0.002) = x only approximately.
+    boundary: bool = False
     # CT's partner point x_r. False (ECT, the reference): x + r eps, the sample's own noise path, which is the Euler
     # step of the PF-ODE with D(x_sigma) = x, a one-sample estimate of E[x | x_sigma]. True: the Euler step with the
     # batch's estimate of E[x | x_sigma] (batch_denoise), a lower-variance target. Deviation: the toy presets use it.
     batch_target: bool = False
     # Distillation (--teacher): x_r from one step of the teacher's PF-ODE
-    teacher_solver: str = "euler"  # "euler" (the reference) | "heun"
+    teacher_solver: str = "euler"  # "euler" (FastGen CM.py, ode_solver) | "heun" (EDM, arXiv:2206.00364v2, Alg. 1)
     guidance_scale: float = 1.0  # CFG on the teacher, D + (w - 1)(D - D_null)
-    # Sampler: the sigma list (REFERENCE §1.4): the reference's 1-step default starts at sigma_998 = 79.5638
+    # Sampler: the sigma list. FastGen's 1-step default (noise_schedule.py, EDMNoiseSchedule.get_t_list) starts at
+    # sigma_998 = 79.5638, index 998 of its ascending 1000-point Karras grid on [0.002, 80]
     sample_sigmas: tuple = (79.5638, 0.0)
 
     def __post_init__(self):
@@ -87,7 +99,7 @@ NEEDS_INIT = True  # ECT tunes a pretrained diffusion model (--init)
 # Copied from diffusion.py: sample_sigma
 def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
     """Truncated log-normal, float64 (n,): ln(sigma) ~ N(P_mean, P_std^2) restricted to [sigma_lo, sigma_hi],
-    by inverse CDF (REFERENCE §1.3)."""
+    by inverse CDF (FastGen noise_schedule.py, EDMNoiseSchedule._truncated_lognormal_sample)."""
     a = torch.special.ndtr(torch.tensor((math.log(sigma_lo) - P_mean) / P_std, dtype=torch.float64))
     b = torch.special.ndtr(torch.tensor((math.log(sigma_hi) - P_mean) / P_std, dtype=torch.float64))
     u = a + (b - a) * torch.rand(n, generator=gen, device=device, dtype=torch.float64)
@@ -96,14 +108,16 @@ def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
 
 def ect_ratio(images, cfg):
     """a = min(1 - q^-(stage + 1), ratio_limit), stage = floor(images / (1000 kimg_per_stage)). `images` counts the
-    training images seen before this step with the true global batch (REFERENCE §2.1, §9.7)."""
+    training images seen before this step with the true global batch: FastGen updates the ratio after each step
+    from iteration x global batch (ct_schedule.py, CTScheduleCallback._get_cur_stage and _update_schedule)."""
     stage = math.floor(images / (1000 * cfg.kimg_per_stage))
     return min(1 - cfg.q ** -(stage + 1), cfg.ratio_limit)
 
 
 def partner_sigma(sigma, ratio, cfg):
-    """(sigma, r): r = max(sigma - Delta, r_min), Delta = sigma (1 - a)(1 + 8 sigmoid(-sigma)) (ECT); where the floor
-    leaves r >= sigma - 1e-6, sigma moves to r + 1e-6 (the reference's safety). float64."""
+    """(sigma, r): r = max(sigma - Delta, r_min), Delta = sigma (1 - a)(1 + 8 sigmoid(-sigma)), ECT's map (FastGen
+    CM.py, t_to_r_sigmoid); where the floor leaves r >= sigma - 1e-6, sigma moves to r + 1e-6 (the safety check of
+    CMModel._compute_cm_loss). float64."""
     delta = sigma * (1 - ratio) * (1 + 8 * torch.sigmoid(-sigma))
     r = (sigma - delta).clamp_min(cfg.r_min)
     sigma = torch.where(r >= sigma - 1e-6, r + 1e-6, sigma)
@@ -130,14 +144,15 @@ def denoise(net, x, sigma, y, sigma_data):
 
 
 def consistency_fn(net, x, sigma, y, cfg):
-    """f(x, sigma). Plain EDM coefficients (the reference), or with cfg.boundary the CM form (CM paper App. C)
-    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2)."""
+    """f(x, sigma). Plain EDM coefficients (FastGen), or with cfg.boundary the CM form (arXiv:2303.01469v2, App. C)
+    c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2), c_out = (sigma - sigma_min) sigma_data /
+    sqrt(sigma^2 + sigma_data^2)."""
     if not cfg.boundary:
         return denoise(net, x, sigma, y, cfg.sigma_data)
-    sd, shifted = cfg.sigma_data, sigma - cfg.sigma_min
-    c_skip = sd**2 / (shifted**2 + sd**2)
-    c_out = shifted * sd / (sigma**2 + sd**2).sqrt()
-    c_in = 1 / (sigma**2 + sd**2).sqrt()
+    sigma_data, sigma_above_min = cfg.sigma_data, sigma - cfg.sigma_min
+    c_skip = sigma_data**2 / (sigma_above_min**2 + sigma_data**2)
+    c_out = sigma_above_min * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     F = net(bcast(c_in, x) * x, (sigma.clamp_min(1e-6).log() / 4).to(x.dtype), y=y)
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
@@ -163,12 +178,13 @@ def ct_partner(x, x_sigma, eps, sigma, r, y, cfg):
     if not cfg.batch_target:
         return x + bcast(r, x) * eps
     D = batch_denoise(x, x_sigma, torch.ones_like(sigma), sigma, y)
-    xs = x_sigma.double()
-    return (xs + bcast(r - sigma, xs) * (xs - D) / bcast(sigma, xs)).to(x.dtype)
+    x_sigma64 = x_sigma.double()
+    return (x_sigma64 + bcast(r - sigma, x_sigma64) * (x_sigma64 - D) / bcast(sigma, x_sigma64)).to(x.dtype)
 
 
 def loss_weight(sigma, r, cfg):
-    """Per-sample weight (REFERENCE §2.2), float64."""
+    """Per-sample weight, float64: FastGen's weighting_ct_loss default, sqrt, c_out_sq, c_out, sigma_sq, one in that
+    order (CM.py, CMModel._pred_to_loss)."""
     gap = sigma - r
     c_out = sigma * cfg.sigma_data / (sigma**2 + cfg.sigma_data**2).sqrt()
     weights = dict(inv_gap=1 / gap, inv_sqrt_gap=gap.rsqrt(), inv_c_out_sq=c_out**-2, inv_c_out=1 / c_out,
@@ -179,20 +195,21 @@ def loss_weight(sigma, r, cfg):
 
 
 def teacher_step(teacher, x_sigma, sigma, r, y, cfg):
-    """x_r from one step of the teacher's PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma, with CFG on D (equivalently on
-    the velocity, REFERENCE §2.3). Euler (the reference) or Heun; no grad."""
+    """x_r from one step of the teacher's PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma, with CFG on D; FastGen applies
+    it to the velocity (x - D) / sigma, the same step (CM.py, ode_solver). Euler (FastGen) or Heun (EDM,
+    arXiv:2206.00364v2, Alg. 1); no grad."""
     def guided_D(x, s):
         D = denoise(teacher, x, s, y, cfg.sigma_data)
         if cfg.guidance_scale != 1 and y is not None:
             D = D + (cfg.guidance_scale - 1) * (D - denoise(teacher, x, s, torch.zeros_like(y), cfg.sigma_data))
         return D
-    step = bcast(r - sigma, x_sigma)
-    d = (x_sigma - guided_D(x_sigma, sigma)) / bcast(sigma, x_sigma)
-    x_r = x_sigma + step * d
+    dsigma = bcast(r - sigma, x_sigma)
+    slope = (x_sigma - guided_D(x_sigma, sigma)) / bcast(sigma, x_sigma)  # dx/dsigma at sigma
+    x_r = x_sigma + dsigma * slope
     if cfg.teacher_solver == "heun":
         r_safe = r.clamp_min(1e-12)  # at r = 0 the Euler result is kept
-        d_r = (x_r - guided_D(x_r, r_safe)) / bcast(r_safe, x_r)
-        x_r = torch.where(bcast(r, x_r) > 0, x_sigma + step * (d + d_r) / 2, x_r)
+        slope_r = (x_r - guided_D(x_r, r_safe)) / bcast(r_safe, x_r)
+        x_r = torch.where(bcast(r, x_r) > 0, x_sigma + dsigma * (slope + slope_r) / 2, x_r)
     return x_r
 
 
@@ -203,10 +220,11 @@ def distance_loss(f, target, sigma, r, cfg):
 
 
 def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
-    """Per-example CM loss (B,) and logs. CT when teacher is None (x_r = x + r eps with the same eps, or the batch
-    target: ct_partner), CD with a frozen EDM-preconditioned teacher (eval mode). images: training images seen before this step (global), for the ECT stage.
-    The target is the online net under no grad, with the same dropout masks as the gradient pass; `net` may be
-    DDP-wrapped (the no-grad target pass uses the bare module)."""
+    """Per-example CM loss (B,) and logs (FastGen CM.py, CMModel._compute_cm_loss). CT when teacher is None (x_r =
+    x + r eps with the same eps, or the batch target: ct_partner), CD with a frozen EDM-preconditioned teacher (eval
+    mode). images: training images seen before this step (global), for the ECT stage. The target is the online net
+    under no grad, with the same dropout masks as the gradient pass; `net` may be DDP-wrapped (the no-grad target
+    pass uses the bare module)."""
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
     ratio = ect_ratio(images, cfg)
     sigma, r = partner_sigma(sigma, ratio, cfg)
@@ -218,8 +236,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
         else:
             x_r = teacher_step(teacher, x_sigma, sigma, r, y, cfg)
         # Where r = 0 the target is the data; for CT that is x_r itself (x + 0 eps, or the batch's E[x | x_sigma]).
-        x_at_0 = x_r if teacher is None else x
-        target = target_fn(getattr(net, "module", net), x_at_0, x_r, r, y, cfg)
+        target_at_r_zero = x_r if teacher is None else x
+        target = consistency_target(getattr(net, "module", net), target_at_r_zero, x_r, r, y, cfg)
     # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
     torch.clear_autocast_cache()
     f = consistency_fn(net, x_sigma, sigma, y, cfg)
@@ -227,13 +245,14 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     return per_example, dict(t=sigma, gap=sigma - r, d=d.detach(), ratio=torch.full_like(sigma, ratio))
 
 
-def target_fn(net, x, x_r, r, y, cfg):
-    """sg(f(x_r, r)) in train mode with the dropout masks the gradient pass will draw (RNG replayed); x (the data)
-    where r = 0 (ECT's floor); NaN-safe (REFERENCE §2.2, §9.6)."""
+def consistency_target(net, target_at_r_zero, x_r, r, y, cfg):
+    """The target sg(f(x_r, r)) in train mode with the dropout masks the gradient pass will draw (RNG replayed);
+    target_at_r_zero where r = 0 (ECT's floor); NaN-safe. As FastGen's CM.py, CMModel._compute_cm_loss: fork_rng
+    around the pass that draws first, the data where r <= 0, nan_to_num."""
     devices = [x_r.device] if x_r.device.type == "cuda" else []
     with torch.random.fork_rng(devices):
         target = consistency_fn(net, x_r, r.clamp_min(1e-12), y, cfg)
-    target = torch.where(bcast(r, x) > 0, target, x)
+    target = torch.where(bcast(r, target_at_r_zero) > 0, target, target_at_r_zero)
     return torch.nan_to_num(target)
 
 # --- Sampler -----------------------------------------------------------------------------------------------------
@@ -241,8 +260,9 @@ def target_fn(net, x, x_r, r, y, cfg):
 
 @torch.no_grad()
 def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
-    """Consistency sampling (REFERENCE §1.4): x = sigma_0 eps; x0 = f(x, sigma_i); re-noise x = x0 + sigma_{i+1} eps_i
-    with fresh noise while sigma_{i+1} > 0. Call with the EMA net in eval mode."""
+    """Multistep consistency sampling (arXiv:2303.01469v2, Alg. 1, re-noised to sigma_{i+1} itself as FastGen's
+    model.py, FastGenModel._student_sample_loop with type "sde"): x = sigma_0 eps; x0 = f(x, sigma_i); re-noise
+    x = x0 + sigma_{i+1} eps_i with fresh noise while sigma_{i+1} > 0. Call with the EMA net in eval mode."""
     sigmas = cfg.sample_sigmas if sigmas is None else sigmas
     x = sigmas[0] * eps
     ones = torch.ones(eps.shape[0], dtype=torch.float64, device=eps.device)
@@ -256,73 +276,34 @@ def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
 # Config fields plus the training recipe train.py reads. ECT tunes a diffusion model: pass --init RUN.
 
 
-EMA3 = (0.9999, 0.99995, 0.9996)
-IN64 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
-            ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
-            ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
-TOY = dict(net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999), lr_warmup=100,
-           ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, sigma_data=1.0)
+CONST_EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # FastGen's three constant EMAs, the first evaluated
+IMAGENET64_EDM2 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
+                       ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
+                       ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
+TOY_POINTS = dict(net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999),
+                  lr_warmup=100, ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, sigma_data=1.0)
 PRESETS = {
-    # Reference ECT CIFAR-10 (REFERENCE §2.5): 1-step FID 2.92 from EDM's unconditional VP checkpoint.
-    # 2-step list recommended there: 80, 0.821, 0.
+    # ECT CIFAR-10 as FastGen runs it (EDM/config_cm_cifar10.py on methods/config_cm.py), tuning EDM's unconditional
+    # VP checkpoint: 1-step FID 2.92 (FastGen's results table; ECT's paper reports 3.60). 2-step list that config
+    # recommends: 80, 0.821, 0.
     "cifar10": dict(
         net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
-        betas=(0.9, 0.999), ema=EMA3,
+        betas=(0.9, 0.999), ema=CONST_EMA_DECAYS,
     ),
-    # Reference ECT ImageNet-64 with EDM2-S (REFERENCE §2.5; 1-step FID 4.05), from the post-hoc EMA 0.075 checkpoint
-    # (convert.py). Dropout at 16x16 and 8x8 only, as the reference's configs. Power EMAs, sigma_rel 0.01 evaluated.
-    "imagenet64": dict(IN64, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=1e-3),
-    # The same with EDM2-XL, from the post-hoc 0.040 checkpoint.
-    "imagenet64-xl": dict(IN64, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
-    # 2-D points on CPU, CT tuning a diffusion toy run (--init), as ECT tunes EDM's CIFAR-10 model; one minute with
-    # train.py --threads 2: stages of 50 kimg, so the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256.
-    # sigma_data 1: the points have unit variance per axis (diffusion.py's toy preset). Deviation: batch_target, the
-    # ODE step to r with the batch's E[x | x_sigma] instead of x + r eps. benchmarks/toy_suite.py (a cell is the mean
-    # of 8 draws of samples): worst cell 0.43 -> 0.32, arms_ring / checkerboard 0.43 / 0.355 -> 0.28 / 0.32 (seed 1:
-    # 0.43 / 0.43 -> 0.31 / 0.36), every other cloud <= 0.31 (README, 2-D suite). The rest of this comment is without
-    # it. arms_ring with sigma_data 0.5:
-    # 0.60, with 1: 0.42 / 0.46 (seeds 0 / 1), 0.42 from a teacher trained with P_mean -0.5; then P_mean -0.4: 0.46,
-    # lr 2e-4: 0.41 / 0.45 (the two teachers), ratio limit 0.99: 0.44, stages of 100 kimg: 0.46, P_std 1.6: 0.44,
-    # pseudo-Huber c 0.01: 0.52. Scored as the suite now scores (the mean of 8 draws of samples; one draw, as in the
-    # rest of this comment, varies by ~0.04), arms_ring / checkerboard: this preset 0.43 / 0.355 (seed 1: 0.43 / 0.43);
-    # ratio limit 0.99: 0.45 / 0.33; P_mean -0.4: 0.45 / 1.39 (collapsed); lr 2e-4: 0.46 / 0.61; c 0.01: 0.45 / 0.32;
-    # betas (0.9, 0.99): 0.41 / 0.33; power EMA sigma_rel 0.1: 0.43 / 0.35, 0.02: 0.46 / 0.36; no EMA warm-up (a
-    # constant 0.999): 1.16 / 0.90; batch 512 for 1600 steps: 0.39 / 0.60, at lr 1e-4 (the same points): batch 384
-    # 0.39 / 0.35, 512 0.37 / 0.39 (seed 1: 0.38 / 0.40), 768 0.365 / 0.345, 1024 0.36 / 0.39; batch 768 for 1067 steps
-    # on the whole suite: 8 Gaussians 0.42 (a blurred ring; this preset 0.20), spirals 0.36, TCM on it 0.59 on the 8
-    # Gaussians, so not adopted; a squared distance (c 1 / 0.1) weighted 1 / (sigma - r)^2 (a local edit): 0.95 /
-    # 0.52, 0.87 / 0.57; weight 1 / sigma^2 with c 1 or 10: diverged (3.7-4.9). More steps: 0.41 / 0.43 / 0.39 /
-    # 0.38 (checkerboard 0.37 / 0.36 / 0.42 / 0.41) at steps 1600 / 3200 / 4800 / 6400. The seed moves a cell by up
-    # to 0.08 (checkerboard). Everything below: sigma_data 0.5.
-    # benchmarks/toy_suite.py ratios (one seed; ~0.1 is run-to-run noise), arms_ring / circles at 3200 steps: 0.60 /
-    # 0.31 (from scratch 0.61 / 0.63); lr 2e-4: 0.70 / 0.32; lr 5e-5: 0.60 on arms_ring; ratio limit 0.99: 0.62 / 0.34,
-    # 0.95: 0.77 / 0.39; P_mean -0.4: 0.59 / 0.40; pseudo-Huber c 0.01: 0.52 on arms_ring, c 0.1 / 1 (towards a squared
-    # L2, the fix MeanFlow's weight needed): arms_ring 0.62 / 0.66, swiss roll 0.59 / 0.58 (this preset 0.37; stages of
-    # 100 kimg 0.35, lr 5e-5 0.37); weight 1 instead of 1 / (sigma - r): 0.98 on arms_ring; stages of 25 kimg: 0.60 /
-    # 2.06 (circles collapsed to a disc). arms_ring with seed 1: 0.56. Longer runs, arms_ring: 0.57 at 4800 steps; at
-    # 6400, 1.72 for seed 0 (collapsed to a filled disc) and 0.61 for seed 1; ratio limit 0.99 at 6400: 0.58 / 0.62,
-    # dropout 0.1: 0.66; circles at 6400: 0.26. Along a run (snapshots, toy_suite.py --curve-every), arms_ring: the EMA
-    # settles at 0.61-0.69 from step 1400 (the ratio's limit comes at 1760) while the online weights swing between 0.37
-    # and 1.54 from one snapshot to the next; a 9600-step run collapses (2.2 at step 6000, a point at 9600). The same
-    # plateau with an inverse-sqrt lr decay (lr_ref_steps 400, lr 1e-4 / 2e-4: 0.65 / 0.66), r_min 0 (0.66), the
-    # boundary form (0.65), stages of 100 kimg (0.65). Pseudo-Huber c 0.003 / 0.01 settle lower on arms_ring (0.51-0.55)
-    # and cost the rest (c 0.003: moons / circles / swiss roll / checkerboard / spirals 0.32 / 0.37 / 0.40 / 0.37 /
-    # 0.40; c 0.01: moons / circles / swiss roll 0.37 / 0.46 / 0.49). On mlp-small CT is unstable at batch 256 too (2.06
-    # at step 1600, 1.01 at the end), at batch 1024 with c 0.003 it reaches 0.42 at step 2000 and collapses by 3200 (c
-    # 1: no collapse, 0.74-1.05 throughout; dropout 0.1: no collapse, 0.61 at the end), and CD (toy-cd) gets 0.35 on
-    # arms_ring with it (the mlp: 0.30). Dropout 0.1 on this preset: 0.64 at step 2800, then a collapse (2.12 at 3200).
-    # MeanFlow's toy trade (net mlp-small at batch 1024, tuning a diffusion run trained the same way): arms_ring
-    # collapsed to a point (6.6; stages of 50 or 200 kimg), swiss roll 0.30 with 200-kimg stages (this preset: 0.37).
-    # From scratch nested and thin clouds stayed a blur at this budget, and no setting beat noise on circles /
-    # arms_ring (ratio limit 0.99: 0.62 / 0.69; lr 2e-4: 0.55 / 0.66; pseudo-Huber c 0.03: 0.62 / 0.84; P_mean 0.0:
-    # 0.65 / 0.65, 1.0: 0.56 / 1.07; sigma_data 1.0: 0.55 on circles); more steps helped slowly (arms_ring: 0.76 at
-    # 2000 steps, 0.53 at 4000, 0.49 at 8000).
-    "toy": dict(TOY, batch_target=True),
-    # CD on points (--init and --teacher a diffusion toy run), 2500 steps: the ratio stops at 0.99 (after 6 x 50 kimg =
-    # 1172 steps). With sigma_data 1 (the toy presets'), arms_ring: limit 0.99 0.28, 0.95 0.41, 0.9 0.65. With
-    # sigma_data 0.5 (the rest of this comment; the preset had 0.95): with CT's 0.999 CD contracted to a blob on the
-    # thin arms_ring cloud of benchmarks/toy_suite.py (ratio 1.76 / 1.09 for seeds 0 / 1; checkerboard 0.32 / 0.42);
-    # limit 0.95: 0.32 / 0.36 (checkerboard 0.37 / 0.46); 0.9: 0.52 / 0.49 (0.55 / 0.60); 0.75: 1.47. CT from scratch
-    # does not gain from it (0.95: 0.83 and 0.53, against 0.76 and 0.46).
-    "toy-cd": dict(TOY, distill=True, steps=2500, ratio_limit=0.99),
+    # ECT ImageNet-64 with EDM2-S as FastGen runs it (EDM2/config_cm_s.py; 1-step FID 4.05 in its results table), from
+    # EDM2's post-hoc EMA 0.075 checkpoint (convert.py). Dropout at 16x16 and 8x8 only, as that config. Power EMAs,
+    # sigma_rel 0.01 evaluated. 2-step list that config recommends: 80, 1.526, 0.
+    "imagenet64": dict(IMAGENET64_EDM2, net="edm2-s", dropout_res=(16, 8), dropout=0.4, lr=1e-3),
+    # The same with EDM2-XL (EDM2/config_cm_xl.py), from the post-hoc 0.040 checkpoint.
+    "imagenet64-xl": dict(IMAGENET64_EDM2, net="edm2-xl", dropout_res=(16, 8), dropout=0.5, lr=7e-4),
+    # 2-D points on CPU (a minute with train.py --threads 2): CT tuning a diffusion toy run (--init), as ECT tunes EDM's
+    # CIFAR-10 model. Stages of 50 kimg: the ratio reaches its limit after 9 x 50 kimg = 1760 steps of 256. sigma_data
+    # 1: the points have unit variance per axis (diffusion.py's toy preset). Deviation: batch_target, x_r from the
+    # batch's E[x | x_sigma]: worst cell of benchmarks/toy_suite.py 0.43 -> 0.32 (a cell the mean of 8 draws; arms_ring
+    # / checkerboard 0.43 / 0.355 -> 0.28 / 0.32). The sweeps behind the other settings: docs/presets.md.
+    "toy": dict(TOY_POINTS, batch_target=True),
+    # CD on points (--init and --teacher a diffusion toy run), 2500 steps. Deviation: ratio limit 0.99, reached after
+    # 6 x 50 kimg = 1172 steps: of 0.99 / 0.95 / 0.9 it scores best on arms_ring (benchmarks/toy_suite.py 0.28 / 0.41 /
+    # 0.65), and at sigma_data 0.5 CT's 0.999 contracted CD to a blob there. Sweep: docs/presets.md.
+    "toy-cd": dict(TOY_POINTS, distill=True, steps=2500, ratio_limit=0.99),
 }

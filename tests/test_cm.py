@@ -22,7 +22,7 @@ def bc(a, x):
 # --- Parameterisation ------------------------------------------------------------------------------------------
 
 def test_boundary_condition():
-    """boundary=True: f(x, sigma_min) = x exactly for any net. Plain EDM coefficients (the reference): only
+    """boundary=True: f(x, sigma_min) = x exactly for any net. Plain EDM coefficients (FastGen): only
     approximately, |f - x| <= (1 - c_skip)|x| + c_out |F| with c_out(0.002) ~ 0.002."""
     torch.manual_seed(0)
     net = randomize_(nets.build_net("mlp", (3,)).double())
@@ -39,7 +39,7 @@ def test_boundary_condition():
     assert (cm.consistency_fn(net, x, sigma, None, cm.Config(boundary=True)) - x).abs().max() > 0.1
 
 
-# --- ECT curriculum (REFERENCE §2.1) ---------------------------------------------------------------------------
+# --- ECT curriculum (FastGen 34f30e8, fastgen/callbacks/ct_schedule.py, CTScheduleCallback) -------------------
 
 @pytest.mark.parametrize("step, batch, ratio", [
     (1, 512, 0.5),                 # no images seen yet: stage 0, a = 1 - 2^-1
@@ -63,7 +63,7 @@ def test_ect_ratio_counts_images_with_the_global_batch(step, batch, ratio):
     (80.0, 0.999, 0.002, 80.0, 79.92),                                         # sigmoid(-80) = 0 in float64
     (1.0, 0.5, 0.002, 1.0, 0.002),                                             # Delta > sigma: floored at r_min
     (1.0, 0.5, 0.0, 1.0, 0.0),                                                 # ECT's floor: r = 0, target = data
-    (0.002, 0.999, 0.002, 0.002 + 1e-6, 0.002),                                # the reference's safety: sigma = r + 1e-6
+    (0.002, 0.999, 0.002, 0.002 + 1e-6, 0.002),                                # FastGen's safety: sigma = r + 1e-6
 ])
 def test_partner_sigma_table(sigma, a, r_min, expected_sigma, expected_r):
     s, r = cm.partner_sigma(torch.tensor([sigma], dtype=torch.float64), a, cm.Config(r_min=r_min))
@@ -91,7 +91,7 @@ def test_target_and_gradient_pass_share_dropout_masks():
     net = randomize_(nets.build_net("mlp", (3,), dropout=0.5).double()).train()
     x = torch.randn(32, 3, dtype=torch.float64)
     sigma = torch.rand(32, dtype=torch.float64) + 0.5
-    target = cm.target_fn(net, x, x, sigma, None, cm.Config())
+    target = cm.consistency_target(net, x, x, sigma, None, cm.Config())
     f = cm.consistency_fn(net, x, sigma, None, cm.Config())
     assert torch.equal(target, f)
     assert not torch.equal(cm.consistency_fn(net, x, sigma, None, cm.Config()), f)  # masks do differ otherwise
@@ -102,7 +102,7 @@ def test_r_zero_targets_the_data():
     net = randomize_(nets.build_net("mlp", (2,)).double())
     x = torch.randn(4, 2, dtype=torch.float64)
     r = torch.tensor([0.0, 0.5, 0.0, 1.0], dtype=torch.float64)
-    target = cm.target_fn(net, x, x + 1, r, None, cm.Config(r_min=0.0))
+    target = cm.consistency_target(net, x, x + 1, r, None, cm.Config(r_min=0.0))
     assert torch.equal(target[0], x[0]) and torch.equal(target[2], x[2]) and not torch.equal(target[1], x[1])
 
 
@@ -235,7 +235,7 @@ def test_cd_with_exact_teacher_and_student(solver, order):
         r = sigma - gap
         x_r = cm.teacher_step(teacher, x_sigma, sigma, r, None, cfg)
         f = cm.consistency_fn(student, x_sigma, sigma, None, cfg)
-        target = cm.target_fn(student, x0, x_r, r, None, cfg)
+        target = cm.consistency_target(student, x0, x_r, r, None, cfg)
         distances.append(cm.distance_loss(f, target, sigma, r, cfg)[1].mean().item())
     assert distances[0] > distances[1] > distances[2] and distances[2] < 1e-3
     for big, small in zip(distances, distances[1:]):

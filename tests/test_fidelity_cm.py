@@ -1,7 +1,9 @@
 """cm.py pinned value by value (float64): the per-example CT / CD loss of a linear "net" recomputed independently
-(REFERENCE §2.1-§2.3: ECT r(sigma), same eps, pseudo-Huber of the L2 distance, each weighting), the gradient with the
-no-grad target, the teacher's PF-ODE step with CFG and its sign, the autocast-cache clear, Config defaults and presets
-(§2.5)."""
+(ECT r(sigma), same eps, pseudo-Huber of the L2 distance, each weighting, as NVIDIA FastGen at commit 34f30e8 computes
+them in fastgen/methods/consistency_model/CM.py: t_to_r_sigmoid, ode_solver, CMModel._compute_cm_loss and
+_pred_to_loss), the gradient with the no-grad target, the teacher's PF-ODE step with CFG and its sign, the
+autocast-cache clear, Config defaults and presets (FastGen's fastgen/configs/experiments/EDM/config_cm_cifar10.py,
+EDM2/config_cm_s.py, EDM2/config_cm_xl.py)."""
 import math
 from statistics import NormalDist
 
@@ -31,7 +33,7 @@ class LinF(nn.Module):
 
 
 def edm_D(net, x, sigma, y, sd=0.5, shift=0.0):
-    """EDM Table 1 (REFERENCE §1.1); shift = sigma_min gives the CM boundary form."""
+    """EDM Table 1 (arXiv:2206.00364v2); shift = sigma_min gives the CM boundary form (arXiv:2303.01469v2, App. C)."""
     s = sigma[:, None]
     c_skip = sd**2 / ((s - shift) ** 2 + sd**2)
     c_out = (s - shift) * sd / (s**2 + sd**2).sqrt()
@@ -53,7 +55,7 @@ def weight(sigma, r, kind, sd=0.5):
 
 
 def expected(net, x, y, cfg, seed, images, teacher=None):
-    """REFERENCE §2.1-§2.3 written out, sample by sample: (loss, prescribed loss for gradients, sigma, r)."""
+    """FastGen's CM loss written out, sample by sample: (loss, prescribed loss for gradients, sigma, r)."""
     g = torch.Generator().manual_seed(seed)
     B = x.shape[0]
     sig0 = lognormal(torch.rand(B, generator=g, dtype=torch.float64), cfg.P_mean, cfg.P_std, cfg.sigma_min,
@@ -75,7 +77,7 @@ def expected(net, x, y, cfg, seed, images, teacher=None):
             D_t = edm_D(teacher, x_sigma, sigma, y)
             if y is not None and cfg.guidance_scale != 1:
                 D_t = D_t + (cfg.guidance_scale - 1) * (D_t - edm_D(teacher, x_sigma, sigma, torch.zeros_like(y)))
-            x_r = x_sigma - (sigma - r)[:, None] * (x_sigma - D_t) / sigma[:, None]  # one Euler step, §2.3
+            x_r = x_sigma - (sigma - r)[:, None] * (x_sigma - D_t) / sigma[:, None]  # one Euler step (ode_solver)
         T = torch.where(r[:, None] > 0, edm_D(net, x_r, r.clamp_min(1e-12), y, shift=shift), x)  # r = 0: the data
     f = edm_D(net, x_sigma, sigma, y, shift=shift)
     c = cfg.huber_c
@@ -147,7 +149,8 @@ def test_teacher_step_with_cfg_sign(solver):
 
 
 def test_autocast_cache_cleared_between_target_and_gradient_passes(monkeypatch):
-    """REFERENCE §9.4: the autocast cache is cleared after the no-grad target pass and before the differentiable pass."""
+    """The autocast cache is cleared after the no-grad target pass and before the differentiable pass: a cast cached
+    under no_grad has no grad_fn and would cut the gradient."""
     events = []
     monkeypatch.setattr(torch, "clear_autocast_cache", lambda: events.append("clear"))
     net = LinF(0)
@@ -157,7 +160,7 @@ def test_autocast_cache_cleared_between_target_and_gradient_passes(monkeypatch):
     assert events == ["nograd", "clear", "grad"]
 
 
-# --- Config defaults and presets (REFERENCE §2.5) --------------------------------------------------------------
+# --- Config defaults and presets (FastGen's CM configs) ---------------------------------------------------------
 
 def test_config_defaults_are_the_reference_cifar10_values():
     c = cm.Config()
@@ -167,15 +170,15 @@ def test_config_defaults_are_the_reference_cifar10_values():
     assert (c.boundary, c.teacher_solver, c.guidance_scale, c.sample_sigmas) == (False, "euler", 1.0, (79.5638, 0.0))
 
 
-EMA3 = (0.9999, 0.99995, 0.9996)
+CONST_EMA_DECAYS = (0.9999, 0.99995, 0.9996)
 EDM2 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
             ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
             ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", precision="fp32", sample_sigmas=(79.5638, 0.0))
-PRESETS = {  # REFERENCE §2.5, column by column
+PRESETS = {  # FastGen's configs, value by value
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
-                    betas=(0.9, 0.999), lr_ref_steps=0, ema=EMA3, ema_kind="const", precision="fp32", P_mean=-1.1,
-                    P_std=2.0, huber_c=1e-8, weighting="inv_gap", q=2.0, kimg_per_stage=6400.0, ratio_limit=0.999,
-                    sigma_min=0.002, sigma_max=80.0, r_min=0.002, sample_sigmas=(79.5638, 0.0)),
+                    betas=(0.9, 0.999), lr_ref_steps=0, ema=CONST_EMA_DECAYS, ema_kind="const", precision="fp32",
+                    P_mean=-1.1, P_std=2.0, huber_c=1e-8, weighting="inv_gap", q=2.0, kimg_per_stage=6400.0,
+                    ratio_limit=0.999, sigma_min=0.002, sigma_max=80.0, r_min=0.002, sample_sigmas=(79.5638, 0.0)),
     "imagenet64": dict(EDM2, net="edm2-s", dropout=0.4, lr=1e-3),
     "imagenet64-xl": dict(EDM2, net="edm2-xl", dropout=0.5, lr=7e-4),
 }

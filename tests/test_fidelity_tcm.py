@@ -1,6 +1,8 @@
 """tcm.py pinned value by value (float64): the log-Student-t times against an independently integrated CDF, the boundary
-set, the per-example loss with routing and the interior mean + boundary_weight x boundary mean (REFERENCE §4.1), the
-gradient with the no-grad routed target, the autocast-cache clear, Config defaults and presets (§4.3)."""
+set, the per-example loss with routing and the interior mean + boundary_weight x boundary mean (as NVIDIA FastGen at
+commit 34f30e8 computes them in fastgen/methods/consistency_model/TCM.py: TCMPrecond.forward,
+TCMModel.single_train_step), the gradient with the no-grad routed target, the autocast-cache clear, Config defaults and
+presets (FastGen's fastgen/configs/experiments/EDM/config_tcm_cifar10.py, EDM2/config_tcm_s.py, config_tcm_xl.py)."""
 import math
 
 import pytest
@@ -32,14 +34,14 @@ def replay_rng(x, cfg, seed):
     B = x.shape[0]
     u = torch.rand(B, generator=g, dtype=torch.float64)
     k = math.floor(cfg.boundary_prob * B)
-    on_b = torch.zeros(B, dtype=torch.bool)
-    on_b[torch.randperm(B, generator=g)[:k]] = True
+    on_boundary = torch.zeros(B, dtype=torch.bool)
+    on_boundary[torch.randperm(B, generator=g)[:k]] = True
     eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    return u, on_b, eps
+    return u, on_boundary, eps
 
 
-def loss_from(student, stage1, x, y, cfg, sigma, on_b, eps):
-    """REFERENCE §4.1 written out: (loss, prescribed loss for gradients, sigma, r)."""
+def loss_from(student, stage1, x, y, cfg, sigma, on_boundary, eps):
+    """FastGen's TCM loss written out: (loss, prescribed loss for gradients, sigma, r)."""
     a = cfg.ratio_limit
     rs = []
     sig = []
@@ -52,11 +54,11 @@ def loss_from(student, stage1, x, y, cfg, sigma, on_b, eps):
     with torch.no_grad():
         T = torch.where(r[:, None] >= cfg.transition_sigma, edm_D(student, x_r, r, y), edm_D(stage1, x_r, r, y))
     f = edm_D(student, x_sigma, sigma, y)
-    B, n_b = len(sig), int(on_b.sum())
+    B, n_boundary = len(sig), int(on_boundary.sum())
     c = cfg.huber_c
     per, pres = [], []
     for i in range(B):
-        scale = cfg.boundary_weight * B / n_b if on_b[i] else B / (B - n_b)
+        scale = cfg.boundary_weight * B / n_boundary if on_boundary[i] else B / (B - n_boundary)
         w = weight(sig[i], rs[i], cfg.weighting)
         d = (f[i] - T[i]).norm()
         per.append(scale * w * ((d**2 + c**2).sqrt() - c))
@@ -79,13 +81,13 @@ def test_loss_value_and_gradient(case):
     student, stage1 = LinF(0).train(), LinF(1).train()
     x, y = data(B=12)
     got, logs = tcm.loss(student, x, y, cfg, 1, torch.Generator().manual_seed(6), teacher=stage1)
-    u, on_b, eps = replay_rng(x, cfg, 6)
-    assert torch.equal(logs["boundary"] > 0, on_b) and int(on_b.sum()) == 3
+    u, on_boundary, eps = replay_rng(x, cfg, 6)
+    assert torch.equal(logs["boundary"] > 0, on_boundary) and int(on_boundary.sum()) == 3
     sigma = logs["t"]
     # the safety sigma = r + 1e-6 never fires at a = 0.999 for sigma >= 1; sigma is the sampled value
-    torch.testing.assert_close(log_student_t_cdf(sigma[~on_b], cfg), u[~on_b], rtol=0, atol=1e-6)
-    assert (sigma[on_b] == cfg.transition_sigma + 1e-8).all()  # the same float64 sum: exact
-    want, prescribed, sigma_w, r = loss_from(student, stage1, x, y, cfg, sigma, on_b, eps)
+    torch.testing.assert_close(log_student_t_cdf(sigma[~on_boundary], cfg), u[~on_boundary], rtol=0, atol=1e-6)
+    assert (sigma[on_boundary] == cfg.transition_sigma + 1e-8).all()  # the same float64 sum: exact
+    want, prescribed, sigma_w, r = loss_from(student, stage1, x, y, cfg, sigma, on_boundary, eps)
     assert (r >= cfg.transition_sigma).any() and (r < cfg.transition_sigma).any()  # both routes are exercised
     torch.testing.assert_close(logs["gap"], sigma_w - r, rtol=1e-9, atol=1e-15)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -94,7 +96,7 @@ def test_loss_value_and_gradient(case):
 
 
 def test_autocast_cache_cleared_between_target_and_gradient_passes(monkeypatch):
-    """REFERENCE §9.4, as in cm.py: cleared after the no-grad routed target and before the differentiable pass."""
+    """As in cm.py: cleared after the no-grad routed target and before the differentiable pass."""
     events = []
     monkeypatch.setattr(torch, "clear_autocast_cache", lambda: events.append("clear"))
     student = LinF(0)
@@ -105,7 +107,7 @@ def test_autocast_cache_cleared_between_target_and_gradient_passes(monkeypatch):
     assert events == ["nograd", "clear", "grad"]
 
 
-# --- Config defaults and presets (REFERENCE §4.3) --------------------------------------------------------------
+# --- Config defaults and presets (FastGen's TCM configs) --------------------------------------------------------
 
 def test_config_defaults_are_the_reference_cifar10_values():
     c = tcm.Config()
@@ -118,7 +120,7 @@ EDM2 = dict(cond=True, batch=1024, steps=400_000, optimizer="adam", betas=(0.9, 
             ema=(0.01, 0.05, 0.10), ema_kind="power", ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq",
             transition_sigma=1.0, boundary_prob=0.25, boundary_weight=0.1, stage1_weights="online",
             precision="bf16")  # Deviation (preset comment): bf16 autocast instead of fp16 with a loss scaler
-PRESETS = {  # REFERENCE §4.3, column by column
+PRESETS = {  # FastGen's configs, value by value
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, batch=1024, steps=300_000, optimizer="radam", lr=5e-5,
                     betas=(0.9, 0.999), lr_ref_steps=0, ema=(0.9999, 0.99995, 0.9996), ema_kind="const",
                     precision="fp32", ratio_limit=0.999, huber_c=1e-8, weighting="inv_gap", transition_sigma=1.0,
