@@ -276,11 +276,11 @@ def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
 # Config fields plus the training recipe train.py reads. ECT tunes a diffusion model: pass --init RUN.
 
 
-CONST_EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # FastGen's three constant EMAs, the first evaluated
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # FastGen's three constant EMAs, the first evaluated
 IMAGENET64_EDM2 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
                        ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
                        ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
-TOY_POINTS = dict(net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999),
+TOY_RECIPE = dict(net="mlp", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999),
                   lr_warmup=100, ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, sigma_data=1.0)
 PRESETS = {
     # ECT CIFAR-10 as FastGen runs it (EDM/config_cm_cifar10.py on methods/config_cm.py), tuning EDM's unconditional
@@ -288,7 +288,7 @@ PRESETS = {
     # recommends: 80, 0.821, 0.
     "cifar10": dict(
         net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
-        betas=(0.9, 0.999), ema=CONST_EMA_DECAYS,
+        betas=(0.9, 0.999), ema=EMA_DECAYS,
     ),
     # ECT ImageNet-64 with EDM2-S as FastGen runs it (EDM2/config_cm_s.py; 1-step FID 4.05 in its results table), from
     # EDM2's post-hoc EMA 0.075 checkpoint (convert.py). Dropout at 16x16 and 8x8 only, as that config. Power EMAs,
@@ -301,9 +301,9 @@ PRESETS = {
     # 1: the points have unit variance per axis (diffusion.py's toy preset). Deviation: batch_target, x_r from the
     # batch's E[x | x_sigma]: worst cell of benchmarks/toy_suite.py 0.43 -> 0.32 (a cell the mean of 8 draws; arms_ring
     # / checkerboard 0.43 / 0.355 -> 0.28 / 0.32). The sweeps behind the other settings: docs/presets.md.
-    "toy": dict(TOY_POINTS, batch_target=True),
+    "toy": dict(TOY_RECIPE, batch_target=True),
     # CD on points (--init and --teacher a diffusion toy run), 2500 steps. Deviation: ratio limit 0.99, reached after
     # 6 x 50 kimg = 1172 steps: of 0.99 / 0.95 / 0.9 it scores best on arms_ring (benchmarks/toy_suite.py 0.28 / 0.41 /
     # 0.65), and at sigma_data 0.5 CT's 0.999 contracted CD to a blob there. Sweep: docs/presets.md.
-    "toy-cd": dict(TOY_POINTS, distill=True, steps=2500, ratio_limit=0.99),
+    "toy-cd": dict(TOY_RECIPE, distill=True, steps=2500, ratio_limit=0.99),
 }

@@ -1,7 +1,8 @@
 """EDM diffusion: denoiser training with EDM preconditioning, and the deterministic Heun sampler.
 Karras, Aittala, Aila, Laine, "Elucidating the Design Space of Diffusion-Based Generative Models",
 arXiv:2206.00364v2. The teacher every distillation here starts from, and the "plain step" JVP methods are
-measured against.
+measured against. Reference implementation (for the sigma clamp and the truncated sampling): NVIDIA FastGen, commit
+34f30e8; `noise_schedule.py` below means fastgen/networks/noise_schedule.py.
 
 Convention: EDM noise level sigma, small = data, x_sigma = x + sigma eps, sigma in [sigma_min, sigma_max].
 PF-ODE: dx/dsigma = (x - D(x, sigma)) / sigma.
@@ -10,7 +11,7 @@ PF-ODE: dx/dsigma = (x - D(x, sigma)) / sigma.
 |------------------|-----------------|-----------------------------------------------|------------|
 | x, y             | x, y            | data, one-hot labels (all-zero row: null)     | (B, *D)    |
 | sigma            | sigma           | noise level, float64                          | (B,)       |
-| sigma_data       | sigma_data      | data std, 0.5                                 |            |
+| sigma_data       | sigma_data      | data std (default 0.5)                        |            |
 | F_theta          | net             | raw network                                   |            |
 | D_theta          | denoise(...)    | c_skip x + c_out F(c_in x, c_noise)           | (B, *D)    |
 | lambda(sigma)    | weight          | (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 | (B,)     |
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-# --- Config ----------------------------------------------------------------------------------------------
+# --- Config -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -53,18 +54,18 @@ TEACHERS = ()  # trained from data only
 INIT = ("diffusion",)  # --init: continue from a diffusion checkpoint
 NEEDS_INIT = False  # trains from scratch
 
-# --- Time distribution ------------------------------------------------------------------------------------------
+# --- Time distribution ------------------------------------------------------------------------------------------------
 
 
 def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
     """Truncated log-normal, float64 (n,): ln(sigma) ~ N(P_mean, P_std^2) restricted to [sigma_lo, sigma_hi],
-    by inverse CDF (REFERENCE §1.3)."""
+    by inverse CDF (FastGen noise_schedule.py, EDMNoiseSchedule._truncated_lognormal_sample)."""
     a = torch.special.ndtr(torch.tensor((math.log(sigma_lo) - P_mean) / P_std, dtype=torch.float64))
     b = torch.special.ndtr(torch.tensor((math.log(sigma_hi) - P_mean) / P_std, dtype=torch.float64))
     u = a + (b - a) * torch.rand(n, generator=gen, device=device, dtype=torch.float64)
     return torch.exp(P_mean + P_std * torch.special.ndtri(u)).clamp(sigma_lo, sigma_hi)
 
-# --- Parameterization ---------------------------------------------------------------------------------------------
+# --- Parameterization -------------------------------------------------------------------------------------------------
 
 
 def bcast(a, x):
@@ -81,7 +82,7 @@ def denoise(net, x, sigma, y, sigma_data):
     F = net(bcast(c_in, x) * x, c_noise.to(x.dtype), y=y)
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
-# --- Loss ---------------------------------------------------------------------------------------------------------
+# --- Loss -------------------------------------------------------------------------------------------------------------
 
 
 def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
@@ -94,7 +95,7 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     err = (D.double() - x.double()).flatten(1).square().sum(dim=1)
     return weight * err, dict(t=sigma, mse=err.detach() / x[0].numel())
 
-# --- Sampler ------------------------------------------------------------------------------------------------------
+# --- Sampler ----------------------------------------------------------------------------------------------------------
 
 
 def karras_sigmas(n, sigma_min, sigma_max, rho):
@@ -123,7 +124,7 @@ def sample(net, eps, cfg, y=None, sigmas=None):
         x = x_next
     return x
 
-# --- Presets ------------------------------------------------------------------------------------------------------
+# --- Presets ----------------------------------------------------------------------------------------------------------
 # Config fields plus the training recipe train.py reads.
 
 
@@ -135,13 +136,11 @@ PRESETS = {
         net="ddpmpp", dropout=0.13, cond=False, xflip=False, augment=0.12, augment_pipe="edm", batch=512, steps=390_625,
         optimizer="adam", lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531, ema=(0.9999,),
     ),
-    # 2-D points on CPU: a teacher for the sCD / CD / MeanFlow distillation demos and tests. 4000 steps, about a minute
-    # with train.py --threads 2 (the teacher's time is not part of its students' minute); its 32 Heun steps reach a
-    # ratio <= 0.24 on every cloud of benchmarks/toy_suite.py, its sCD and CD students <= 0.28.
-    # The toy presets of every method take points standardised to unit variance per axis: sigma_data 1 (EDM: the
-    # data's std), and EDM's P_mean shifted by ln 2 with it, so that sigma / sigma_data is drawn as in EDM. On
-    # arms_ring with sigma_data 0.5 and P_mean -1.2: this teacher 0.22, sCT / CT tuning it 0.48 / 0.60; with
-    # sigma_data 1 and P_mean -1.2: 0.23, CT 0.42, sCT 0.40; with P_mean -0.5: 0.21, CT 0.42.
+    # 2-D points on CPU: the teacher and --init of the toy sCD / CD / sCT / CT runs. 4000 steps, about a minute with
+    # train.py --threads 2; 32 Heun steps reach a benchmarks/toy_suite.py ratio <= 0.24 on every cloud, its sCD and CD
+    # students <= 0.28. sigma_data 1: the toy points have unit variance per axis (EDM: the data's std). Deviation:
+    # P_mean -0.5, EDM's -1.2 plus ln 2, so that sigma / sigma_data is drawn as in EDM (arms_ring: 0.21, with -1.2
+    # 0.23). The sweep: docs/presets.md.
     "toy": dict(
         net="mlp", cond=False, batch=256, steps=4000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
         ema_warmup=True, sample_steps=32, sigma_data=1.0, P_mean=-0.5,

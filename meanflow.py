@@ -1,6 +1,9 @@
 """MeanFlow: one-step generation by learning the average velocity.
 Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling", arXiv:2505.13447v1.
-Hyperparameters follow the reference implementation (NVIDIA FastGen); see the presets at the bottom.
+Where the paper leaves a choice open, the reference implementation decides: NVIDIA FastGen, commit 34f30e8;
+`mean_flow.py` below means fastgen/methods/consistency_model/mean_flow.py, `config_mean_flow.py`
+fastgen/configs/methods/config_mean_flow.py, `config_mf_cifar10.py` lies in fastgen/configs/experiments/EDM/, and
+`config_mf_b.py`, `config_mf_xl.py` in fastgen/configs/experiments/DiT/.
 
 Convention: rectified-flow time, t = 0 is data and t = 1 is noise, z_t = (1 - t) x + t eps, r <= t.
 The net predicts the average velocity over [r, t], so z_r = z_t - (t - r) u(z_t, t, r); at r = t it is
@@ -18,15 +21,17 @@ the instantaneous velocity v. Training uses the MeanFlow identity (Eq. 6):
 | u_theta    | u           | network output                                     | (B, *D)    |
 | du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r)             | (B, *D)    |
 | u_tgt      | u_tgt       | sg(v~ - (t - r) du/dt)                             | (B, *D)    |
+| v(z, t)    | velocity()  | a net's instantaneous velocity u(z, t, t)          | (B, *D)    |
 
-Network call (student and teacher): `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled), y one-hot
-(B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
+Network call (student and teacher): `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled),
+y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
 `tangent="fused"` additionally needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py has it).
 
-Implemented: (t, r) sampling (§5.2), training-time CFG with omega/kappa on a t-interval and label dropout,
+Implemented: (t, r) sampling as mean_flow.py, training-time CFG with omega/kappa on a t-interval and label dropout,
 distillation from a teacher velocity with guidance, three tangents (torch.func.jvp; fused in the net;
 finite differences), tangent warm-up, adaptive loss weight, 1-step and multi-step samplers.
-Not implemented: the unused "normalised-gradient" loss variant of the reference.
+Not implemented: mean_flow.py's "opt_grad" loss variant (MeanFlowModel._mf_pred_to_loss), which no MeanFlow
+config there uses.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,32 +39,33 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp
 
-# --- Config ----------------------------------------------------------------------------------------------
+# --- Config -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
-    # (t, r) distribution: logit-normal each, t = max, r = min (REFERENCE §5.2; reference CIFAR-10 values)
+    # (t, r) distribution: logit-normal each, t = max, r = min (mean_flow.py, MeanFlowModel.single_train_step); the
+    # values are config_mf_cifar10.py's
     P_mean_t: float = -0.6
     P_std_t: float = 1.6
     P_mean_r: float = -4.0
     P_std_r: float = 1.6
-    t_max: float = 0.999  # reference cap on t and r (the sampler's start is sample_ts[0])
+    t_max: float = 0.999  # config_mf_cifar10.py's cap on t and r (the sampler's start is sample_ts[0])
     ratio_r_neq_t: float = 0.75  # fraction of samples with r != t (CIFAR 0.75, DiT 0.25)
-    # Loss (§5.5): w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2
+    # Loss: w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2 (mean_flow.py, MeanFlowModel._mf_pred_to_loss)
     norm_p: float = 0.75
     norm_c: float = 1e-3
     tangent: str = "jvp"  # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
-    fd_step: float = 1e-4  # absolute step in t for tangent="fd" (§5.6)
-    tangent_warmup: int = 0  # steps over which the du/dt term ramps from 0 to 1 (0: off, as the reference)
-    # Classifier-free guidance baked into training (§5.3); omega = 1, kappa = 0 means none
+    fd_step: float = 1e-4  # absolute step in t for tangent="fd" (config_mean_flow.py)
+    tangent_warmup: int = 0  # steps over which the du/dt term ramps from 0 to 1 (0: off, as config_mean_flow.py)
+    # Classifier-free guidance baked into training (mean_flow.py, MeanFlowModel._get_velocity); omega 1, kappa 0: none
     label_dropout: float = 0.0
     cfg_omega: float = 1.0
     cfg_kappa: float = 0.0
     cfg_t_min: float = 0.0  # guidance applies for t in [cfg_t_min, cfg_t_max]
     cfg_t_max: float = 1.0
     guidance_scale: float = 1.0  # teacher CFG scale in distillation
-    # Sampler: the time grid, first entry is the start (REFERENCE §1.4: 0.999, the reference's cap)
+    # Sampler: the time grid, first entry is the start (0.999: config_mf_cifar10.py's cap on t; the paper starts at 1)
     sample_ts: tuple = (0.999, 0.0)
 
     def __post_init__(self):
@@ -78,7 +84,7 @@ TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net
 INIT = ("meanflow",)  # checkpoints train.py accepts as --init
 NEEDS_INIT = False  # trains from scratch
 
-# --- Time distribution --------------------------------------------------------------------------------------
+# --- Time distribution ------------------------------------------------------------------------------------------------
 
 
 def logit_normal(n, P_mean, P_std, t_max, gen, device):
@@ -86,9 +92,10 @@ def logit_normal(n, P_mean, P_std, t_max, gen, device):
     return t_max * torch.sigmoid(P_mean + P_std * n_)
 
 
-def front(n, fraction, gen, device):
-    """(n,) bool, True for the first k samples, k ~ Binomial(n, fraction). The reference puts the r = t samples
-    and the label-dropped samples at the front of the batch on purpose, so they overlap (REFERENCE §5.3)."""
+def first_k_mask(n, fraction, gen, device):
+    """(n,) bool, True for the first k samples, k ~ Binomial(n, fraction). mean_flow.py puts the r = t samples
+    (MeanFlowModel.single_train_step) and the label-dropped samples (MeanFlowModel._mix_condition) at the front of
+    the batch on purpose, so they overlap."""
     k = (torch.rand(n, generator=gen, device=device) < fraction).sum()
     return torch.arange(n, device=device) < k
 
@@ -99,16 +106,22 @@ def sample_t_r(n, cfg, gen, device):
     r_ = logit_normal(n, cfg.P_mean_r, cfg.P_std_r, cfg.t_max, gen, device)
     t = torch.maximum(t_, r_)
     r = torch.minimum(t_, r_)
-    r = torch.where(front(n, 1 - cfg.ratio_r_neq_t, gen, device), t, r)
+    r = torch.where(first_k_mask(n, 1 - cfg.ratio_r_neq_t, gen, device), t, r)
     return t, r
 
-# --- Parameterization ----------------------------------------------------------------------------------------
+# --- Parameterization -------------------------------------------------------------------------------------------------
 # None: u is the raw network output and z_r = z_t - (t - r) u.
 
 
+# Copied from diffusion.py: bcast
 def bcast(a, x):
     """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
     return a.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+
+
+def velocity(net, z, t, y=None):
+    """Instantaneous velocity v(z, t) = u(z, t, t): how a MeanFlow net serves as a flow teacher."""
+    return net(z, t, t, y)
 
 
 @contextmanager
@@ -121,26 +134,27 @@ def eval_mode(net):
     finally:
         net.train(was_training)
 
-# --- Loss ------------------------------------------------------------------------------------------------------
+# --- Loss -------------------------------------------------------------------------------------------------------------
 
 
 def target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher=None):
-    """v~ under no grad (§5.3). y_mixed is y with the rows where `dropped` (B,) is True set to the null label."""
-    tt = t.to(z.dtype)
+    """v~ under no grad: the direction of the tangent and the target (mean_flow.py, MeanFlowModel._get_velocity).
+    y_mixed is y with the rows where `dropped` (B,) is True set to the null label."""
+    t_in = t.to(z.dtype)
     on = bcast(((t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)).double(), z)  # guidance interval
     if teacher is not None:
         if y_mixed is None:
-            return velocity(teacher, z, tt)
-        v_c = velocity(teacher, z, tt, y_mixed)
-        v_null = velocity(teacher, z, tt, torch.zeros_like(y_mixed))
+            return velocity(teacher, z, t_in)
+        v_c = velocity(teacher, z, t_in, y_mixed)
+        v_null = velocity(teacher, z, t_in, torch.zeros_like(y_mixed))
         omega = 1 + (cfg.guidance_scale - 1) * on
         return v_null + omega * (v_c - v_null)  # dropped rows: v_c = v_null, unguided
     if y is None or (cfg.cfg_omega == 1 and cfg.cfg_kappa == 0):
         return v
     bare = getattr(net, "module", net)  # no-grad passes bypass a DDP wrapper (see u_and_dudt)
     with eval_mode(bare):
-        v_null = bare(z, tt, tt, torch.zeros_like(y))
-        v_c = bare(z, tt, tt, y)
+        v_null = bare(z, t_in, t_in, torch.zeros_like(y))
+        v_c = bare(z, t_in, t_in, y)
     # Casts cached by autocast under no_grad have no grad_fn; drop them before the differentiable pass.
     torch.clear_autocast_cache()
     omega = 1 + (cfg.cfg_omega - 1) * on
@@ -151,31 +165,34 @@ def target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher=None):
 
 def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
     """The differentiable u = u_theta(z, t, r, y) and the stop-gradient du/dt along (v~, 1, 0), with the same
-    dropout masks. `net` may be DDP-wrapped: the differentiable call goes through the wrapper (so DDP
-    synchronises gradients); the no-grad JVP / FD passes run on the bare module, because torch.func.jvp
-    cannot trace through DDP (REFERENCE §9.1 pattern (a))."""
-    tt, rr = t.to(z.dtype), r.to(z.dtype)
+    dropout masks (as mean_flow.py, MeanFlowModel._jvp). `net` may be DDP-wrapped: the differentiable call goes
+    through the wrapper (so DDP synchronises gradients); the no-grad JVP / FD passes run on the bare module, because
+    torch.func.jvp cannot trace through DDP (train.py's docstring; checked by
+    tests/test_train.py::test_two_gloo_ranks_match_one_process)."""
+    t_in, r_in = t.to(z.dtype), r.to(z.dtype)
     if cfg.tangent == "fused":
-        u, dudt = net(z, tt, rr, y, tangents=(v_tgt, torch.ones_like(tt), torch.zeros_like(rr)))
+        u, dudt = net(z, t_in, r_in, y, tangents=(v_tgt, torch.ones_like(t_in), torch.zeros_like(r_in)))
         return u, dudt.double()
     bare = getattr(net, "module", net)
     devices = [z.device] if z.device.type == "cuda" else []
-    # fp32, no graph; fork_rng restores the RNG after each pass, so all passes draw the same dropout masks.
+    # fp32 (as config_mf_b.py's JVP under bf16), no graph; fork_rng restores the RNG after each pass, so all
+    # passes draw the same dropout masks.
     with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
         if cfg.tangent == "jvp":
             def u_fn(z_, t_, r_):  # tangents (v~, 1, 0) along (z, t, r)
                 return bare(z_, t_, r_, y)
             with torch.random.fork_rng(devices):
-                _, dudt = jvp(u_fn, (z, tt, rr), (v_tgt.to(z.dtype), torch.ones_like(tt), torch.zeros_like(rr)))
+                _, dudt = jvp(u_fn, (z, t_in, r_in), (v_tgt.to(z.dtype), torch.ones_like(t_in), torch.zeros_like(r_in)))
             dudt = dudt.double()
         else:  # "fd"
             dudt = _dudt_fd(bare, z, t, r, y, v_tgt, cfg, devices)
-    u = net(z, tt, rr, y)
+    u = net(z, t_in, r_in, y)
     return u, dudt
 
 
 def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
-    """Finite-difference du/dt (§5.6): central where t +- h stay in (r, t_max], one-sided otherwise."""
+    """Finite-difference du/dt: central where t +- h stay in (r, t_max], one-sided otherwise (mean_flow.py,
+    MeanFlowModel._estimate_jvp_finite_difference)."""
     h = cfg.fd_step
     t_plus = torch.where(t + h <= cfg.t_max, t + h, t)
     t_minus = torch.where((t - h >= 0) & (t - h > r), t - h, t)
@@ -199,10 +216,11 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     z = bcast(1 - t, x) * x + bcast(t, x) * eps
     v = eps - x
 
-    # Label dropout: the first samples get the null label (§5.3; applied in distillation too).
+    # Label dropout: the first samples get the null label (mean_flow.py, MeanFlowModel._mix_condition). Deviation:
+    # applied in distillation too, where mean_flow.py skips it.
     y_mixed, dropped = y, torch.zeros(B, dtype=torch.bool, device=x.device)
     if y is not None and cfg.label_dropout > 0:
-        dropped = front(B, cfg.label_dropout, gen, x.device)
+        dropped = first_k_mask(B, cfg.label_dropout, gen, x.device)
         y_mixed = torch.where(dropped[:, None], torch.zeros_like(y), y)
     with torch.no_grad():
         v_tgt = target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher)
@@ -217,19 +235,15 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     logs = dict(t=t, mse_v=(u.detach().double() - v.double()).flatten(1).square().mean(dim=1), L=L.detach())
     return w * L, logs
 
-
-def velocity(net, z, t, y=None):
-    """Instantaneous velocity v(z, t) = u(z, t, t): how a MeanFlow net serves as a flow teacher."""
-    return net(z, t, t, y)
-
-# --- Sampler -------------------------------------------------------------------------------------------------
+# --- Sampler ----------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def sample(net, eps, cfg, y=None, ts=None, euler=False):
     """z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z_{t_i}, t_i, t_{i+1}), starting from z = t_0 eps.
     euler=True uses u(z, t_i, t_i), the instantaneous velocity: a plain flow-matching Euler sampler.
-    No CFG at sampling: guidance is baked into training. Call with the EMA net in eval mode."""
+    No CFG at sampling: guidance is baked into training (mean_flow.py, MeanFlowModel._student_sample_loop, "ode").
+    Call with the EMA net in eval mode."""
     ts = cfg.sample_ts if ts is None else ts
     z = ts[0] * eps
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
@@ -238,52 +252,38 @@ def sample(net, eps, cfg, y=None, ts=None, euler=False):
         z = z - (t_cur - t_next) * net(z, t, r, y)
     return z
 
-# --- Presets ---------------------------------------------------------------------------------------------------
+# --- Presets ----------------------------------------------------------------------------------------------------------
 # Config fields plus the training recipe train.py reads (net, batch, steps, optimizer, lr, ema, ...).
 
 
-# bf16 with tangent="jvp": the JVP pass runs fully in fp32, as the reference's; "fused" under bf16 would linearise
-# around the bf16 primal instead (a few % off, README "Precision").
-IN256 = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
-             ema=(0.9999, 0.99995, 0.9996), precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4,
-             P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # three constant EMAs, the first evaluated (FastGen's EMA_CONST_CALLBACKS)
+# ImageNet-256 on SD-VAE latents (data.py encode-latents): config_mf_b.py. bf16 with tangent="jvp": the JVP pass runs
+# fully in fp32, as config_mf_b.py's; "fused" under bf16 would linearise around the bf16 primal instead (a few % off,
+# README "Precision").
+IMAGENET256_DIT = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
+                       ema=EMA_DECAYS, precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4,
+                       P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
 PRESETS = {
-    # Reference MeanFlow CIFAR-10 (REFERENCE §5.8): 1-NFE FID 2.82. Dataset x-flips plus EDM's augmentation
-    # pipeline at p = 0.12 without y-flips and rotations (augment.py "meanflow": 6-d labels, augment_dim=6).
+    # MeanFlow on CIFAR-10: config_mf_cifar10.py, 1-NFE FID 2.82 (FastGen's
+    # fastgen/methods/consistency_model/README.md). Dataset x-flips plus EDM's augmentation pipeline at p = 0.12
+    # without y-flips and rotations (augment.py "meanflow": 6-d labels, augment_dim=6).
     "cifar10": dict(
         net="ddpmpp", dropout=0.2, cond=False, xflip=True, augment=0.12, augment_pipe="meanflow",
         batch=1024, steps=1_000_000,
-        optimizer="adam", lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=(0.9999, 0.99995, 0.9996),
+        optimizer="adam", lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=EMA_DECAYS,
         tangent="fused",
     ),
-    # Reference MeanFlow ImageNet-256 on SD-VAE latents (data.py encode-latents), DiT-B/2 (REFERENCE §5.8).
-    "imagenet256": dict(IN256, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5),
-    # DiT-XL/2 (1-NFE FID 3.19 in the reference): a different guidance mix, on t in [0, 0.75] only.
-    "imagenet256-xl": dict(IN256, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75),
-    # 2-D points on CPU, one minute with train.py --threads 2. CIFAR-style (t, r) (r centred near 0), r != t for half
-    # the batch (CIFAR: 0.75), and the adaptive weight w = 1 / (L + c)^p with p = 0.5, c = 4 (CIFAR: 0.75, 1e-3).
-    # Why c = 4: with c << L the weight divides each sample's loss by its own size^p, a robust (median-like) fit that
-    # biases the velocity. Plain flow matching (ratio_r_neq_t 0) on the spirals, 128 Euler steps of u(z, t, t): 0.39
-    # with p = 0.5, c = 1e-3; 0.26 with p = 0 (the diffusion teacher, same MLP and budget: 0.21). A large c keeps the
-    # fit a mean one for the usual errors (L of a few units) and only tempers the rare large ones; p = 0 drops that too
-    # and the arms_ring run fails (0.49). This preset's u(z, t, t), 128 Euler steps: 0.21. And the `mlp-small` net
-    # (width 128) at batch 1024: points seen matter more than width here (batch 128 for 4000 steps, the CPU time of 2000
-    # at 256, gave the circles 1.08).
-    # With the MLP's current init (nets.py; the branches' outputs no longer start near zero), spirals / checkerboard /
-    # arms_ring / pinwheel 0.34 / 0.24 / 0.32 / 0.22, circles 0.355 (0.28 with the previous init). The numbers below
-    # are with the previous init.
-    # benchmarks/toy_suite.py ratios, 2800 steps unless said, spirals / checkerboard / arms_ring / pinwheel:
-    #   before (mlp, batch 256, lr 1e-3, c = 1e-3, 3200 steps): 0.43 / 0.38 / 0.34 / 0.35 (seed 1: 0.46 / 0.60 / - / -);
-    #   the same with c = 1 and lr 2e-3: 0.41 / 0.48 / 0.41 (seed 1 checkerboard 0.73);
-    #   mlp-small, batch 1024, lr 2e-3, c = 1e-3 / 1 / 4 / 10: spirals 0.40 (lr 1e-3, 3200 steps) / 0.30 / 0.32 / 0.30,
-    #   checkerboard 0.36 (lr 1e-3) / 0.29 / 0.23 / 0.23, arms_ring - / 0.39 / 0.29 / 0.26, pinwheel - / 0.28 / 0.20 /
-    #   0.20; seed 1 with c = 1 / 4 / 10: arms_ring 0.37 (3200 steps) / 0.32 / 0.40, checkerboard 0.45 / 0.45 / 0.44
-    #   (squares drawn hollow); p = 0: 0.22 / 0.26 / 0.49; c = 1 with r != t for 0.25: arms_ring 0.43; depth 3 at
-    #   4000 steps: spirals 0.39, arms_ring 0.33 (seed 1 0.38); 3200 steps: no better than 2800, and over the minute.
-    # Earlier rounds (mlp, batch 256): p = 1 or CIFAR's p = 0.75 leave a blur (circles 1.53 / 1.07); the ImageNet (t, r)
-    # distribution too; an lr decay, a constant EMA, P_mean_t 0.4 or 1.0, t embedded as ln(t / (1 - t)) / 4 and a
-    # tangent warm-up of 1600 steps did not help the spirals. The EMA: with ema_warmup the decay is
-    # min(0.999, (1 + k) / (10 + k)), still below 0.999 at the last step, so `--ema` changes nothing in these runs.
+    # DiT-B/2: config_mf_b.py.
+    "imagenet256": dict(IMAGENET256_DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5),
+    # DiT-XL/2: config_mf_xl.py (1-NFE FID 3.19, same README): a different guidance mix, on t in [0, 0.75] only.
+    "imagenet256-xl": dict(IMAGENET256_DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75),
+    # 2-D points on CPU, one minute with train.py --threads 2; CIFAR-style (t, r) (r centred near 0). Deviations, chosen
+    # on benchmarks/toy_suite.py (docs/presets.md): r != t for half the batch (CIFAR: 0.75); the adaptive weight with
+    # p = 0.5, c = 4 (CIFAR: 0.75, 1e-3), because with c << L the weight divides each sample's loss by its own size^p,
+    # a robust (median-like) fit that biases the velocity, while a large c keeps the fit a mean one for the usual
+    # errors and tempers only the rare large ones (spirals, 128 Euler steps of u(z, t, t): flow matching with
+    # c = 1e-3 0.39, this preset 0.21 as the diffusion teacher); mlp-small at batch 1024 and lr 2e-3 (points seen
+    # matter more than width).
     "toy": dict(
         net="mlp-small", cond=False, batch=1024, steps=2800, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
         lr_warmup=100, ema=(0.999,), ema_warmup=True, tangent="fused", norm_p=0.5, norm_c=4.0, ratio_r_neq_t=0.5,

@@ -1,14 +1,18 @@
 """sCM: continuous-time consistency models in TrigFlow, trained by consistency training (sCT) or distillation (sCD).
 Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", arXiv:2410.11081v1.
-Where the paper is ambiguous the reference implementation (NVIDIA FastGen) decides; see REFERENCE §3 and the notes.
+Where the paper leaves a choice open, the reference implementation decides: NVIDIA FastGen, commit 34f30e8; `sCM.py`
+below means fastgen/methods/consistency_model/sCM.py, `config_scm.py` fastgen/configs/methods/config_scm.py, and
+`config_sct_cifar10.py`, `config_scd_cifar10.py`, `config_scd_in64.py` lie in fastgen/configs/experiments/EDM/.
 
 Convention: TrigFlow time t in [0, pi/2), t = 0 is data: x_t = cos(t) x + sin(t) z with z ~ N(0, sigma_data^2 I).
-Relation to EDM (REFERENCE §1.2, derived): sigma = sigma_data tan(t) and x_sigma = x_t / cos(t). The TrigFlow network
-is an EDM-preconditioned raw network with a sign flip, and the consistency function is exactly EDM's denoiser:
+Relation to EDM (our derivation, checked in float64 by tests/test_scm.py): sigma = sigma_data tan(t) and
+x_sigma = x_t / cos(t). The TrigFlow network is an EDM-preconditioned raw network with a sign flip, and the consistency
+function is exactly EDM's denoiser:
     F_theta(x_t, t) = -F_raw(x_t / sigma_data, c_noise),   c_noise = ln(sigma_data tan t) / 4 = ln(sigma) / 4
     f(x_t, t) = cos(t) x_t - sigma_data sin(t) F_theta(x_t, t) = D(x_sigma, sigma)          (f(x, 0) = x)
 So EDM-style teachers and students (diffusion.py checkpoints, EDM's weights) are used unchanged, and the JVP
-tangent of c_noise along cos(t) sin(t) d/dt is exactly 1/4 (no division by sin t anywhere).
+tangent of c_noise along cos(t) sin(t) d/dt is exactly 1/4 (no division by sin t anywhere; sCM.py's TrigFlowPrecond
+computes F_theta = (cos t x_t - D) / (sigma_data sin t) instead).
 
 | paper             | code      | meaning                                                      | shape   |
 |-------------------|-----------|--------------------------------------------------------------|---------|
@@ -27,7 +31,7 @@ x_in = x_t / sigma_data, c_noise (B,), y one-hot or None. `tangent="fused"` addi
 The sCD teacher is any EDM-preconditioned net with the plain call (a frozen diffusion.py checkpoint).
 
 Implemented: sCT, sCD with CFG, three tangents (torch.func.jvp, fused, finite difference), tangent warm-up,
-RMS (reference) or Euclidean (paper) tangent normalisation, prior weight 1/sigma, learned adaptive weight,
+RMS (sCM.py) or Euclidean (paper) tangent normalisation, prior weight 1/sigma, learned adaptive weight,
 1-step and multi-step samplers. Not implemented: the paper's adaptive double normalisation, semi-discrete time.
 """
 import math
@@ -36,28 +40,29 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp
 
-# --- Config ----------------------------------------------------------------------------------------------
+# --- Config -----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Config:
-    # sigma ~ truncated log-normal on [sigma_min, sigma_max], t = arctan(sigma / sigma_data) (REFERENCE §3.7)
+    # sigma ~ truncated log-normal on [sigma_min, sigma_max], t = arctan(sigma / sigma_data) (sCM.py,
+    # SCMModel._compute_scm_loss); the values are config_scm.py's and config_sct_cifar10.py's
     P_mean: float = -1.0
-    P_std: float = 1.4  # reference sCT CIFAR-10 (a comment there suggests 1.8 for EDM-initialised runs)
+    P_std: float = 1.4  # config_scm.py (a comment there suggests 1.8 for sCT from an EDM checkpoint)
     sigma_data: float = 0.5
     sigma_min: float = 0.002
-    sigma_max: float = 800.0  # sCT trains to 800 although sampling starts at 80; sCD uses 80
+    sigma_max: float = 800.0  # sCT trains to 800 although sampling starts at 80 (config_sct_cifar10.py); sCD uses 80
     tangent: str = "jvp"  # "jvp": torch.func.jvp | "fused": the net returns (F, dF) | "fd": finite difference
-    tangent_warmup: int = 10000  # rho_k = min(1, k / warmup) scales g's second term (0: off)
-    tangent_norm: str = "rms"  # "rms": g / (RMS(g) + c), the reference | "paper": g / (||g|| + c)
+    tangent_warmup: int = 10000  # rho_k = min(1, k / warmup) scales g's second term (0: off); config_scm.py
+    tangent_norm: str = "rms"  # "rms": g / (RMS(g) + c), sCM.py's | "paper": g / (||g|| + c)
     tangent_norm_c: float = 0.1
-    fd_rel_step: float = 1e-3  # tangent="fd": h = max(fd_rel_step |t|, 1e-6) in TrigFlow time (REFERENCE §3.5)
-    guidance_scale: float = 1.0  # sCD: teacher CFG, v + (w - 1)(v - v_null); the null label is all zeros
-    # sCT's velocity. False (the reference): cos t z - sin t x, the sample's own path, which is (cos t x_t - D) / sin t
-    # with D = x, a one-sample estimate of E[x | x_t]. True: D = the batch's estimate of E[x | x_t] (batch_denoise), a
+    fd_rel_step: float = 1e-3  # tangent="fd": h = max(fd_rel_step |t|, 1e-6) in TrigFlow time (config_scm.py)
+    guidance_scale: float = 1.0  # sCD: teacher CFG, dxdt + (w - 1)(dxdt - dxdt_null); the null label is all zeros
+    # sCT's dx_t/dt. False (sCM.py): cos t z - sin t x, the sample's own path, which is (cos t x_t - D) / sin t with
+    # D = x, a one-sample estimate of E[x | x_t]. True: D = the batch's estimate of E[x | x_t] (batch_denoise), a
     # lower-variance tangent. Deviation: the toy preset uses it.
     batch_target: bool = False
-    sample_sigmas: tuple = (80.0, 0.0)  # sCT starts at 80; sCD and the reference's default 1-step list at 79.5638
+    sample_sigmas: tuple = (80.0, 0.0)  # sCT: 80 (config_sct_cifar10.py); sCD and FastGen's 1-step default: 79.5638
 
     def __post_init__(self):
         if self.tangent not in ("jvp", "fused", "fd"):
@@ -73,23 +78,23 @@ class Config:
 
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict(logvar=True)  # the learned adaptive weight is the net's log-variance head
-TEACHERS = ("diffusion",)  # --teacher: a diffusion model, whose sigma_data F_trig is the PF-ODE velocity (a CM is not)
+TEACHERS = ("diffusion",)  # --teacher: a diffusion model, whose sigma_data F_trig is the PF-ODE dx_t/dt (a CM's is not)
 INIT = ("diffusion", "scm")  # --init: EDM-preconditioned checkpoints (a diffusion model's net lacks the logvar head)
 NEEDS_INIT = True  # sCT and sCD start from a pretrained diffusion model (--init); from scratch is possible but slow
 
-# --- Time distribution -------------------------------------------------------------------------------------------
+# --- Time distribution ------------------------------------------------------------------------------------------------
 
 
 # Copied from diffusion.py: sample_sigma
 def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
     """Truncated log-normal, float64 (n,): ln(sigma) ~ N(P_mean, P_std^2) restricted to [sigma_lo, sigma_hi],
-    by inverse CDF (REFERENCE §1.3)."""
+    by inverse CDF (FastGen noise_schedule.py, EDMNoiseSchedule._truncated_lognormal_sample)."""
     a = torch.special.ndtr(torch.tensor((math.log(sigma_lo) - P_mean) / P_std, dtype=torch.float64))
     b = torch.special.ndtr(torch.tensor((math.log(sigma_hi) - P_mean) / P_std, dtype=torch.float64))
     u = a + (b - a) * torch.rand(n, generator=gen, device=device, dtype=torch.float64)
     return torch.exp(P_mean + P_std * torch.special.ndtri(u)).clamp(sigma_lo, sigma_hi)
 
-# --- Parameterization --------------------------------------------------------------------------------------------
+# --- Parameterization -------------------------------------------------------------------------------------------------
 
 
 # Copied from diffusion.py: bcast
@@ -115,10 +120,11 @@ def c_noise(t, sigma_data):
 
 
 def trig_F(net, x_t, t, y, sigma_data):
-    """F_theta(x_t, t) = -F_raw(x_t / sigma_data, c_noise(t)): the TrigFlow network (REFERENCE §1.2)."""
+    """F_theta(x_t, t) = -F_raw(x_t / sigma_data, c_noise(t)): the TrigFlow network (the identity in the docstring
+    above; sCM.py's TrigFlowPrecond.forward computes the same F_theta by division)."""
     return -net(x_t / sigma_data, c_noise(t, sigma_data).to(x_t.dtype), y=y)
 
-# --- Loss --------------------------------------------------------------------------------------------------------
+# --- Loss -------------------------------------------------------------------------------------------------------------
 
 
 # Copied from cm.py: batch_denoise
@@ -137,61 +143,66 @@ def batch_denoise(x, x_t, scale, std, y=None):
     return (logits.softmax(dim=1) @ xs).reshape(x.shape)
 
 
-def velocity(x, z, x_t, t, y, cfg, teacher=None):
-    """dx_t/dt under no grad. sCT: the conditional velocity cos t z - sin t x, or with cfg.batch_target
-    (cos t x_t - D) / sin t with D the batch's E[x | x_t]. sCD: sigma_data F_teacher(x_t, t), with CFG
-    v + (w - 1)(v - v_null) when guidance_scale != 1 (teacher in eval mode)."""
+def target_dxdt(x, z, x_t, t, y, cfg, teacher=None):
+    """dx_t/dt under no grad: the direction of the tangent and g's target (sCM.py, SCMModel._compute_scm_loss).
+    sCT: the conditional cos t z - sin t x, or with cfg.batch_target (cos t x_t - D) / sin t with D the batch's
+    E[x | x_t]. sCD: the teacher's PF-ODE sigma_data F_teacher(x_t, t), with CFG dxdt + (w - 1)(dxdt - dxdt_null)
+    when guidance_scale != 1 (teacher in eval mode)."""
     if teacher is None and cfg.batch_target:
         D = batch_denoise(x, x_t, t.cos(), cfg.sigma_data * t.sin(), y)
         return ((bcast(t.cos(), D) * x_t.double() - D) / bcast(t.sin(), D)).to(x.dtype)
     if teacher is None:
         return bcast(t.cos(), x) * z - bcast(t.sin(), x) * x
-    v = cfg.sigma_data * trig_F(teacher, x_t, t, y, cfg.sigma_data)
+    dxdt = cfg.sigma_data * trig_F(teacher, x_t, t, y, cfg.sigma_data)
     if cfg.guidance_scale != 1 and y is not None:
-        v_null = cfg.sigma_data * trig_F(teacher, x_t, t, torch.zeros_like(y), cfg.sigma_data)
-        v = v + (cfg.guidance_scale - 1) * (v - v_null)
-    return v
+        dxdt_null = cfg.sigma_data * trig_F(teacher, x_t, t, torch.zeros_like(y), cfg.sigma_data)
+        dxdt = dxdt + (cfg.guidance_scale - 1) * (dxdt - dxdt_null)
+    return dxdt
 
 
 def F_and_dF(net, x, z, x_t, t, y, dxdt, cfg, distill):
     """The differentiable F_theta(x_t, t) and log-variance, and the stop-gradient dF = cos t sin t dF_theta/dt along
-    dxdt, all with the same dropout masks (Deviation: the reference draws new masks for the JVP pass; sharing
-    makes the JVP's primal equal sg(F), REFERENCE §3.4). `net` may be DDP-wrapped: only the differentiable call
-    goes through the wrapper; the no-grad passes use the bare module (torch.func.jvp cannot trace DDP)."""
+    (dxdt, 1), with the same dropout masks (Deviation: sCM.py's SCMModel._jvp draws new masks for the JVP pass;
+    sharing makes dF the derivative of the function whose value is sg(F), as in MeanFlow). `net` may be DDP-wrapped:
+    the differentiable call goes through the wrapper (so DDP synchronises gradients); the no-grad JVP / FD passes run
+    on the bare module, because torch.func.jvp cannot trace through DDP (train.py's docstring; checked by
+    tests/test_train.py::test_two_gloo_ranks_match_one_process)."""
     sd = cfg.sigma_data
-    cs = t.cos() * t.sin()
+    cos_sin = t.cos() * t.sin()
     x_in = x_t / sd
-    c = c_noise(t, sd).to(x_t.dtype)
+    c_noise_in = c_noise(t, sd).to(x_t.dtype)
     # Tangents of the raw net's inputs along cos t sin t d/dt: x_in gets cos t sin t dxdt / sigma_data, and
     # c_noise gets cos t sin t / (4 sin t cos t) = 1/4 exactly.
-    dx_in = bcast(cs, x_t) * dxdt.to(x_t.dtype) / sd
-    dc = torch.full_like(c, 0.25)
+    dx_in = bcast(cos_sin, x_t) * dxdt.to(x_t.dtype) / sd
+    dc_noise_in = torch.full_like(c_noise_in, 0.25)
     if cfg.tangent == "fused":
-        (F_raw, dF_raw), logvar = net(x_in, c, y=y, return_logvar=True, tangents=(dx_in, dc, None))
+        (F_raw, dF_raw), logvar = net(x_in, c_noise_in, y=y, return_logvar=True, tangents=(dx_in, dc_noise_in, None))
         return -F_raw, -dF_raw.double(), logvar
     bare = getattr(net, "module", net)
     devices = [x_t.device] if x_t.device.type == "cuda" else []
-    with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):  # the JVP runs in fp32 (REFERENCE §3.4)
+    # fp32 (as config_scd_in64.py's JVP under bf16), no graph; fork_rng restores the RNG after each pass, so all
+    # passes draw the same dropout masks.
+    with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
         if cfg.tangent == "jvp":
-            def F_raw_fn(x_in_, c_):
-                return bare(x_in_, c_, y=y)
+            def F_raw_fn(x_in_, c_noise_in_):  # tangents (cos t sin t dxdt / sigma_data, 1/4) along (x_in, c_noise)
+                return bare(x_in_, c_noise_in_, y=y)
             with torch.random.fork_rng(devices):
-                _, dF_raw = jvp(F_raw_fn, (x_in, c), (dx_in, dc))
+                _, dF_raw = jvp(F_raw_fn, (x_in, c_noise_in), (dx_in, dc_noise_in))
             dF = -dF_raw.double()
         else:  # "fd"
             dF = _dF_fd(bare, x, z, x_t, t, y, dxdt, cfg, distill, devices)
-    F_raw, logvar = net(x_in, c, y=y, return_logvar=True)
+    F_raw, logvar = net(x_in, c_noise_in, y=y, return_logvar=True)
     return -F_raw, dF, logvar
 
 
 def _dF_fd(net, x, z, x_t, t, y, dxdt, cfg, distill, devices):
-    """Central difference of F_theta in TrigFlow time with relative step h (REFERENCE §3.5), times cos t sin t.
-    sCT moves along the conditional path x_t(t) = cos t x + sin t z, as the reference. sCD moves along the teacher's
-    direction, x_t + (t' - t) dxdt (Deviation: the reference follows the conditional path for sCD too, which
-    ignores the teacher and gives a different estimator than the JVP)."""
+    """Central difference of F_theta in TrigFlow time with relative step h, times cos t sin t (sCM.py,
+    SCMModel._estimate_jvp_finite_difference). sCT moves along the conditional path x_t(t) = cos t x + sin t z, as
+    sCM.py. sCD moves along the teacher's direction, x_t + (t' - t) dxdt (Deviation: sCM.py follows the conditional
+    path for sCD too, which ignores the teacher and gives a different estimator than the JVP; tests/test_scm.py)."""
     h = (cfg.fd_rel_step * t.abs()).clamp_min(1e-6)
-    lim = math.pi / 2 - 1e-5
-    t_plus, t_minus = (t + h).clamp(-lim, lim), (t - h).clamp(-lim, lim)
+    t_lim = math.pi / 2 - 1e-5
+    t_plus, t_minus = (t + h).clamp(-t_lim, t_lim), (t - h).clamp(-t_lim, t_lim)
     outs = []
     for t_ in (t_plus, t_minus):
         if distill:
@@ -204,15 +215,15 @@ def _dF_fd(net, x, z, x_t, t, y, dxdt, cfg, distill, devices):
 
 
 def tangent_g(F, dF, x_t, t, dxdt, cfg, step):
-    """g = cos t df-/dt with f- = cos t x_t - sigma_data sin t sg(F) (REFERENCE §3.1), the dF term warmed up, then
-    normalised; float64. Minimising ||F - sg(F) - g||^2 moves F along +g."""
+    """g = cos t df-/dt with f- = cos t x_t - sigma_data sin t sg(F), the dF term warmed up, then normalised
+    (sCM.py, SCMModel._scm_pred_to_loss); float64. Minimising ||F - sg(F) - g||^2 moves F along +g."""
     sd = cfg.sigma_data
     F, dF, x_t, dxdt = F.double(), dF.double(), x_t.double(), dxdt.double()
     cos, sin = bcast(t.cos(), F), bcast(t.sin(), F)
     rho = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
     g = -cos**2 * (sd * F - dxdt) - rho * (cos * sin * x_t + sd * dF)
     norm = g.flatten(1).norm(dim=1)  # (B,)
-    if cfg.tangent_norm == "rms":  # reference; = sqrt(D) times the paper's form with c' = c sqrt(D) (REFERENCE §3.3)
+    if cfg.tangent_norm == "rms":  # sCM.py's; = sqrt(D) times the paper's form with c' = c sqrt(D)
         norm = norm / math.sqrt(g[0].numel())
     return g / bcast(norm + cfg.tangent_norm_c, g)
 
@@ -221,14 +232,14 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     """Per-example sCM loss (B,) and logs. sCD when `teacher` (a frozen EDM-preconditioned net, eval mode) is given,
     sCT otherwise. step: 1-based optimizer step (tangent warm-up); gen: generator for sigma and noise; images: unused.
         loss_i = exp(-logvar_i) L_i / (sigma_i D) + logvar_i,   L_i = mean (rms) or sum (paper) of (F - sg(F) - g)^2
-    (prior weight 1/sigma; the extra 1/D is the reference's, REFERENCE §3.3)."""
+    (prior weight 1/sigma; the extra 1/D is sCM.py's, SCMModel._scm_pred_to_loss with divide_x_0_spatial_dim)."""
     sd = cfg.sigma_data
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
     t = torch.atan2(sigma, torch.full_like(sigma, sd))  # float64, in (0, pi/2)
     z = sd * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     x_t = bcast(t.cos(), x) * x + bcast(t.sin(), x) * z
     with torch.no_grad():
-        dxdt = velocity(x, z, x_t, t, y, cfg, teacher)
+        dxdt = target_dxdt(x, z, x_t, t, y, cfg, teacher)
 
     F, dF, logvar = F_and_dF(net, x, z, x_t, t, y, dxdt, cfg, distill=teacher is not None)
     g = tangent_g(F.detach(), dF, x_t, t, dxdt, cfg, step)
@@ -239,13 +250,14 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
     per_example = torch.exp(-logvar) * L / (sigma * D) + logvar
     return per_example, dict(t=sigma, g_sq=L.detach(), logvar=logvar.detach())
 
-# --- Sampler -----------------------------------------------------------------------------------------------------
+# --- Sampler ----------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
-    """Consistency sampling (REFERENCE §1.4) with f = D: x = sigma_0 eps; x0 = D(x, sigma_i); re-noise
-    x = x0 + sigma_{i+1} eps_i with fresh noise while sigma_{i+1} > 0. Call with the EMA net in eval mode."""
+    """Multistep consistency sampling (CM, arXiv:2303.01469v2, Alg. 1) with f = D: x = sigma_0 eps; x0 = D(x, sigma_i);
+    re-noise x = x0 + sigma_{i+1} eps_i with fresh noise while sigma_{i+1} > 0 (FastGen fastgen/methods/model.py,
+    FastGenModel._student_sample_loop, "sde"). Call with the EMA net in eval mode."""
     sigmas = cfg.sample_sigmas if sigmas is None else sigmas
     x = sigmas[0] * eps
     ones = torch.ones(eps.shape[0], dtype=torch.float64, device=eps.device)
@@ -255,73 +267,48 @@ def sample(net, eps, cfg, y=None, sigmas=None, gen=None):
             x = x0 + s_next * torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     return x0
 
-# --- Presets -----------------------------------------------------------------------------------------------------
+# --- Presets ----------------------------------------------------------------------------------------------------------
 # Config fields plus the training recipe train.py reads. The CIFAR-10 runs start from an EDM checkpoint:
 #   sCT: --init edm.pt;   sCD: --preset cifar10-scd --init edm.pt --teacher edm.pt
 
 
-EMA3 = (0.9999, 0.99995, 0.9996)
-TOY = dict(net="mlp", cond=False, batch=256, steps=3000, optimizer="adam", lr=1e-4, betas=(0.9, 0.99), lr_warmup=100,
-           ema=(0.999,), ema_warmup=True, sigma_max=80.0, P_mean=1.7, P_std=1.6, tangent_warmup=625, tangent="fused",
-           sigma_data=1.0, tangent_norm_c=1.0)
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # three constant EMAs, the first evaluated (FastGen's EMA_CONST_CALLBACKS)
+# The 2-D toy recipe: sCT / sCD tune a diffusion.py toy run (--init), as FastGen tunes EDM's CIFAR-10 model. sigma_data
+# 1: the points have unit variance per axis. Deviations, chosen on benchmarks/toy_suite.py (docs/presets.md): P_mean
+# 1.7 = 1.0 + ln 2 (P_mean 1.0 at sigma_data 0.5: more weight on large sigma; the CIFAR -1.0 / 1.4 left sCD blurred,
+# swissroll 1.04 -> 0.33), P_std 1.6, sigma_max 80, lr 1e-4 and a 625-step tangent warm-up (sCD with lr 3e-4 and a
+# 1000-step warm-up: arms_ring 0.87 against 0.67), a short warmed-up EMA.
+TOY_RECIPE = dict(net="mlp", cond=False, batch=256, steps=3000, optimizer="adam", lr=1e-4, betas=(0.9, 0.99),
+                  lr_warmup=100, ema=(0.999,), ema_warmup=True, sigma_max=80.0, P_mean=1.7, P_std=1.6,
+                  tangent_warmup=625, tangent="fused", sigma_data=1.0, tangent_norm_c=1.0)
 PRESETS = {
-    # Reference sCT CIFAR-10 (REFERENCE §3.7): 1-step FID 3.23.
+    # sCT on CIFAR-10: config_sct_cifar10.py over config_scm.py, 1-step FID 3.23 (FastGen's
+    # fastgen/methods/consistency_model/README.md).
     "cifar10": dict(
         net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4, betas=(0.9, 0.99),
-        ema=EMA3, sigma_max=800.0, sample_sigmas=(80.0, 0.0), tangent="fused",
+        ema=EMA_DECAYS, sigma_max=800.0, sample_sigmas=(80.0, 0.0), tangent="fused",
     ),
-    # Reference sCD CIFAR-10: 1-step FID 3.22. The student starts as a copy of the teacher.
+    # sCD on CIFAR-10: config_scd_cifar10.py, 1-step FID 3.22 (same README). The student starts as the teacher.
     "cifar10-scd": dict(
         net="ddpmpp", dropout=0.0, cond=False, distill=True, batch=512, steps=500_000, optimizer="radam", lr=1e-4,
-        betas=(0.9, 0.99), ema=EMA3, sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent="fused",
+        betas=(0.9, 0.99), ema=EMA_DECAYS, sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent="fused",
     ),
-    # Reference sCD ImageNet-64 with EDM's ADM (teacher: convert.py on edm-imagenet-64x64-cond-adm.pkl): bf16 with an
-    # fp32 JVP, hence tangent="jvp" ("fused" under bf16 linearises around the bf16 primal: on this full-size net its dF
-    # differs from the fp32 JVP by 1.7-2.0 %, its g by up to 1.4 %; benchmarks/bf16_tangent.py, README "Precision").
+    # sCD on ImageNet-64 with EDM's ADM: config_scd_in64.py (teacher: convert.py on edm-imagenet-64x64-cond-adm.pkl).
+    # bf16 with an fp32 JVP, hence tangent="jvp" ("fused" under bf16 linearises around the bf16 primal: on this
+    # full-size net its dF differs from the fp32 JVP by 1.7-2.0 %, its g by up to 1.4 %; benchmarks/bf16_tangent.py,
+    # README "Precision").
     "imagenet64-scd": dict(
         net="adm", dropout=0.0, cond=True, distill=True, batch=1024, steps=600_000, optimizer="adam", lr=7e-5,
-        betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000, grad_clip=10.0, precision="bf16", ema=EMA3,
+        betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000, grad_clip=10.0, precision="bf16", ema=EMA_DECAYS,
         sigma_max=80.0, P_std=1.6, sample_sigmas=(79.5638, 0.0), tangent="jvp",
     ),
-    # 2-D points on CPU, sCT tuning a diffusion toy run (--init), as the reference tunes EDM's CIFAR-10 model; 3000
-    # steps, under a minute with train.py --threads 2. sigma_data 1: the points have unit variance per axis
-    # (diffusion.py's toy preset), with P_mean 1.7 = 1.0 + ln 2, the sigma / sigma_data of the earlier P_mean 1.0 at
-    # sigma_data 0.5. Deviation: tangent_norm_c 1, not the reference's 0.1 (less of the per-sample tangent
-    # normalisation). Deviation: batch_target, the velocity with the batch's E[x | x_t] instead of the sample's x
-    # (benchmarks/toy_suite.py, a cell the mean of 8 draws of samples: worst cell 0.39 -> 0.32, checkerboard / arms_ring
-    # 0.39 / 0.31 -> 0.32 / 0.28; seed 1 0.39 / 0.30; README, 2-D suite). The rest of this comment is without it.
-    # arms_ring: sigma_data 0.5 0.48; 1 with P_mean 1.0: 0.40; P_mean 1.7: 0.38 / 0.42 (seeds 0 / 1);
-    # with tangent_norm_c 1: 0.35, from a teacher trained with P_mean -0.5: 0.31. The suite now scores a cell as the
-    # mean of 8 draws of samples (one draw, as in the rest of this comment, varies by ~0.04): this preset meets 0.35
-    # on every cloud but the checkerboard (0.39), which needs more steps: 0.41 / 0.39 / 0.35 / 0.33 at steps 1500 /
-    # 3000 / 4500 / 6000; within 3000 steps lr 1.5e-4 / 2e-4 give 0.37 / 0.36 (seed 1 with 2e-4: 0.40), 3e-4 / 4e-4
-    # collapse (2.58 / 1.56), P_mean 1.2 0.38, tangent_norm_c 0.1 0.41, no EMA warm-up 0.99.
-    # Everything below: sigma_data 0.5.
-    # The gentle lr, the 625-step tangent warm-up and P_mean 1.0 (more weight on large sigma) are sCD's (toy-scd
-    # below). Ratios of benchmarks/toy_suite.py (one seed; ~0.1 is run-to-run
-    # noise), arms_ring / checkerboard: this preset at 2500 steps 0.45 / 0.37 (3000: 0.48 / 0.29); P_mean 1.5: 0.52 /
-    # 0.42; P_std 1.0: 0.97 / 0.81; P_std 2.0: 0.57 / 0.36; lr 5e-5: 0.59 / 0.42; lr 1e-4 with P_mean 0.0: 0.65 /
-    # 0.50; the from-scratch preset described below, used for tuning: 0.51 / 0.41; batch 1024 for 800 steps: 0.51 on
-    # arms_ring; net mlp-small at batch 1024 (MeanFlow's toy trade, tuning a diffusion run trained the same way): 0.47
-    # on arms_ring; tangent_norm_c 1 / 4 / 20 (less of the per-sample tangent normalisation): arms_ring 0.40 / 0.43 /
-    # 0.41 (seed 1 with 1: 0.44), but swiss roll 0.35 / 0.41 / -, circles 0.36 with 1 (this preset: 0.28, 0.31).
-    # Curve on arms_ring: 0.45 / 0.48 / 0.51 at 2500 / 3000 / 6000 steps (3000 with seed 1: 0.51); along one 9000-step
-    # run (snapshots, toy_suite.py --curve-every) the EMA stays at 0.47-0.54 from step 2400 on. Closest so far, not
-    # adopted: mlp-small at batch 1024 with tangent_norm_c 1, tuning a diffusion run trained the same way: arms_ring
-    # 0.39 (seed 1: 0.36; still falling at step 3000), swiss roll 0.25; tangent_norm_c 2 / 4: 0.41 / 0.41; lr 1.4e-4:
-    # 0.45 (0.35 at step 2400); lr 2e-4: 0.44. sCT, CT and CD tune the same diffusion run, and on that net CT is
-    # unstable and CD gets 0.35 (cm.py). The mlp at batch 512 for 1500 steps with tangent_norm_c 1: 0.49 (lr 1.4e-4:
-    # 0.45).
-    # From scratch (the suite's first rounds) sCT stayed a blur on the nested and thin clouds at this budget. Its best
-    # preset there, lr 3e-4, P_mean 0.0, a 1000-step tangent warm-up and 2000 steps, gave arms_ring / circles /
-    # checkerboard 0.68 / 0.56 / 0.41, and more steps made it worse (3000: checkerboard 0.62, and 1.02 for seed 1);
-    # the CIFAR sigmas (P_mean -1.0, P_std 1.4) with lr 1e-4 left arms_ring a blob (1.14).
-    "toy": dict(TOY, batch_target=True),
-    # sCD on points (--init and --teacher a diffusion toy run), 2500 steps (the teacher's passes cost a step more). A
-    # gentle lr: 3e-4 with a 1000-step warm-up gave 0.87 on arms_ring against 0.67. The CIFAR sigmas left sCD blurred
-    # (gaussians8 / swissroll / circles / checkerboard 0.52 / 1.04 / 0.72 / 0.36); P_mean 1.0, P_std 1.6: 0.18 / 0.33 /
-    # 0.62 / 0.28 (arms_ring 0.67 -> 0.72; on swissroll P_mean 0.0: 0.49, 2.0: 0.49, P_std 1.2: 0.53, 2.0: 0.45).
-    # Those were 2000 steps from a 2000-step teacher; 2500 steps (one minute with --threads 2) from the 4000-step
-    # teacher: 0.13 / 0.26 / 0.28 / 0.25, arms_ring 0.28.
-    "toy-scd": dict(TOY, distill=True, steps=2500, tangent_norm_c=0.1),
+    # sCT on 2-D points, 3000 steps, under a minute with train.py --threads 2. Deviation: tangent_norm_c 1, not 0.1
+    # (less of the per-sample tangent normalisation; arms_ring 0.38 -> 0.35). Deviation: batch_target, dx_t/dt with
+    # the batch's E[x | x_t] instead of the sample's x (benchmarks/toy_suite.py, a cell the mean of 8 draws of
+    # samples: worst cell 0.39 -> 0.32). Sweeps and the settings tried: docs/presets.md.
+    "toy": dict(TOY_RECIPE, batch_target=True),
+    # sCD on 2-D points (--init and --teacher a diffusion toy run), 2500 steps (one minute with --threads 2: the
+    # teacher's passes cost a step more), with sCM.py's tangent_norm_c 0.1: every cloud of benchmarks/toy_suite.py
+    # <= 0.28 (docs/presets.md).
+    "toy-scd": dict(TOY_RECIPE, distill=True, steps=2500, tangent_norm_c=0.1),
 }

@@ -57,7 +57,8 @@ def test_loss_is_minimised_by_the_exact_denoiser():
 
 
 def test_karras_grid_matches_reference_values():
-    """REFERENCE §1.3: on the 1000-point grid, sigma_998 = 79.5638 and sigma_500 = 2.5265 (ascending indices)."""
+    """The 1000-level Karras grid of FastGen's EDMNoiseSchedule (fastgen/networks/noise_schedule.py, commit 34f30e8;
+    its 1-step list starts at index 998): sigma_998 = 79.5638 and sigma_500 = 2.5265 (ascending indices)."""
     s = diffusion.karras_sigmas(1000, 0.002, 80.0, 7.0)[:-1].flip(0)  # ascending
     assert abs(s[998].item() - 79.5638) < 1e-4 and abs(s[500].item() - 2.5265) < 1e-4
     assert abs(s[0].item() - 0.002) < 1e-15 and abs(s[999].item() - 80) < 1e-12
@@ -86,10 +87,10 @@ def test_heun_solves_the_gaussian_pf_ode():
 
 def test_point_net_leaves_the_zero_output_saddle_on_isotropic_unit_data():
     """On points whose covariance is sigma_data^2 I, c_skip x_sigma is already the best linear denoiser and F = 0 is a
-    saddle: with the image nets' near-zero inits of the MLP's branch outputs and output layer the loss stayed at its
-    F = 0 value (nets.py). The toy preset's net and noise levels, 300 Adam steps on the 8 Gaussians standardised to
-    unit variance with sigma_data 1, must beat the F = 0 denoiser by 10 % at sigma = 0.3 (measured: 0.76 of its squared
-    error; 1.00 with the previous init)."""
+    saddle: with the image nets' near-zero inits for the MLP's branch outputs and output layer the loss stays at its
+    F = 0 value, which is why nets.py's MLP does not use them. The toy preset's net and noise levels, 300 Adam steps on
+    the 8 Gaussians standardised to unit variance with sigma_data 1, must beat the F = 0 denoiser by 10 % at
+    sigma = 0.3 (measured: 0.76 of its squared error; 1.00 with those near-zero inits)."""
     import data
     import nets
     torch.manual_seed(0)

@@ -170,13 +170,13 @@ def test_config_defaults_are_the_reference_cifar10_values():
     assert (c.boundary, c.teacher_solver, c.guidance_scale, c.sample_sigmas) == (False, "euler", 1.0, (79.5638, 0.0))
 
 
-CONST_EMA_DECAYS = (0.9999, 0.99995, 0.9996)
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)
 EDM2 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
             ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
             ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", precision="fp32", sample_sigmas=(79.5638, 0.0))
 PRESETS = {  # FastGen's configs, value by value
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
-                    betas=(0.9, 0.999), lr_ref_steps=0, ema=CONST_EMA_DECAYS, ema_kind="const", precision="fp32",
+                    betas=(0.9, 0.999), lr_ref_steps=0, ema=EMA_DECAYS, ema_kind="const", precision="fp32",
                     P_mean=-1.1, P_std=2.0, huber_c=1e-8, weighting="inv_gap", q=2.0, kimg_per_stage=6400.0,
                     ratio_limit=0.999, sigma_min=0.002, sigma_max=80.0, r_min=0.002, sample_sigmas=(79.5638, 0.0)),
     "imagenet64": dict(EDM2, net="edm2-s", dropout=0.4, lr=1e-3),

@@ -1,6 +1,7 @@
 """meanflow.py pinned value by value (float64): the per-example loss of a linear "net" recomputed independently, the
 gradient the stop-gradients prescribe, training-time CFG and teacher guidance through the whole loss, the bf16
-teacher + jvp path, the autocast-cache clear, Config defaults and presets against REFERENCE §5."""
+teacher + jvp path, the autocast-cache clear, Config defaults and presets against NVIDIA FastGen at commit 34f30e8
+(fastgen/methods/consistency_model/mean_flow.py and the MeanFlow configs)."""
 import math
 
 import pytest
@@ -40,7 +41,8 @@ class LinU(nn.Module):
 
 
 def expected(net, x, y, cfg, seed, teacher=None, step=1):
-    """The loss of REFERENCE §5.2-§5.5 written out; returns (loss, prescribed loss for gradients, logs)."""
+    """The loss of FastGen's MeanFlowModel (mean_flow.py: single_train_step, _get_velocity, _mix_condition,
+    _mf_pred_to_loss) written out; returns (loss, prescribed loss for gradients, logs)."""
     g = torch.Generator().manual_seed(seed)
     B = x.shape[0]
     n_t = torch.randn(B, generator=g, dtype=torch.float64)
@@ -157,8 +159,9 @@ def test_bf16_unconditional_distillation_with_jvp():
 
 
 def test_autocast_cache_cleared_between_guidance_and_gradient_passes(monkeypatch):
-    """REFERENCE §9.4: casts cached under no_grad have no grad_fn; the cache is cleared after the no-grad guidance passes
-    and before the differentiable pass (torch versions that cache there would otherwise cut the gradient)."""
+    """Casts cached under no_grad have no grad_fn; the cache is cleared after the no-grad guidance passes and before
+    the differentiable pass, as FastGen's MeanFlowModel._compute_mf_loss (torch versions that cache there would
+    otherwise cut the gradient)."""
     events = []
     monkeypatch.setattr(torch, "clear_autocast_cache", lambda: events.append("clear"))
     net = LinU(0).train()
@@ -169,7 +172,7 @@ def test_autocast_cache_cleared_between_guidance_and_gradient_passes(monkeypatch
     assert events == ["nograd", "nograd", "clear", "grad"]
 
 
-# --- Config defaults and presets (REFERENCE §5.2, §5.5, §5.8) ----------------------------------------------------
+# --- Config defaults and presets (FastGen's config_mean_flow.py and its MeanFlow experiment configs) ------------
 
 def test_config_defaults_are_the_reference_cifar10_values():
     c = meanflow.Config()
@@ -179,23 +182,25 @@ def test_config_defaults_are_the_reference_cifar10_values():
     assert c.sample_ts == (0.999, 0.0)
 
 
-EMA3 = (0.9999, 0.99995, 0.9996)
-DIT = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95), ema=EMA3,
-           precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0, ratio_r_neq_t=0.25,
-           norm_p=1.0, norm_c=1.0, label_dropout=0.1)
-PRESETS = {  # REFERENCE §5.8, column by column
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)
+IMAGENET256_DIT = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
+                       ema=EMA_DECAYS, precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4,
+                       P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)
+PRESETS = {  # fastgen/configs/experiments/EDM/config_mf_cifar10.py, DiT/config_mf_b.py, DiT/config_mf_xl.py over
+    # fastgen/configs/methods/config_mean_flow.py, value by value
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, xflip=True, batch=1024, steps=1_000_000, optimizer="adam",
-                    lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=EMA3, P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0,
+                    lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=EMA_DECAYS, P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0,
                     P_std_r=1.6, ratio_r_neq_t=0.75, norm_p=0.75, norm_c=1e-3, tangent="fused", precision="fp32",
                     cfg_omega=1.0, cfg_kappa=0.0, label_dropout=0.0, sample_ts=(0.999, 0.0)),
-    "imagenet256": dict(DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_min=0.0, cfg_t_max=1.0),
-    "imagenet256-xl": dict(DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_min=0.0, cfg_t_max=0.75),
+    "imagenet256": dict(IMAGENET256_DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_min=0.0, cfg_t_max=1.0),
+    "imagenet256-xl": dict(IMAGENET256_DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_min=0.0,
+                           cfg_t_max=0.75),
 }
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_match_the_reference_tables(name):
-    """Every value of REFERENCE §5.8's column, resolved as train.py does (preset over Config defaults over the recipe
+def test_presets_match_the_fastgen_configs(name):
+    """Every value of the FastGen config, resolved as train.py does (preset over Config defaults over the recipe
     defaults), and TF32 off as the reference runs."""
     import recipe
     _, cfg, _, _ = recipe.resolve_config(["--method", "meanflow", "--data", "toy", "--preset", name])

@@ -1,6 +1,8 @@
 """scm.py pinned value by value (float64): the per-example sCT / sCD loss of a linear "net" recomputed independently
-(REFERENCE §3.1: prior 1/sigma, extra 1/D, learned log-variance, RMS or Euclidean normalisation, warm-up), the gradient
-the stop-gradients prescribe (sg(F) in g, no-grad JVP), teacher CFG and its sign, Config defaults, presets (§3.7)."""
+(as NVIDIA FastGen at commit 34f30e8 computes it, fastgen/methods/consistency_model/sCM.py, SCMModel._compute_scm_loss
+and _scm_pred_to_loss: prior 1/sigma, extra 1/D, learned log-variance, RMS or Euclidean normalisation, warm-up), the
+gradient the stop-gradients prescribe (sg(F) in g, no-grad JVP), teacher CFG and its sign, Config defaults, presets
+(FastGen's sCM configs)."""
 import math
 from statistics import NormalDist
 
@@ -41,7 +43,8 @@ class LinF(nn.Module):
 
 
 def lognormal(u, P_mean, P_std, lo, hi):
-    """Truncated log-normal by inverse CDF with the standard library's normal distribution (REFERENCE §1.3)."""
+    """Truncated log-normal by inverse CDF with the standard library's normal distribution (FastGen
+    fastgen/networks/noise_schedule.py, EDMNoiseSchedule._truncated_lognormal_sample)."""
     N = NormalDist()
     a, b = N.cdf((math.log(lo) - P_mean) / P_std), N.cdf((math.log(hi) - P_mean) / P_std)
     return torch.tensor([math.exp(P_mean + P_std * N.inv_cdf(a + (b - a) * ui)) for ui in u.tolist()],
@@ -49,7 +52,7 @@ def lognormal(u, P_mean, P_std, lo, hi):
 
 
 def expected(net, x, y, cfg, seed, teacher=None, step=1):
-    """REFERENCE §3.1 written out: (loss, prescribed loss for gradients)."""
+    """SCMModel._compute_scm_loss and _scm_pred_to_loss written out: (loss, prescribed loss for gradients)."""
     sd = cfg.sigma_data
     g = torch.Generator().manual_seed(seed)
     sigma = lognormal(torch.rand(x.shape[0], generator=g, dtype=torch.float64), cfg.P_mean, cfg.P_std, cfg.sigma_min,
@@ -65,8 +68,8 @@ def expected(net, x, y, cfg, seed, teacher=None, step=1):
         else:
             dxdt = -sd * teacher.raw(x_t / sd, c, y)
             if y is not None and cfg.guidance_scale != 1:
-                v_null = -sd * teacher.raw(x_t / sd, c, torch.zeros_like(y))
-                dxdt = dxdt + (cfg.guidance_scale - 1) * (dxdt - v_null)
+                dxdt_null = -sd * teacher.raw(x_t / sd, c, torch.zeros_like(y))
+                dxdt = dxdt + (cfg.guidance_scale - 1) * (dxdt - dxdt_null)
         # cos t sin t dF/dt of F = -F_raw(x_t / sd, ln(sd tan t) / 4): d c_noise / dt = 1 / (4 sin t cos t)
         dF = -(cos * sin * dxdt / sd @ net.A.T + net.b / 4)
     F, logvar = net(x_t / sd, c, y, return_logvar=True)
@@ -103,9 +106,9 @@ CASES = {
 @pytest.mark.parametrize("tangent", ["jvp", "fused", "fd"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_value_and_gradient(case, tangent):
-    """loss_i = e^-logvar_i L_i / (sigma_i D) + logvar_i with L_i = mean_D (or sum_D) of g^2 and g from §3.1; the gradient
-    is that of e^-logvar ||F - sg(F) - sg(g)||^2 / (sigma D) + logvar. Tolerance 1e-10 (fd: 1e-6, relative step 1e-3
-    on a function whose t-dependence is smooth)."""
+    """loss_i = e^-logvar_i L_i / (sigma_i D) + logvar_i with L_i = mean_D (or sum_D) of g^2 and g as sCM.py's; the
+    gradient is that of e^-logvar ||F - sg(F) - sg(g)||^2 / (sigma D) + logvar. Tolerance 1e-10 (fd: 1e-6, relative
+    step 1e-3 on a function whose t-dependence is smooth)."""
     spec = CASES[case]
     cfg = scm.Config(tangent=tangent, **spec["cfg"])
     net = LinF(0).train()
@@ -123,19 +126,19 @@ def test_loss_value_and_gradient(case, tangent):
 
 
 def test_teacher_cfg_sign():
-    """sCD CFG on the teacher velocity: v + (w - 1)(v - v_null), so w > 1 moves away from the null-label velocity."""
+    """sCD CFG on the teacher's dx_t/dt: dxdt + (w - 1)(dxdt - dxdt_null), so w > 1 moves away from the null label's."""
     teacher = LinF(1).eval()
     x, y = data(labels=True)
     t = torch.full((x.shape[0],), 0.7, dtype=torch.float64)
     x_t = x
-    v1 = scm.velocity(x, None, x_t, t, y, scm.Config(), teacher)
-    v_null = scm.velocity(x, None, x_t, t, torch.zeros_like(y), scm.Config(), teacher)
-    v2 = scm.velocity(x, None, x_t, t, y, scm.Config(guidance_scale=2.5), teacher)
-    torch.testing.assert_close(v2, v1 + 1.5 * (v1 - v_null), rtol=1e-12, atol=1e-12)
-    assert (v1 - v_null).abs().max() > 0.1
+    dxdt_1 = scm.target_dxdt(x, None, x_t, t, y, scm.Config(), teacher)
+    dxdt_null = scm.target_dxdt(x, None, x_t, t, torch.zeros_like(y), scm.Config(), teacher)
+    dxdt_2 = scm.target_dxdt(x, None, x_t, t, y, scm.Config(guidance_scale=2.5), teacher)
+    torch.testing.assert_close(dxdt_2, dxdt_1 + 1.5 * (dxdt_1 - dxdt_null), rtol=1e-12, atol=1e-12)
+    assert (dxdt_1 - dxdt_null).abs().max() > 0.1
 
 
-# --- Config defaults and presets (REFERENCE §3.7) --------------------------------------------------------------
+# --- Config defaults and presets (FastGen's config_scm.py and its EDM sCM experiment configs) -------------------
 
 def test_config_defaults_are_the_reference_values():
     c = scm.Config()
@@ -145,26 +148,27 @@ def test_config_defaults_are_the_reference_values():
     assert c.sample_sigmas == (80.0, 0.0)
 
 
-EMA3 = (0.9999, 0.99995, 0.9996)
-PRESETS = {  # REFERENCE §3.7, column by column
+EMA_DECAYS = (0.9999, 0.99995, 0.9996)
+PRESETS = {  # fastgen/configs/experiments/EDM/config_sct_cifar10.py, config_scd_cifar10.py, config_scd_in64.py over
+    # fastgen/configs/methods/config_scm.py, value by value
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, batch=512, steps=350_000, optimizer="radam", lr=1e-4,
-                    betas=(0.9, 0.99), lr_ref_steps=0, ema=EMA3, precision="fp32", P_mean=-1.0, P_std=1.4,
+                    betas=(0.9, 0.99), lr_ref_steps=0, ema=EMA_DECAYS, precision="fp32", P_mean=-1.0, P_std=1.4,
                     sigma_min=0.002, sigma_max=800.0, sample_sigmas=(80.0, 0.0), tangent_warmup=10000,
                     tangent_norm="rms", tangent_norm_c=0.1, grad_clip=0.0),
     "cifar10-scd": dict(net="ddpmpp", dropout=0.0, cond=False, distill=True, batch=512, steps=500_000,
-                        optimizer="radam", lr=1e-4, betas=(0.9, 0.99), ema=EMA3, precision="fp32", P_mean=-1.0,
+                        optimizer="radam", lr=1e-4, betas=(0.9, 0.99), ema=EMA_DECAYS, precision="fp32", P_mean=-1.0,
                         P_std=1.4, sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent_warmup=10000,
                         tangent_norm="rms", tangent_norm_c=0.1),
     "imagenet64-scd": dict(net="adm", dropout=0.0, cond=True, distill=True, batch=1024, steps=600_000,
                            optimizer="adam", lr=7e-5, betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000,
-                           grad_clip=10.0, precision="bf16", tangent="jvp", ema=EMA3, P_mean=-1.0, P_std=1.6,
+                           grad_clip=10.0, precision="bf16", tangent="jvp", ema=EMA_DECAYS, P_mean=-1.0, P_std=1.6,
                            sigma_max=80.0, sample_sigmas=(79.5638, 0.0), tangent_warmup=10000, tangent_norm="rms"),
 }
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_match_the_reference_tables(name):
-    """Every value of REFERENCE §3.7's column as train.py resolves it; TF32 off; the bf16 preset runs the exact fp32
+def test_presets_match_the_fastgen_configs(name):
+    """Every value of the FastGen config as train.py resolves it; TF32 off; the bf16 preset runs the exact fp32
     JVP (tangent "jvp"), the fp32 presets the fused tangent."""
     import recipe
     teacher = ["--teacher", "T"] if "scd" in name else []
@@ -177,6 +181,6 @@ def test_presets_match_the_reference_tables(name):
 
 
 def test_teacher_and_init_whitelists_are_separate():
-    """An sCD teacher must be a probability-flow velocity (a diffusion model); a consistency model is not one, but it
+    """An sCD teacher must give the probability-flow dx_t/dt (a diffusion model); a consistency model does not, but it
     may initialise a student."""
     assert scm.TEACHERS == ("diffusion",) and set(scm.INIT) == {"diffusion", "scm"}

@@ -81,6 +81,15 @@ def test_sample_t_r_layout_and_ranges():
     assert r[n_eq:].median() < 0.1 < t.median()
 
 
+def test_copied_helpers_stay_identical():
+    """meanflow.py copies bcast from diffusion.py (marked `# Copied from`) so it stays self-contained."""
+    import inspect
+
+    import diffusion
+    assert inspect.getsource(meanflow.bcast) == inspect.getsource(diffusion.bcast)
+    assert "# Copied from diffusion.py: bcast\ndef bcast(" in inspect.getsource(meanflow)
+
+
 # --- Exact identities --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tangent", TANGENTS)

@@ -12,7 +12,7 @@ import scm
 from conftest import posterior_mean_by_definition, randomize_, sliced_wasserstein, train_toy
 
 SD = 0.5  # sigma_data
-S = 0.3  # data std of the Gaussian oracle (S != SD, else the exact velocity is zero)
+S = 0.3  # data std of the Gaussian oracle (S != SD, else the exact dx_t/dt is zero)
 
 
 def bc(a, x):
@@ -24,8 +24,8 @@ def tau(t):
     return (t.cos() ** 2 * S**2 + t.sin() ** 2 * SD**2).sqrt()
 
 
-def exact_velocity(x_t, t):
-    """PF-ODE velocity of Gaussian data: x_t scales with tau, dx_t/dt = tau'/tau x_t."""
+def exact_dxdt(x_t, t):
+    """PF-ODE dx_t/dt of Gaussian data: x_t scales with tau, dx_t/dt = tau'/tau x_t."""
     return bc(t.sin() * t.cos() * (SD**2 - S**2) / tau(t) ** 2, x_t) * x_t
 
 
@@ -60,7 +60,7 @@ def student_F(x_t, t):
 
 
 def teacher_F(x_t, t):
-    return exact_velocity(x_t, t) / SD
+    return exact_dxdt(x_t, t) / SD
 
 
 def gaussian_batch(n=256, d=4, seed=0):
@@ -88,7 +88,8 @@ def test_consistency_function_is_edm_denoiser_and_identity_at_zero():
 
 
 def test_trigflow_division_form_equals_sign_flip_form():
-    """REFERENCE §1.2: (cos t x_t - D(x_t / cos t, SD tan t)) / (SD sin t) == -F_raw(x_t / SD, ln(SD tan t) / 4)."""
+    """The TrigFlow <-> EDM identity of scm.py's docstring (our derivation; FastGen's sCM.py TrigFlowPrecond computes
+    the division form): (cos t x_t - D(x_t / cos t, SD tan t)) / (SD sin t) == -F_raw(x_t / SD, ln(SD tan t) / 4)."""
     torch.manual_seed(0)
     net = randomize_(nets.build_net("mlp", (3,)).double()).eval()
     x_t = torch.randn(4, 3, dtype=torch.float64)
@@ -113,8 +114,8 @@ def test_exact_teacher_and_student_give_zero_tangent(tangent):
     z = SD * torch.randn(x.shape, generator=gen, dtype=torch.float64)
     x_t = bc(t.cos(), x) * x + bc(t.sin(), x) * z
     student, teacher = RawOracle(student_F), RawOracle(teacher_F)
-    dxdt = scm.velocity(x, z, x_t, t, None, cfg, teacher)
-    torch.testing.assert_close(dxdt, exact_velocity(x_t, t))
+    dxdt = scm.target_dxdt(x, z, x_t, t, None, cfg, teacher)
+    torch.testing.assert_close(dxdt, exact_dxdt(x_t, t))
     F, dF, _ = scm.F_and_dF(student, x, z, x_t, t, None, dxdt, cfg, distill=True)
     torch.testing.assert_close(F, student_F(x_t, t))
     cos, sin = bc(t.cos(), x), bc(t.sin(), x)
@@ -139,7 +140,7 @@ def test_perturbed_student_tangent_points_back():
     for delta in (0.05, -0.05):
         def perturbed(x_, t_):
             return student_F(x_, t_) + delta * x_
-        dxdt = scm.velocity(x, z, x_t, t, None, cfg, teacher)
+        dxdt = scm.target_dxdt(x, z, x_t, t, None, cfg, teacher)
         F, dF, _ = scm.F_and_dF(RawOracle(perturbed), x, z, x_t, t, None, dxdt, cfg, distill=True)
         g = scm.tangent_g(F, dF, x_t, t, dxdt, cfg, 1)
         inner = (g * delta * x_t).sum(dim=1)
@@ -192,20 +193,20 @@ def test_tangent_options_agree(distill, tangent):
 
 
 def test_fd_for_scd_follows_the_teacher():
-    """Deviation from the reference: FD-sCD differentiates along the teacher's velocity, so it agrees with the JVP
-    even when the teacher's velocity differs from the conditional one."""
+    """Deviation from FastGen (sCM.py, SCMModel._estimate_jvp_finite_difference): FD-sCD differentiates along the
+    teacher's dx_t/dt, so it agrees with the JVP even when the teacher's dx_t/dt differs from the conditional one."""
     torch.manual_seed(0)
     net = randomize_(nets.build_net("mlp", (2,), logvar=True).double()).eval()
     x = torch.randn(32, 2, dtype=torch.float64)
     z = SD * torch.randn_like(x)
     t = torch.linspace(0.2, 1.3, 32, dtype=torch.float64)
     x_t = bc(t.cos(), x) * x + bc(t.sin(), x) * z
-    dxdt = 3 * torch.randn_like(x)  # far from the conditional velocity
+    dxdt = 3 * torch.randn_like(x)  # far from the conditional dx_t/dt
     _, d_jvp, _ = scm.F_and_dF(net, x, z, x_t, t, None, dxdt, cfg_for("jvp"), distill=True)
     _, d_fd, _ = scm.F_and_dF(net, x, z, x_t, t, None, dxdt, cfg_for("fd"), distill=True)
     _, d_path, _ = scm.F_and_dF(net, x, z, x_t, t, None, dxdt, cfg_for("fd"), distill=False)
     torch.testing.assert_close(d_fd, d_jvp, rtol=1e-5, atol=1e-6)
-    assert (d_path - d_jvp).abs().max() > 1e-2  # the reference's conditional-path FD would not
+    assert (d_path - d_jvp).abs().max() > 1e-2  # FastGen's conditional-path FD would not
 
 
 def test_tangent_normalisation_forms():
@@ -235,28 +236,28 @@ def test_copied_helpers_stay_identical():
     assert "# Copied from cm.py: batch_denoise" in inspect.getsource(scm)
 
 
-def test_batch_velocity_of_one_sample_is_the_conditional_velocity():
+def test_batch_dxdt_of_one_sample_is_the_conditional_dxdt():
     """With a batch of one, E[x | x_t] = x and (cos t x_t - x) / sin t = cos t z - sin t x (float64, 1e-12)."""
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(1, 5, dtype=torch.float64, generator=g), SD * torch.randn(1, 5, dtype=torch.float64, generator=g)
     t = torch.tensor([0.9], dtype=torch.float64)
     x_t = t.cos() * x + t.sin() * z
-    v = scm.velocity(x, z, x_t, t, None, scm.Config(sigma_data=SD, batch_target=True))
+    v = scm.target_dxdt(x, z, x_t, t, None, scm.Config(sigma_data=SD, batch_target=True))
     torch.testing.assert_close(v, t.cos() * z - t.sin() * x, rtol=1e-12, atol=1e-12)
 
 
-def test_batch_velocity_follows_the_pf_ode_of_gaussian_data():
-    """Data N(0, S^2 I): the batch's velocity (4096 samples, its E[x | x_t] against the definition written out on
-    the first rows) is within a tenth of the single-sample velocity's distance to the exact PF-ODE velocity."""
+def test_batch_dxdt_follows_the_pf_ode_of_gaussian_data():
+    """Data N(0, S^2 I): the batch's dx_t/dt (4096 samples, its E[x | x_t] against the definition written out on
+    the first rows) is within a tenth of the single-sample dx_t/dt's distance to the exact PF-ODE dx_t/dt."""
     g = torch.Generator().manual_seed(0)
     x = S * torch.randn(4096, 2, dtype=torch.float64, generator=g)
     z = SD * torch.randn(x.shape, dtype=torch.float64, generator=g)
     t = torch.rand(4096, dtype=torch.float64, generator=g) * 1.4 + 0.05
     x_t = bc(t.cos(), x) * x + bc(t.sin(), x) * z
-    exact = exact_velocity(x_t, t)
+    exact = exact_dxdt(x_t, t)
     cfg = scm.Config(sigma_data=SD)
-    single = scm.velocity(x, z, x_t, t, None, cfg)
-    batch = scm.velocity(x, z, x_t, t, None, scm.Config(sigma_data=SD, batch_target=True))
+    single = scm.target_dxdt(x, z, x_t, t, None, cfg)
+    batch = scm.target_dxdt(x, z, x_t, t, None, scm.Config(sigma_data=SD, batch_target=True))
     assert (batch - exact).square().mean() < 0.01 * (single - exact).square().mean()
     D = posterior_mean_by_definition(x, x_t[:8], t.cos(), SD * t.sin())
     torch.testing.assert_close(batch[:8], (bc(t.cos()[:8], D) * x_t[:8] - D) / bc(t.sin()[:8], D), rtol=1e-9, atol=1e-9)
