@@ -146,7 +146,9 @@ def load_teacher(path, method, ds, label_dim, device, cfg):
 def load_stage1(path, method, net, device, cfg, init):
     """TCM: the stage-1 run's online weights (the reference's configs) or first EMA (its method template) start the
     student and, as copies of it, every EMA. Returns a frozen copy in train mode (dropout on, as the reference) and the
-    stage-1 step count, from which a power-function EMA's step counter continues (REFERENCE §1.5)."""
+    stage-1 step count, from which a power-function EMA's step counter continues (as in FastGen 34f30e8:
+    fastgen/trainer.py, Trainer.load_pretrained_ckpt sets resume_iter, which fastgen/callbacks/ema.py,
+    EMACallback._total_iteration adds to the step; tests/test_train.py checks the decay)."""
     state = load_checkpoint(path, device)
     if state["config"]["method"] not in method.STAGE1:
         raise UsageError(f"--stage1 must be a {' or '.join(method.STAGE1)} run; {path} is {state['config']['method']}")
@@ -204,8 +206,8 @@ def restore(state, net, emas, opt, path):
     load_weights(net, state["net"], f"--resume {path}")
     if len(state["ema"]) != len(emas):
         raise UsageError(f"{path} holds {len(state['ema'])} EMAs, this run has {len(emas)}")
-    for e, sd in zip(emas, state["ema"]):
-        load_weights(e, sd, f"--resume {path}")
+    for ema, weights in zip(emas, state["ema"]):
+        load_weights(ema, weights, f"--resume {path}")
     if "opt" not in state:
         raise UsageError(f"{path} holds no optimizer state (a converted checkpoint or a snapshot?): start a run with "
                          f"--init {path}")
@@ -312,8 +314,9 @@ def claim_run_dir(out, resume_step=None):
 
 @contextlib.contextmanager
 def run_folder(out, resume, step, name, ddp, rank):
-    """The run folder, claimed by rank 0 (a new runs/<method>-<data>-NNN when out is None; resumed in place when it is
-    the folder of `resume`, at `step`) and released on exit; every rank learns the folder or the refusal."""
+    """The run folder, claimed by rank 0 and released on exit; every rank learns the folder or the refusal. When out is
+    None: the folder of `resume`, or a new runs/<method>-<data>-NNN. A resumed run's own folder is continued at `step`."""
+    out = out or (run_dir_of(resume) if resume else None)
     outcome, release = [out, None], None
     if rank == 0:
         try:
@@ -354,6 +357,12 @@ def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def append_metrics(out, record):
+    """One JSON line of <out>/metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def write_config(out, cfg):

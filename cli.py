@@ -1,9 +1,10 @@
-"""What the commands share (train.py, fid.py): the one-line error for bad input, flag parsers, the device flag and
-the process group. It imports nothing of the project.
+"""What the commands share (train.py, fid.py): the one-line error for bad input and run_main, which reports it,
+flag parsers, the device flag and the process group. It imports nothing of the project.
 """
 import argparse
 import os
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,15 @@ import torch.distributed as dist
 
 class UsageError(Exception):
     """Bad input: reported as one line and exit status 1, before anything is written."""
+
+
+def run_main(main, prog, errors, argv=None):
+    """main(argv), with the exceptions in `errors` reported as one line on stderr ("PROG: error: ...") and exit
+    status 1; anything else keeps its traceback."""
+    try:
+        return main(argv)
+    except errors as e:
+        sys.exit(f"{prog}: error: {e}")
 
 
 def parse_as(kind):

@@ -82,6 +82,11 @@ class Dataset:
         return torch.nn.functional.one_hot(self.labels[idx], self.label_dim).float().to(device)
 
 
+def rms_spread(points):
+    """RMS distance of points (N, D) to their mean, in float64."""
+    p = points.double().cpu()
+    return float((p - p.mean(0)).pow(2).sum(1).mean().sqrt())
+
 # --- Sample order ----------------------------------------------------------------------------------------------
 
 

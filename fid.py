@@ -49,7 +49,6 @@ import importlib
 import inspect
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -61,7 +60,7 @@ import checkpoints
 import data
 import inception
 import recipe
-from cli import UsageError, parse_as, setup_distributed
+from cli import UsageError, parse_as, run_main, setup_distributed
 
 PROTOCOL = "inception-2015-12-05 pool3; uint8 floor(127.5x+128); TF1 bilinear to 299; (x-128)/128; float64 stats"
 
@@ -458,10 +457,7 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() with bad input reported as one line on stderr and exit status 1."""
-    try:
-        return main(argv)
-    except (UsageError, data.DataError) as e:
-        sys.exit(f"fid.py: error: {e}")
+    return run_main(main, "fid.py", (UsageError, data.DataError), argv)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 A run's config is, key by key: the flag given on the command line, else the method's preset for the data
 (`--preset`, or default_preset(--data)), else the default here (TRAIN) or in the method's Config. resolve_config
-builds it, check_config refuses a bad choice or number before anything is created and returns the method's Config.
-`--resume` puts the saved config under the flags given (checkpoints.resume_config). train.py imports this module;
-it imports neither train.py nor fid.py.
+builds it, check_config refuses a bad choice or number before anything is created and returns the method's Config,
+split_batch divides the global batch among the ranks, check_data refuses data the recipe cannot use and
+config_warnings names likely mistakes. `--resume` puts the saved config under the flags given
+(checkpoints.resume_config). train.py imports this module; it imports neither train.py nor fid.py.
 """
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -185,6 +187,44 @@ def check_config(args, cfg, method):
         raise UsageError(f"{args.method} needs --stage1 RUN, the stage-1 cm run it continues" if args.stage1 is None
                          else f"--stage1 is for tcm, not {args.method}")
     return method_config(method, cfg)
+
+
+def split_batch(cfg, world):
+    """(micro-batch per rank and round, accumulation rounds) of the global batch, which must split exactly (FastGen
+    34f30e8 rounds instead: fastgen/utils/scripts.py, setup, max(global // local, 1) rounds and a log line)."""
+    batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
+    if batch_gpu <= 0 or cfg["batch"] % (batch_gpu * world):
+        raise UsageError(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {batch_gpu} x {world} ranks")
+    return batch_gpu, cfg["batch"] // (batch_gpu * world)
+
+
+def check_data(args, cfg, ds, saved):
+    """The data fits the recipe (labels for --cond, images for --augment) and a resumed run (`saved`: its config, or
+    None); returns the label_dim the net is built with (0: unconditional)."""
+    if cfg["cond"] and ds.labels is None:
+        raise UsageError(f"--cond needs class labels, but {cfg['data']} has none")
+    label_dim = ds.label_dim if cfg["cond"] else 0
+    if saved is not None:
+        checkpoints.check_resume_data(saved, ds.shape, label_dim, args.resume)
+    if cfg["augment"] > 0 and not (ds.is_image and "augment_dim" in inspect.signature(nets.NETS[cfg["net"]][0]).parameters):
+        raise UsageError(f"--augment is for images and a net with augmentation labels (ddpmpp, adm); "
+                         f"got {cfg['data']} and --net {cfg['net']}")
+    return label_dim
+
+
+def config_warnings(args, cfg, method, ds, resumed):
+    """Choices that run but are likely mistakes, as messages: points far from sigma_data's scale, a method that
+    expects --init started from scratch (train.ema_warnings adds the EMA's)."""
+    messages = []
+    if len(ds.shape) == 1 and "sigma_data" in cfg:  # EDM preconditioning expects data of scale sigma_data
+        std = data.rms_spread(ds.x) / math.sqrt(ds.shape[0])  # per axis, on average
+        if not 0.5 <= std / cfg["sigma_data"] <= 2:
+            messages.append(f"the points' standard deviation per axis is {std:.3g} and sigma_data is "
+                            f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass "
+                            f"--sigma-data {std:.3g}")
+    if method.NEEDS_INIT and not resumed and not args.init:
+        messages.append(f"{args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
+    return messages
 
 
 def default_preset(spec, method=None, distill=False):

@@ -6,9 +6,8 @@
     python train.py --method meanflow --data toy --steps 6000 --resume runs/meanflow-toy-000   # continue a run
     python train.py --method meanflow --help                              # every flag, with the preset's values
 
-Defaults come from the method's preset for the data (`--preset` overrides the choice), then the flags; recipe.py
-holds the flags and resolves the run's config, checkpoints.py owns run folders and checkpoints, fid.py the FID of
---fid-every.
+main() is the loop over named stages. Defaults come from the method's preset for the data (`--preset` overrides the
+choice), then the flags (recipe.py); checkpoints.py owns run folders and checkpoints, fid.py the FID of --fid-every.
 The global batch --batch is split into micro-batches of --batch-gpu, spread over ranks and accumulation rounds.
 Micro-batch m of step k draws its data, noise and dropout masks from a seed of (seed, k, m), so the result
 does not depend on that split (1 process x 2 rounds == 2 processes x 1 round) and --resume is exact.
@@ -19,10 +18,9 @@ tests/test_train.py checks that 2 gloo ranks end with identical weights, equal t
 """
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
-import inspect
-import json
 import math
 import os
 import sys
@@ -36,28 +34,43 @@ import augment
 import checkpoints
 import data
 import fid
-import nets
 import recipe
 from checkpoints import build_net
-from cli import UsageError, setup_distributed
+from cli import UsageError, run_main, setup_distributed
 
-# --- Distributed, seeds, EMA ---------------------------------------------------------------------------------
+# --- EMA, learning rate, gradients -----------------------------------------------------------------------------
 
 
 @functools.lru_cache
 def power_gamma(sigma_rel):
-    """Exponent of EDM2's power-function EMA (Karras et al. 2024, Eq. 3) for a relative width sigma_rel:
-    sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), i.e. the largest real root of g^3 + 7 g^2 + (16 - s) g + 12 - s, s = sigma_rel^-2."""
+    """Exponent gamma of EDM2's power-function EMA (arXiv:2312.02696) for a relative width sigma_rel:
+    sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), i.e. the largest real root of g^3 + 7 g^2 + (16 - s) g + 12 - s,
+    s = sigma_rel^-2 (tests/test_train.py solves the relation back)."""
     s = sigma_rel ** -2
     roots = np.roots([1, 7, 16 - s, 12 - s])
     return float(roots[np.isreal(roots)].real.max())
 
 
 def ema_decays(cfg, k):
-    """EMA decay per EMA after optimizer step k (REFERENCE §1.5). Power: beta_k = (1 - 1/k)^(gamma + 1), so step 1 copies."""
+    """EMA decay per EMA after optimizer step k. Power (EDM2, arXiv:2312.02696; FastGen 34f30e8
+    fastgen/callbacks/ema.py, EMACallback._power_function_beta): beta_k = (1 - 1/k)^(gamma + 1), so step 1 copies.
+    Const: beta, or min(beta, (1 + k) / (10 + k)) with --ema-warmup."""
     if cfg["ema_kind"] == "power":
         return [(1 - 1 / k) ** (power_gamma(w) + 1) for w in cfg["ema"]]
-    return [min(b, (1 + k) / (10 + k)) if cfg["ema_warmup"] else b for b in cfg["ema"]]
+    return [min(beta, (1 + k) / (10 + k)) if cfg["ema_warmup"] else beta for beta in cfg["ema"]]
+
+
+def ema_warnings(cfg, given):
+    """A constant --ema that the warm-up ramp still caps at the run's last step: the flag changes nothing."""
+    messages = []
+    if "ema" in given and cfg["ema_kind"] == "const" and cfg["ema_warmup"]:
+        for b, last in zip(cfg["ema"], ema_decays(cfg, cfg["steps"])):
+            if last < b:
+                reach = math.ceil((10 * b - 1) / (1 - b) - 1e-9)  # (1 + k) / (10 + k) >= b from this k on
+                messages.append(f"with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema {b} until "
+                                f"step {reach}, after this run's {cfg['steps']} steps: --ema {b} changes nothing here "
+                                f"(pass --ema-warmup false for a constant decay)")
+    return messages
 
 
 @torch.no_grad()
@@ -65,8 +78,8 @@ def update_ema(emas, decays, net):
     params = [p.detach() for p in net.parameters()]
     for ema, beta in zip(emas, decays):
         torch._foreach_lerp_(list(ema.parameters()), params, 1 - beta)
-        for be, b in zip(ema.buffers(), net.buffers()):
-            be.copy_(b)
+        for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
+            ema_buffer.copy_(buffer)
 
 
 def learning_rate(cfg, step):
@@ -76,34 +89,6 @@ def learning_rate(cfg, step):
     if cfg["lr_warmup"] > 0:
         lr *= min(1.0, step / cfg["lr_warmup"])
     return lr
-
-
-class IntervalStats:
-    """Per-example loss (overall and binned by the method's time), and the means of the method's logs, summed on
-    device over a log interval (no host sync per step) and all-reduced across ranks at log time."""
-
-    def __init__(self, time_bins, device):
-        self.edges = torch.tensor(time_bins, dtype=torch.float64, device=device)
-        self.keys, self.sums = None, None
-
-    def add(self, per_example, logs):
-        n_bins = len(self.edges) - 1
-        bins = (torch.bucketize(logs["t"].double(), self.edges) - 1).clamp(0, n_bins - 1)
-        self.keys = self.keys or [k for k in logs if k != "t"]
-        loss = per_example.detach().double()
-        row = torch.cat([torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=loss.device, dtype=torch.float64)]),
-                         torch.zeros(n_bins, dtype=torch.float64, device=loss.device).index_add_(0, bins, loss),
-                         torch.bincount(bins, minlength=n_bins).double(),
-                         torch.stack([logs[k].detach().double().sum() for k in self.keys])])
-        self.sums = row if self.sums is None else self.sums + row
-
-    def reduce(self, ddp):
-        if ddp:
-            dist.all_reduce(self.sums)
-        s, n_bins, e = self.sums.tolist(), len(self.edges) - 1, self.edges.tolist()
-        self.sums = None
-        by_t = {f"{e[i]:g}-{e[i + 1]:g}": s[2 + i] / s[2 + n_bins + i] for i in range(n_bins) if s[2 + n_bins + i] > 0}
-        return dict(loss=s[0] / s[1], loss_by_t=by_t, **{k: s[2 + 2 * n_bins + j] / s[1] for j, k in enumerate(self.keys)})
 
 
 def repair_and_clip(net, max_norm):
@@ -122,7 +107,38 @@ def repair_and_clip(net, max_norm):
     return float(norm), bad
 
 
-# --- Output ---------------------------------------------------------------------------------------------------
+class IntervalStats:
+    """Sums over a log interval in float64, kept on device (no host sync per step) and all-reduced across ranks at log
+    time: the per-example loss and its count, the same per bin of the method's time, and each of the method's logs."""
+
+    def __init__(self, time_bins, device):
+        self.edges = torch.tensor(time_bins, dtype=torch.float64, device=device)
+        self.sums = {}
+
+    def add(self, per_example, logs):
+        n_bins = len(self.edges) - 1
+        bins = (torch.bucketize(logs["t"].double(), self.edges) - 1).clamp(0, n_bins - 1)
+        loss = per_example.detach().double()
+        batch = dict(loss=loss.sum(), count=torch.tensor(float(len(loss)), device=loss.device, dtype=torch.float64),
+                     loss_by_bin=torch.zeros(n_bins, dtype=torch.float64, device=loss.device).index_add_(0, bins, loss),
+                     count_by_bin=torch.bincount(bins, minlength=n_bins).double(),
+                     **{k: v.detach().double().sum() for k, v in logs.items() if k != "t"})
+        for k, v in batch.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def reduce(self, ddp):
+        """The interval's means (loss, loss_by_t, each log), and a fresh interval."""
+        if ddp:
+            for tensor in self.sums.values():
+                dist.all_reduce(tensor)
+        sums, edges, self.sums = {k: v.tolist() for k, v in self.sums.items()}, self.edges.tolist(), {}
+        loss, count = sums.pop("loss"), sums.pop("count")
+        loss_by_bin, count_by_bin = sums.pop("loss_by_bin"), sums.pop("count_by_bin")  # the method's logs remain
+        loss_by_t = {f"{edges[i]:g}-{edges[i + 1]:g}": loss_by_bin[i] / count_by_bin[i] for i in range(len(loss_by_bin))
+                     if count_by_bin[i] > 0}
+        return dict(loss=loss / count, loss_by_t=loss_by_t, **{k: v / count for k, v in sums.items()})
+
+# --- Output ----------------------------------------------------------------------------------------------------
 
 
 def format_time(s):
@@ -142,47 +158,67 @@ def check_ranks_identical(net, world):
         print(f"weights identical on all {world} ranks")
 
 
-def draw_samples(method, mcfg, net, ds, label_dim, n, seed, device, chunk=256):
-    """1-step samples from `net` (an EMA copy, eval mode) with fixed noise and uniformly random labels."""
-    g = torch.Generator(device).manual_seed(data.mix_seed(seed, 2**31))
+def draw_samples(method, method_cfg, net, ds, label_dim, n, seed, device, chunk=256):
+    """n samples of `net` (an EMA copy, eval mode) by method.sample with its Config's schedule (one step or a few for
+    the consistency methods, Heun's 2 sample_steps - 1 evaluations for diffusion), fixed noise, uniform labels."""
+    gen = torch.Generator(device).manual_seed(data.mix_seed(seed, 2**31))
     torch.manual_seed(data.mix_seed(seed, 2**31 + 1))  # re-noising in multi-step samplers
-    eps = torch.randn((n, *ds.shape), generator=g, device=device)
+    eps = torch.randn((n, *ds.shape), generator=gen, device=device)
     y = None
     if label_dim:
-        y = torch.nn.functional.one_hot(torch.randint(label_dim, (n,), generator=g, device=device), label_dim).float()
+        y = torch.nn.functional.one_hot(torch.randint(label_dim, (n,), generator=gen, device=device), label_dim).float()
     out = []
     for i in range(0, n, chunk):
-        out.append(method.sample(net, eps[i:i + chunk], mcfg, y=None if y is None else y[i:i + chunk]))
+        out.append(method.sample(net, eps[i:i + chunk], method_cfg, y=None if y is None else y[i:i + chunk]))
     return torch.cat(out)
 
 
-# --- Main ------------------------------------------------------------------------------------------------------
+# --- Set-up: config, devices, data, nets, optimizer ------------------------------------------------------------
 
 
 class Diverged(Exception):
     """The run stopped on non-finite numbers; its last good checkpoint is kept."""
 
 
-def main(argv=None):
-    args, cfg, method, given = recipe.resolve_config(sys.argv[1:] if argv is None else argv)
+@dataclasses.dataclass
+class Run:
+    """What set_up() builds; every stage of the loop reads it."""
+    args: object  # the parsed flags
+    cfg: dict  # the resolved config, saved with every checkpoint
+    method: object  # the method file (a module)
+    method_cfg: object  # its Config
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    batch_gpu: int  # micro-batch per rank and accumulation round
+    accum: int  # accumulation rounds per step
+    ds: object  # a dataset of data.py
+    label_dim: int  # 0: unconditional
+    net: torch.nn.Module
+    teacher: torch.nn.Module | None  # --teacher's EMA net, or tcm's frozen stage-1 copy
+    emas: list
+    opt: torch.optim.Optimizer
+    ema_offset: int  # a power EMA's step counter continues from the --stage1 run's steps
+    start: int  # steps already done (the resumed checkpoint's)
+
+
+def set_up(argv):
+    """Config (flags over preset, or the resumed run's), devices, batch split, data, nets, EMAs and optimizer, in this
+    order; bad input fails here, before the run folder is touched."""
+    args, cfg, method, given = recipe.resolve_config(argv)
     state = None
     if args.resume:  # the run's own config, then the flags given now
         state = checkpoints.load_checkpoint(args.resume, "cpu")
         cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
-    mcfg = recipe.check_config(args, cfg, method)
+    method_cfg = recipe.check_config(args, cfg, method)
     ddp, rank, world, device = setup_distributed(args.device)
     if rank == 0 and state is not None:
         for notice in notices:
             print(f"resume: {notice}")
     # PyTorch leaves cuDNN convolutions in TF32 by default, so "fp32" would not be fp32 on Ampere or newer.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"] == "on"
-
-    # Batch split (assert exact: the reference silently rounds, REFERENCE §9.7).
-    batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
-    if batch_gpu <= 0 or cfg["batch"] % (batch_gpu * world):
-        raise UsageError(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {batch_gpu} x {world} ranks")
-    accum = cfg["batch"] // (batch_gpu * world)
-
+    batch_gpu, accum = recipe.split_batch(cfg, world)
     # Data: rank 0 first (it may download), then the others.
     if rank == 0:
         ds = data.load(cfg["data"], args.cache)
@@ -190,27 +226,16 @@ def main(argv=None):
         dist.barrier()
     if rank != 0:
         ds = data.load(cfg["data"], args.cache)
-    if cfg["cond"] and ds.labels is None:
-        raise UsageError(f"--cond needs class labels, but {cfg['data']} has none")
-    label_dim = ds.label_dim if cfg["cond"] else 0
-    if state is not None:
-        checkpoints.check_resume_data(state["config"], ds.shape, label_dim, args.resume)
-    if cfg["augment"] > 0 and not (ds.is_image and "augment_dim" in inspect.signature(nets.NETS[cfg["net"]][0]).parameters):
-        raise UsageError(f"--augment is for images and a net with augmentation labels (ddpmpp, adm); "
-                         f"got {cfg['data']} and --net {cfg['net']}")
+    label_dim = recipe.check_data(args, cfg, ds, None if state is None else state["config"])
     if device.type == "cpu" and (args.threads or len(ds.shape) == 1):
         # Point-data nets do too little per op to gain from threads, and on a busy machine the contention made a
         # step 5-10x slower (BENCHMARKS.md, CPU threads).
         torch.set_num_threads(args.threads or 1)
     cfg.update(shape=list(ds.shape), label_dim=label_dim)  # saved with checkpoints: fid.py rebuilds the net from them
-    if len(ds.shape) == 1 and "sigma_data" in cfg and rank == 0:  # EDM preconditioning expects data of scale sigma_data
-        std = spread(ds.x) / math.sqrt(ds.shape[0])  # per axis, on average
-        if not 0.5 <= std / cfg["sigma_data"] <= 2:
-            print(f"warning: the points' standard deviation per axis is {std:.3g} and sigma_data is "
-                  f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass "
-                  f"--sigma-data {std:.3g}")
-
-    # Network, optimizer, EMAs (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
+    if rank == 0:
+        for warning in recipe.config_warnings(args, cfg, method, ds, resumed=state is not None) + ema_warnings(cfg, given):
+            print(f"warning: {warning}")
+    # Network, EMAs, optimizer (all ranks build the same initial weights from the seed; EMAs copy the initialised net).
     torch.manual_seed(cfg["seed"])
     net = build_net(cfg, method, ds.shape, label_dim).to(device)
     teacher = checkpoints.load_teacher(args.teacher, method, ds, label_dim, device, cfg) if args.teacher else None
@@ -220,18 +245,8 @@ def main(argv=None):
         ema_offset = stage1_step if cfg["ema_kind"] == "power" else 0
     if args.init and state is None:
         checkpoints.init_from(net, args.init, method, device, rank, cfg)
-    elif method.NEEDS_INIT and state is None and rank == 0:
-        print(f"warning: {args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
-    if "ema" in given and cfg["ema_kind"] == "const" and cfg["ema_warmup"] and rank == 0:
-        for b, last in zip(cfg["ema"], ema_decays(cfg, cfg["steps"])):
-            if last < b:  # the warm-up ramp still caps the decay at the run's last step
-                reach = math.ceil((10 * b - 1) / (1 - b) - 1e-9)  # (1 + k) / (10 + k) >= b from this k on
-                print(f"warning: with --ema-warmup the EMA decay (1 + step) / (10 + step) stays below --ema {b} until "
-                      f"step {reach}, after this run's {cfg['steps']} steps: --ema {b} changes nothing here (pass "
-                      f"--ema-warmup false for a constant decay)")
-    normalize_weights = getattr(net, "normalize_weights_", None)  # EDM2: unit-norm weights after every step
-    if normalize_weights is not None and state is None:
-        normalize_weights()
+    if hasattr(net, "normalize_weights_") and state is None:  # EDM2 nets: unit-norm weights, and after every step
+        net.normalize_weights_()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
     opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
     # Adam's fused kernel: one pass over all parameters instead of a loop of small ops per tensor (on the toy MLP
@@ -240,155 +255,217 @@ def main(argv=None):
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"], **fused)
     start = 0 if state is None else checkpoints.restore(state, net, emas, opt, args.resume)
-    state = None  # free the host copy
+    return Run(args, cfg, method, method_cfg, ddp, rank, world, device, batch_gpu, accum, ds, label_dim, net, teacher,
+               emas, opt, ema_offset, start)
 
-    out = args.out or (checkpoints.run_dir_of(args.resume) if args.resume else None)
-    with checkpoints.run_folder(out, args.resume, start, (args.method, ds.name), ddp, rank) as out:
-        if rank == 0:
-            checkpoints.write_config(out, {**cfg, "world_size": world, "batch_gpu": batch_gpu, "accum": accum})
-        if ddp:
-            dist.barrier()
-        seed, ckpt_path = cfg["seed"], os.path.join(out, "ckpt.pt")
-        ddp_ids = [device] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ddp_ids) if ddp else net
-        # --compile: dynamo compiles the loss (net forward, tangent, loss arithmetic, backward) on the first step and
-        # again when an input shape changes; random draws from `gen` stay eager (graph breaks).
-        loss_fn = torch.compile(method.loss) if args.compile else method.loss
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
-        gen = torch.Generator(device)
-        sampler = data.EpochSampler(len(ds), seed)
-        if rank == 0:
-            print(f"{args.method} on {cfg['data']} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
-                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {world} ranks x "
-                  f"{accum} rounds x {batch_gpu} | {device} {cfg['precision']} | preset {cfg['preset']} | out {out}")
+# --- The loop: its state, its stages, main ---------------------------------------------------------------------
 
-        fid_of = fid.fid_evaluator(args, cfg, ds, label_dim, method, mcfg, rank, ddp, device) if args.fid_every else None
-        stats, t0, step_t0, nonfinite = IntervalStats(method.TIME_BINS, device), time.time(), start, 0
-        saved_step, bad_run, bad_steps = start, 0, 0  # last checkpoint, consecutive and interval non-finite steps
-        aug_gen = torch.Generator(device)
-        for step in range(start + 1, cfg["steps"] + 1):
-            lr = learning_rate(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            bad_loss = torch.zeros((), device=device)
-            for a in range(accum):
-                m = rank * accum + a  # global micro-batch index: what it draws depends only on (seed, step, m)
-                torch.manual_seed(data.mix_seed(seed, step, m, 0))  # dropout masks
-                gen.manual_seed(data.mix_seed(seed, step, m, 1))  # noise, times, label dropout
-                idx = sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
-                flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(seed, step, m, 2))) < 0.5
-                noise = torch.Generator().manual_seed(data.mix_seed(seed, step, m, 3))  # latents: posterior samples
-                x = ds.get(idx, flip if cfg["xflip"] else None, device, generator=noise)
-                aug = None
-                if cfg["augment"] > 0:
-                    x, aug = augment.augment(x, cfg["augment"], cfg["augment_pipe"],
-                                             aug_gen.manual_seed(data.mix_seed(seed, step, m, 4)))
-                y = ds.one_hot(idx, device) if label_dim else None
-                with model.no_sync() if ddp and a < accum - 1 else contextlib.nullcontext():  # sync on the last round
-                    with autocast, augment.augment_labels(net, aug):
-                        per_example, logs = loss_fn(model, x, y, mcfg, step, gen, teacher=teacher,
-                                                    images=(step - 1) * cfg["batch"])
-                    (per_example.mean() / accum).backward()
-                bad_loss += (~torch.isfinite(per_example.detach())).sum()
-                stats.add(per_example, logs)
-            if ddp:
-                dist.all_reduce(bad_loss)  # every rank takes the same decision below
-            grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
-            nonfinite += bad
-            bad_run = bad_run + 1 if bad or bad_loss.item() else 0
-            bad_steps += bad_run > 0
-            if bad_run >= args.max_nonfinite:
-                raise Diverged(f"step {step}: {bad_run} consecutive steps with a non-finite loss or gradients "
-                               f"(--max-nonfinite {args.max_nonfinite}); {kept(ckpt_path, saved_step)}")
-            opt.step()
-            if normalize_weights is not None:
-                normalize_weights()  # EDM2's forced weight normalisation, moved out of forward (REFERENCE §9.8)
-            update_ema(emas, ema_decays(cfg, step + ema_offset), net)
 
-            if step % args.log_every == 0 or step == cfg["steps"]:
-                rec = stats.reduce(ddp)
-                rate = (step - step_t0) * cfg["batch"] / (time.time() - t0)
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                rec = dict(step=step, kimg=step * cfg["batch"] / 1000, **rec, lr=lr, grad_norm=grad_norm, img_per_s=rate,
-                           gpu_mem_gib=mem, nonfinite_grads=nonfinite, nonfinite_steps=bad_steps)
-                if rank == 0:
-                    eta = (cfg["steps"] - step) * cfg["batch"] / rate
-                    print(f"step {step:>7d}/{cfg['steps']} | kimg {rec['kimg']:9.1f} | loss {rec['loss']:.4g} | "
-                          f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {bad_steps} | ETA {format_time(eta)}",
-                          flush=True)
-                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                t0, step_t0, bad_steps = time.time(), step, 0
+@dataclasses.dataclass
+class Loop:
+    """What the loop carries from step to step."""
+    out: str  # the run folder
+    model: torch.nn.Module  # run.net in its DDP wrapper, or run.net itself on one process
+    loss_fn: object  # method.loss, compiled with --compile
+    autocast: object
+    gen: torch.Generator  # noise, times, label dropout
+    aug_gen: torch.Generator  # augmentations
+    sampler: data.EpochSampler
+    fid_of: object  # FID of an EMA net (--fid-every), else None
+    stats: IntervalStats
+    t0: float  # when the log interval's clock started
+    step_t0: int  # the step it started after
+    saved_step: int  # the last good checkpoint's step (0: none)
+    nonfinite_grads: int = 0  # gradient entries zeroed in the whole run
+    bad_run: int = 0  # consecutive steps with a non-finite loss or gradients
+    bad_steps: int = 0  # such steps in the log interval
+
+    def kept_checkpoint_message(self):
+        kept = f"the last good checkpoint {os.path.join(self.out, 'ckpt.pt')} (step {self.saved_step}) is kept"
+        return kept if self.saved_step else "no checkpoint was written"
+
+
+def train_step(run, loop, step):
+    """One optimizer step: the accumulation rounds, repair-and-clip, the non-finite counters (Diverged after
+    --max-nonfinite bad steps in a row), the optimizer step and the EMA update. Returns (lr, grad norm)."""
+    cfg, seed, batch_gpu, net, opt = run.cfg, run.cfg["seed"], run.batch_gpu, run.net, run.opt
+    lr = learning_rate(cfg, step)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    bad_loss = torch.zeros((), device=run.device)
+    for accum_round in range(run.accum):
+        m = run.rank * run.accum + accum_round  # global micro-batch index: its draws depend only on (seed, step, m)
+        torch.manual_seed(data.mix_seed(seed, step, m, 0))  # dropout masks
+        loop.gen.manual_seed(data.mix_seed(seed, step, m, 1))  # noise, times, label dropout
+        idx = loop.sampler((step - 1) * cfg["batch"] + m * batch_gpu, batch_gpu)
+        flip = torch.rand(batch_gpu, generator=torch.Generator().manual_seed(data.mix_seed(seed, step, m, 2))) < 0.5
+        noise = torch.Generator().manual_seed(data.mix_seed(seed, step, m, 3))  # latents: posterior samples
+        x = run.ds.get(idx, flip if cfg["xflip"] else None, run.device, generator=noise)
+        aug = None
+        if cfg["augment"] > 0:
+            x, aug = augment.augment(x, cfg["augment"], cfg["augment_pipe"],
+                                     loop.aug_gen.manual_seed(data.mix_seed(seed, step, m, 4)))
+        y = run.ds.one_hot(idx, run.device) if run.label_dim else None
+        sync = not run.ddp or accum_round == run.accum - 1  # DDP syncs gradients in the last round only
+        with contextlib.nullcontext() if sync else loop.model.no_sync():
+            with loop.autocast, augment.augment_labels(net, aug):
+                per_example, logs = loop.loss_fn(loop.model, x, y, run.method_cfg, step, loop.gen, teacher=run.teacher,
+                                                 images=(step - 1) * cfg["batch"])
+            (per_example.mean() / run.accum).backward()
+        bad_loss += (~torch.isfinite(per_example.detach())).sum()
+        loop.stats.add(per_example, logs)
+    if run.ddp:
+        dist.all_reduce(bad_loss)  # every rank takes the same decision below
+    grad_norm, bad = repair_and_clip(net, cfg["grad_clip"])
+    loop.nonfinite_grads += bad
+    loop.bad_run = loop.bad_run + 1 if bad or bad_loss.item() else 0
+    loop.bad_steps += loop.bad_run > 0
+    if loop.bad_run >= run.args.max_nonfinite:
+        raise Diverged(f"step {step}: {loop.bad_run} consecutive steps with a non-finite loss or gradients "
+                       f"(--max-nonfinite {run.args.max_nonfinite}); {loop.kept_checkpoint_message()}")
+    opt.step()
+    if hasattr(net, "normalize_weights_"):
+        # EDM2's forced weight normalisation, outside forward (nets.py, MPConv); FastGen 34f30e8 runs it before every
+        # accumulation round (fastgen/callbacks/forced_weight_norm.py, ForcedWeightNormCallback).
+        net.normalize_weights_()
+    update_ema(run.emas, ema_decays(cfg, step + run.ema_offset), net)
+    return lr, grad_norm
+
+
+def log_interval(run, loop, step, lr, grad_norm):
+    """The log line and metrics.jsonl record of the interval that ends at `step`, from all-reduced statistics."""
+    cfg, device = run.cfg, run.device
+    means = loop.stats.reduce(run.ddp)
+    rate = (step - loop.step_t0) * cfg["batch"] / (time.time() - loop.t0)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    record = dict(step=step, kimg=step * cfg["batch"] / 1000, **means, lr=lr, grad_norm=grad_norm, img_per_s=rate,
+                  gpu_mem_gib=mem, nonfinite_grads=loop.nonfinite_grads, nonfinite_steps=loop.bad_steps)
+    if run.rank == 0:
+        eta = (cfg["steps"] - step) * cfg["batch"] / rate
+        print(f"step {step:>7d}/{cfg['steps']} | kimg {record['kimg']:9.1f} | loss {record['loss']:.4g} | "
+              f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {loop.bad_steps} | ETA {format_time(eta)}", flush=True)
+        checkpoints.append_metrics(loop.out, record)
+    loop.t0, loop.step_t0, loop.bad_steps = time.time(), step, 0
+
+
+def evaluate_fid(run, loop, step):
+    """FID of the first EMA (every rank generates its share), printed and logged; its time is left out of img/s."""
+    fid_t0, value = time.time(), loop.fid_of(run.emas[0])
+    if run.rank == 0:
+        print(f"step {step:>7d} | FID {value:.3f} ({run.args.fid_num} samples, ema {run.cfg['ema'][0]}, "
+              f"{time.time() - fid_t0:.0f} s)", flush=True)
+        checkpoints.append_metrics(loop.out, dict(step=step, kimg=step * run.cfg["batch"] / 1000, fid=value,
+                                                  fid_num=run.args.fid_num))
+    loop.t0 = loop.t0 + (time.time() - fid_t0)
+
+
+def save_checkpoint(run, loop, step):
+    """ckpt.pt; none inside a stretch of non-finite steps, and Diverged on non-finite weights after a good step."""
+    healthy = loop.bad_run == 0 and checkpoints.all_finite(run.net, *run.emas)  # the same on every rank
+    if not healthy and (step == run.cfg["steps"] or loop.bad_run == 0):
+        raise Diverged(f"step {step}: non-finite weights, loss or gradients; {loop.kept_checkpoint_message()}")
+    if healthy and run.rank == 0:
+        checkpoints.save_checkpoint(os.path.join(loop.out, "ckpt.pt"), run.net, run.emas, run.opt, step, run.cfg)
+    elif run.rank == 0:
+        print(f"step {step}: no checkpoint (non-finite loss or gradients at this step)")
+    loop.saved_step = step if healthy else loop.saved_step
+    if run.ddp:
+        dist.barrier()
+
+
+def finish(run, loop):
+    """The ranks' weights compared; on rank 0 the final samples (samples.npy, samples.png) with the collapse warning."""
+    if run.ddp:
+        check_ranks_identical(run.net, run.world)
+    if run.rank != 0:
+        return
+    args, ds, out = run.args, run.ds, loop.out
+    grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
+    n = args.num_samples or (64 if grid else 2048)
+    samples = draw_samples(run.method, run.method_cfg, run.emas[0], ds, run.label_dim, n, run.cfg["seed"], run.device)
+    if not torch.isfinite(samples).all():
+        raise Diverged(f"the EMA's samples are not finite (no samples written); {loop.kept_checkpoint_message()}")
+    samples = samples.clamp(-1, 1) if ds.is_image else samples
+    if not grid:  # a collapse trains with a normal-looking loss: compare the samples' spread with the data's
+        have, want = data.rms_spread(samples), data.rms_spread(ds.x)
+        if have < 0.1 * want:
+            print(f"warning: the samples' spread (RMS distance to their mean) is {have / want:.1%} of the "
+                  f"data's: the one-step map has collapsed")
+    np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
+    data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
+    print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
+
+
+def start_loop(run, out):
+    """config.json, the DDP wrapper, the (compiled) loss, the header line and the FID evaluator: the loop's state."""
+    args, cfg, ds, device = run.args, run.cfg, run.ds, run.device
+    if run.rank == 0:
+        checkpoints.write_config(out, {**cfg, "world_size": run.world, "batch_gpu": run.batch_gpu, "accum": run.accum})
+    if run.ddp:
+        dist.barrier()
+    ddp_ids = [device] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ddp_ids) if run.ddp else run.net
+    # --compile: dynamo compiles the loss (net forward, tangent, loss arithmetic, backward) on the first step and
+    # again when an input shape changes; random draws from `gen` stay eager (graph breaks).
+    loss_fn = torch.compile(run.method.loss) if args.compile else run.method.loss
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
+    if run.rank == 0:
+        print(f"{args.method} on {cfg['data']} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
+              f"{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {run.world} "
+              f"ranks x {run.accum} rounds x {run.batch_gpu} | {device} {cfg['precision']} | "
+              f"preset {cfg['preset']} | out {out}")
+    fid_of = fid.fid_evaluator(args, cfg, ds, run.label_dim, run.method, run.method_cfg, run.rank, run.ddp, device) \
+        if args.fid_every else None
+    return Loop(out=out, model=model, loss_fn=loss_fn, autocast=autocast, gen=torch.Generator(device),
+                aug_gen=torch.Generator(device), sampler=data.EpochSampler(len(ds), cfg["seed"]), fid_of=fid_of,
+                stats=IntervalStats(run.method.TIME_BINS, device), t0=time.time(), step_t0=run.start,
+                saved_step=run.start)
+
+
+def save_sample_grid(run, loop, step):
+    """samples-STEP.png: 64 samples of the first EMA (rank 0); none when they are not finite."""
+    samples = draw_samples(run.method, run.method_cfg, run.emas[0], run.ds, run.label_dim, 64, run.cfg["seed"], run.device)
+    if torch.isfinite(samples).all():  # a diverging EMA is stopped by the checks around it
+        data.save_picture(os.path.join(loop.out, f"samples-{step:07d}.png"), samples, run.ds)
+
+
+def save_snapshot(run, loop, step):
+    """snapshots/ckpt-STEP.pt (rank 0), kept, unlike ckpt.pt: quality along the run. None from a non-finite step."""
+    if loop.bad_run == 0 and checkpoints.all_finite(run.net, *run.emas):
+        checkpoints.save_snapshot(loop.out, run.net, run.emas, step, run.cfg)
+
+
+def main(argv=None):
+    run = set_up(sys.argv[1:] if argv is None else argv)
+    args, last, rank = run.args, run.cfg["steps"], run.rank
+    with checkpoints.run_folder(args.out, args.resume, run.start, (args.method, run.ds.name), run.ddp, rank) as out:
+        loop = start_loop(run, out)
+        for step in range(run.start + 1, last + 1):
+            lr, grad_norm = train_step(run, loop, step)
+            if step % args.log_every == 0 or step == last:
+                log_interval(run, loop, step, lr, grad_norm)
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
-                samples = draw_samples(method, mcfg, emas[0], ds, label_dim, 64, seed, device)
-                if torch.isfinite(samples).all():  # a diverging EMA is stopped by the checks around it
-                    data.save_picture(os.path.join(out, f"samples-{step:07d}.png"), samples, ds)
-            if fid_of is not None and (step % args.fid_every == 0 or step == cfg["steps"]):
-                fid_t0, value = time.time(), fid_of(emas[0])  # every rank generates its share
-                if rank == 0:
-                    print(f"step {step:>7d} | FID {value:.3f} ({args.fid_num} samples, ema {cfg['ema'][0]}, "
-                          f"{time.time() - fid_t0:.0f} s)", flush=True)
-                    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(step=step, kimg=step * cfg["batch"] / 1000, fid=value, fid_num=args.fid_num)) + "\n")
-                t0 = t0 + (time.time() - fid_t0)  # keep img/s a training rate
-            if step % args.ckpt_every == 0 or step == cfg["steps"]:
-                healthy = bad_run == 0 and checkpoints.all_finite(net, *emas)  # the same on every rank
-                if not healthy and (step == cfg["steps"] or bad_run == 0):
-                    raise Diverged(f"step {step}: non-finite weights, loss or gradients; {kept(ckpt_path, saved_step)}")
-                if healthy and rank == 0:
-                    checkpoints.save_checkpoint(ckpt_path, net, emas, opt, step, cfg)
-                elif rank == 0:  # never a checkpoint from inside a stretch of non-finite steps
-                    print(f"step {step}: no checkpoint (non-finite loss or gradients at this step)")
-                saved_step = step if healthy else saved_step
-                if ddp:
-                    dist.barrier()
-            if rank == 0 and args.snapshot_every and step % args.snapshot_every == 0 and bad_run == 0 \
-                    and checkpoints.all_finite(net, *emas):  # kept, unlike ckpt.pt: quality along the run
-                checkpoints.save_snapshot(out, net, emas, step, cfg)
-
-        if ddp:
-            check_ranks_identical(net, world)
-        if rank == 0:
-            grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
-            n = args.num_samples or (64 if grid else 2048)
-            samples = draw_samples(method, mcfg, emas[0], ds, label_dim, n, seed, device)
-            if not torch.isfinite(samples).all():
-                raise Diverged(f"the EMA's samples are not finite (no samples written); {kept(ckpt_path, saved_step)}")
-            samples = samples.clamp(-1, 1) if ds.is_image else samples
-            if not grid:  # a collapse trains with a normal-looking loss: compare the samples' spread with the data's
-                have, want = spread(samples), spread(ds.x)
-                if have < 0.1 * want:
-                    print(f"warning: the samples' spread (RMS distance to their mean) is {have / want:.1%} of the "
-                          f"data's: the one-step map has collapsed")
-            np.save(os.path.join(out, "samples.npy"), samples.cpu().numpy())
-            data.save_picture(os.path.join(out, "samples.png"), samples[:256] if grid else samples, ds)
-            print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
-    if ddp:
-        # Free the DDP wrapper, whose reducer holds the process group, before the group goes: left to the garbage
-        # collector it may be destroyed at interpreter exit, where Gloo's threads can abort the process (SIGABRT).
-        del model, fid_of
+                save_sample_grid(run, loop, step)
+            if loop.fid_of is not None and (step % args.fid_every == 0 or step == last):
+                evaluate_fid(run, loop, step)
+            if step % args.ckpt_every == 0 or step == last:
+                save_checkpoint(run, loop, step)
+            if rank == 0 and args.snapshot_every and step % args.snapshot_every == 0:
+                save_snapshot(run, loop, step)
+        finish(run, loop)
+    if run.ddp:
+        # Free the DDP wrapper (loop.model), whose reducer holds the process group, before the group goes: left to the
+        # garbage collector it may be destroyed at interpreter exit, where Gloo's threads can abort the process.
+        del loop
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
 
-def spread(points):
-    """RMS distance of points (N, D) to their mean, in float64."""
-    p = points.double().cpu()
-    return float((p - p.mean(0)).pow(2).sum(1).mean().sqrt())
-
-
-def kept(ckpt_path, step):
-    return f"the last good checkpoint {ckpt_path} (step {step}) is kept" if step else "no checkpoint was written"
-
-
 def cli(argv=None):
-    """main() with bad input reported as one line on stderr and exit status 1."""
-    try:
-        main(argv)
-    except (UsageError, Diverged, data.DataError) as e:
-        sys.exit(f"train.py: error: {e}")
+    """main() with bad input and divergence reported as one line on stderr and exit status 1."""
+    run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
 
 
 if __name__ == "__main__":

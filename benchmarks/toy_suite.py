@@ -258,9 +258,9 @@ def load_run(path):
     state = checkpoints.load_checkpoint(path, "cpu")
     cfg = state["config"]
     method = importlib.import_module(cfg["method"])
-    mcfg, ds = recipe.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
+    method_cfg, ds = recipe.method_config(method, cfg), types.SimpleNamespace(shape=tuple(cfg["shape"]))
     label_dim = cfg["label_dim"] if cfg["cond"] else 0
-    return state, method, mcfg, ds, label_dim, checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", path)
+    return state, method, method_cfg, ds, label_dim, checkpoints.frozen_ema(state, ds.shape, label_dim, "cpu", path)
 
 
 def draw_ratios(run, held_out, gaussian, draws):
@@ -271,11 +271,11 @@ def draw_ratios(run, held_out, gaussian, draws):
     first = np.load(os.path.join(run, "samples.npy")).astype(np.float64)
     ratios = [sliced_w2(first, held_out) / gaussian]
     if draws > 1:
-        state, method, mcfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
+        state, method, method_cfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
         for k in range(1, draws):
             seed = data.mix_seed(state["config"]["seed"], k)
             with torch.no_grad():
-                x = train.draw_samples(method, mcfg, net, ds, label_dim, len(held_out), seed, "cpu", chunk=4096)
+                x = train.draw_samples(method, method_cfg, net, ds, label_dim, len(held_out), seed, "cpu", chunk=4096)
             ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
     return first, ratios
 
@@ -288,12 +288,12 @@ def curve(run, held_out, gaussian):
     rows = []
     folder = os.path.join(run, "snapshots")
     for name in sorted(os.listdir(folder)):
-        state, method, mcfg, ds, label_dim, net = load_run(os.path.join(folder, name))
+        state, method, method_cfg, ds, label_dim, net = load_run(os.path.join(folder, name))
         ratios = []
         for weights in (state["ema"][0], state["net"]):
             checkpoints.load_weights(net, weights, name)
             with torch.no_grad():
-                x = train.draw_samples(method, mcfg, net, ds, label_dim, len(held_out), state["config"]["seed"], "cpu")
+                x = train.draw_samples(method, method_cfg, net, ds, label_dim, len(held_out), state["config"]["seed"], "cpu")
             ratios.append(sliced_w2(x.double().numpy(), held_out) / gaussian)
         rows.append((state["step"], *ratios))
     return rows

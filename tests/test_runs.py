@@ -58,7 +58,7 @@ def load(out):
 def metrics_steps(out):
     return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
 
-# --- §3: nothing is overwritten or lost -------------------------------------------------------------------------------
+# --- Nothing is overwritten or lost ------------------------------------------------------------------------------------
 
 
 def test_resume_into_a_folder_of_another_run_is_refused(tmp_path):
@@ -230,7 +230,7 @@ def test_snapshots_keep_the_weights_along_a_run(tmp_path):
     run("--steps", "1", "--init", os.path.join(out, "snapshots", names[0]), "--out", str(tmp_path / "tuned"))
     assert load(str(tmp_path / "tuned"))["step"] == 1
 
-# --- §4: divergence and degenerate settings -------------------------------------------------------------------------
+# --- Divergence and degenerate settings --------------------------------------------------------------------------------
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, capsys):

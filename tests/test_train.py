@@ -41,7 +41,7 @@ def test_collapsed_point_samples_are_reported(tmp_path, capsys, monkeypatch):
     point = torch.tensor([0.3, -0.2]) + 0.01 * torch.randn(2048, 2, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(train, "draw_samples", lambda *args: point)
     run(tmp_path, "--data", "toy", "--steps", "2", "--batch", "8", out="collapsed")
-    expected = train.spread(point) / train.spread(data.toy_points(100_000, seed=0))
+    expected = data.rms_spread(point) / data.rms_spread(data.toy_points(100_000, seed=0))
     assert f"warning: the samples' spread (RMS distance to their mean) is {expected:.1%} of the data's" in \
         capsys.readouterr().out
     assert np.array_equal(np.load(tmp_path / "collapsed" / "samples.npy"), point.numpy())  # still written
@@ -319,7 +319,8 @@ def test_tcm_starts_from_the_stage1_run(tmp_path, which):
 
 @pytest.mark.parametrize("sigma_rel, gamma", [(0.010, 96.99), (0.050, 16.97), (0.100, 6.94)])
 def test_power_ema_exponent(sigma_rel, gamma):
-    """EDM2's gamma for each sigma_rel (REFERENCE §1.5), and the defining relation solved back in float64."""
+    """EDM2's gamma for each sigma_rel (the values of FastGen 34f30e8 fastgen/configs/callbacks.py,
+    EMA_POWER_CALLBACKS), and the defining relation solved back in float64."""
     g = train.power_gamma(sigma_rel)
     assert abs(g - gamma) < 0.005
     assert abs(math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) - sigma_rel) < 1e-12
@@ -393,8 +394,9 @@ def test_a_teacher_picks_the_distilling_preset(tmp_path):
 
 
 def test_tcm_power_ema_continues_the_stage1_step_count(tmp_path):
-    """REFERENCE §1.5: in TCM the power EMA's k continues from stage 1, so after stage 1's 3 steps and one TCM step the
-    EMA is beta_4 (stage-1 weights) + (1 - beta_4) (new weights), not a copy (which beta_1 = 0 would give)."""
+    """In TCM the power EMA's k continues from stage 1 (FastGen 34f30e8: fastgen/callbacks/ema.py,
+    EMACallback._total_iteration adds the loaded checkpoint's resume_iter), so after stage 1's 3 steps and one TCM
+    step the EMA is beta_4 (stage-1 weights) + (1 - beta_4) (new weights), not a copy (which beta_1 = 0 would give)."""
     power = ["--ema-kind", "power", "--ema", "0.05"]
     stage1 = run(tmp_path, "--method", "cm", "--data", "toy", "--steps", "3", "--batch", "16", *power, out="cm")
     out = load(run(tmp_path, "--method", "tcm", "--data", "toy", "--steps", "1", "--batch", "16", "--lr", "1e-3",
