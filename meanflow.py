@@ -277,13 +277,11 @@ PRESETS = {
     "imagenet256": dict(IMAGENET256_DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5),
     # DiT-XL/2: config_mf_xl.py (1-NFE FID 3.19, same README): a different guidance mix, on t in [0, 0.75] only.
     "imagenet256-xl": dict(IMAGENET256_DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75),
-    # 2-D points on CPU, one minute with train.py --threads 2; CIFAR-style (t, r) (r centred near 0). Deviations, chosen
-    # on benchmarks/toy_suite.py (docs/presets.md): r != t for half the batch (CIFAR: 0.75); the adaptive weight with
-    # p = 0.5, c = 4 (CIFAR: 0.75, 1e-3), because with c << L the weight divides each sample's loss by its own size^p,
-    # a robust (median-like) fit that biases the velocity, while a large c keeps the fit a mean one for the usual
-    # errors and tempers only the rare large ones (spirals, 128 Euler steps of u(z, t, t): flow matching with
-    # c = 1e-3 0.39, this preset 0.21 as the diffusion teacher); mlp-small at batch 1024 and lr 2e-3 (points seen
-    # matter more than width).
+    # 2-D points on CPU, one minute with train.py --threads 2; CIFAR-style (t, r). Deviations, chosen on
+    # benchmarks/toy_suite.py (docs/presets.md): r != t for half the batch (CIFAR: 0.75); the adaptive weight with
+    # p = 0.5, c = 4 (CIFAR: 0.75, 1e-3): with c << L each sample's loss is divided by its own size^p, a median-like fit
+    # that biases the velocity (spirals, 128 Euler steps of u(z, t, t): 0.39 with c = 1e-3, 0.21 with this preset, as
+    # the diffusion teacher); mlp-small at batch 1024, lr 2e-3 (points seen matter more than width).
     "toy": dict(
         net="mlp-small", cond=False, batch=1024, steps=2800, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
         lr_warmup=100, ema=(0.999,), ema_warmup=True, tangent="fused", norm_p=0.5, norm_c=4.0, ratio_r_neq_t=0.5,
