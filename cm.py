@@ -34,58 +34,91 @@ reference) CT's lower-variance batch target, batch_target below. Presets and the
 docs/presets.md.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 # --- Config ----------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion.py: check_ranges
+def check_ranges(cfg, ranges):
+    """ValueError naming the first field outside its range: "bool", "finite", "> a", ">= a" or "in (a, b]" (any
+    brackets). NaN and inf are never in range."""
+    for name, rule in ranges.items():
+        v = getattr(cfg, name)
+        if rule == "bool":
+            ok = v in (True, False)
+        elif rule.startswith("in "):
+            lo, hi = (float(b) for b in rule[4:-1].split(","))
+            ok = (lo <= v if rule[3] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+        else:
+            bound = -math.inf if rule == "finite" else float(rule.lstrip(">= "))
+            ok = math.isfinite(v) and (v >= bound if rule.startswith(">=") else v > bound)
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {v}")
+
+
 @dataclass
 class Config:
     # sigma ~ truncated log-normal on [sigma_min, sigma_max] (FastGen configs/config.py, SampleTConfig; CIFAR-10)
-    P_mean: float = -1.1
-    P_std: float = 2.0
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    P_mean: float = -1.1  # finite
+    P_std: float = 2.0  # > 0
+    sigma_data: float = 0.5  # > 0
+    sigma_min: float = 0.002  # > 0, < sigma_max
+    sigma_max: float = 80.0  # > 0
     # ECT curriculum: the ratio a steps up every kimg_per_stage thousand images of the global batch (FastGen
     # ct_schedule.py, CTScheduleCallback; 6400 kimg: methods/config_cm.py)
-    q: float = 2.0
-    kimg_per_stage: float = 6400.0
-    ratio_limit: float = 0.999
+    q: float = 2.0  # > 1
+    kimg_per_stage: float = 6400.0  # > 0
+    ratio_limit: float = 0.999  # in (0, 1)
     # Floor of r: 0.002 = FastGen (CM.py, CMModel._compute_cm_loss floors r at the schedule's min_t; target = net at
     # 0.002); 0 = ECT (target = data at r = 0)
-    r_min: float = 0.002
-    # Loss: pseudo-Huber sqrt(d^2 + c^2) - c of the per-sample L2 distance, times a weight (CM.py, _pred_to_loss)
-    huber_c: float = 1e-8  # ~plain L2 norm (methods/config_cm.py, CIFAR-10); 0.06 on ImageNet-64 (EDM2/config_cm_s.py)
-    weighting: str = "inv_gap"  # inv_gap 1/(sigma - r) | inv_sqrt_gap | inv_c_out_sq | inv_c_out | inv_sigma_sq | one
+    r_min: float = 0.002  # >= 0, < sigma_max
+    # Loss: pseudo-Huber sqrt(d^2 + c^2) - c of the per-sample L2 distance, times a weight (CM.py, _pred_to_loss).
+    # c ~ 0: plain L2 norm (methods/config_cm.py, CIFAR-10); 0.06 on ImageNet-64 (EDM2/config_cm_s.py)
+    huber_c: float = 1e-8  # >= 0
+    # inv_gap 1/(sigma - r) | inv_sqrt_gap | inv_c_out_sq | inv_c_out | inv_sigma_sq | one
+    weighting: str = "inv_gap"  # one of WEIGHTINGS
     # True: the CM boundary form (arXiv:2303.01469v2, App. C), f(x, sigma_min) = x exactly (ECT's evaluation form).
     # FastGen and EDM initialisations use plain EDM coefficients (False), where f(x, 0.002) = x only approximately.
-    boundary: bool = False
+    boundary: bool = False  # bool
     # CT's partner point x_r. False (ECT, the reference): x + r eps, the sample's own noise path, which is the Euler
     # step of the PF-ODE with D(x_sigma) = x, a one-sample estimate of E[x | x_sigma]. True: the Euler step with the
     # batch's estimate of E[x | x_sigma] (batch_denoise), a lower-variance target. Deviation: the toy presets use it.
-    batch_target: bool = False
+    batch_target: bool = False  # bool
     # Distillation (--teacher): x_r from one step of the teacher's PF-ODE
-    teacher_solver: str = "euler"  # "euler" (FastGen CM.py, ode_solver) | "heun" (EDM, arXiv:2206.00364v2, Alg. 1)
-    guidance_scale: float = 1.0  # CFG on the teacher, D + (w - 1)(D - D_null)
+    # "euler" (FastGen CM.py, ode_solver) | "heun" (EDM, arXiv:2206.00364v2, Alg. 1)
+    teacher_solver: str = "euler"  # euler or heun
+    guidance_scale: float = 1.0  # >= 0; CFG on the teacher, D + (w - 1)(D - D_null)
     # Sampler: the sigma list. FastGen's 1-step default (noise_schedule.py, EDMNoiseSchedule.get_t_list) starts at
     # sigma_998 = 79.5638, index 998 of its ascending 1000-point Karras grid on [0.002, 80]
-    sample_sigmas: tuple = (79.5638, 0.0)
+    sample_sigmas: tuple = (79.5638, 0.0)  # finite, decreasing to 0
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
         if self.teacher_solver not in ("euler", "heun"):
             raise ValueError(f"unknown teacher_solver {self.teacher_solver!r}; choose euler or heun")
-        if not (0 < self.sigma_min < self.sigma_max and 0 <= self.r_min < self.sigma_max and 0 < self.ratio_limit < 1):
-            raise ValueError("need 0 < sigma_min < sigma_max, 0 <= r_min < sigma_max and 0 < ratio_limit < 1")
+        check_ranges(self, RANGES)
+        for name in ("sigma_min", "r_min"):
+            if not getattr(self, name) < self.sigma_max:
+                raise ValueError(f"{name} must be < sigma_max, got {getattr(self, name)} and {self.sigma_max}")
         s = tuple(self.sample_sigmas)
-        if len(s) < 2 or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
+        if len(s) < 2 or not all(map(math.isfinite, s)) or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
             raise ValueError(f"sample_sigmas must decrease to 0 with at least two entries, got {s}")
 
+    # Copied from diffusion.py: Config.from_preset
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset's method settings (the rest of PRESETS[name] is train.py's recipe), then overrides (checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
+
+RANGES = dict(P_mean="finite", P_std="> 0", sigma_data="> 0", sigma_min="> 0", sigma_max="> 0", q="> 1",
+              kimg_per_stage="> 0", ratio_limit="in (0, 1)", r_min=">= 0", huber_c=">= 0", boundary="bool",
+              batch_target="bool", guidance_scale=">= 0")  # every numeric / bool field's range, as its comment states
 WEIGHTINGS = ("inv_gap", "inv_sqrt_gap", "inv_c_out_sq", "inv_c_out", "inv_sigma_sq", "one")
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict()  # a plain EDM net
@@ -126,6 +159,14 @@ def partner_sigma(sigma, ratio, cfg):
 # --- Parameterization --------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion.py: check_shape
+def check_shape(out, shape, what, fix):
+    """ValueError unless out.shape == shape: a net output of another shape would broadcast silently in the loss.
+    what: "<where>: the net's <output> must have shape <symbols>"; compares shapes only (no host sync)."""
+    if out.shape != shape:
+        raise ValueError(f"{what} = {tuple(shape)}, got {tuple(out.shape)}: {fix}")
+
+
 # Copied from diffusion.py: bcast
 def bcast(a, x):
     """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
@@ -140,6 +181,7 @@ def denoise(net, x, sigma, y, sigma_data):
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     c_noise = sigma.clamp_min(1e-6).log() / 4  # the reference clamps before the log
     F = net(bcast(c_in, x) * x, c_noise.to(x.dtype), y=y)
+    check_shape(F, x.shape, "denoise: the net's output F must have its input's shape (B, *D)", "one per entry")
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
 
@@ -154,6 +196,7 @@ def consistency_fn(net, x, sigma, y, cfg):
     c_out = sigma_above_min * sigma_data / (sigma**2 + sigma_data**2).sqrt()
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     F = net(bcast(c_in, x) * x, (sigma.clamp_min(1e-6).log() / 4).to(x.dtype), y=y)
+    check_shape(F, x.shape, "consistency_fn: the net's output F must have its input's shape (B, *D)", "one per entry")
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
 
@@ -219,12 +262,15 @@ def distance_loss(f, target, sigma, r, cfg):
     return loss_weight(sigma, r, cfg) * ((d**2 + cfg.huber_c**2).sqrt() - cfg.huber_c), d
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example CM loss (B,) and logs (FastGen CM.py, CMModel._compute_cm_loss). CT when teacher is None (x_r =
     x + r eps with the same eps, or the batch target: ct_partner), CD with a frozen EDM-preconditioned teacher (eval
     mode). images: training images seen before this step (global), for the ECT stage. The target is the online net
     under no grad, with the same dropout masks as the gradient pass; `net` may be DDP-wrapped (the no-grad target
     pass uses the bare module)."""
+    if images is None:
+        raise ValueError("cm.loss needs images=, the number of training images seen before this step, e.g. "
+                         "(step - 1) * batch: the ECT curriculum counts them")
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
     ratio = ect_ratio(images, cfg)
     sigma, r = partner_sigma(sigma, ratio, cfg)

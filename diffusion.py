@@ -24,30 +24,58 @@ the Heun sampler (Alg. 1, no churn; 18 steps = 35 network evaluations) and its 1
 Not implemented: stochastic sampling (S_churn).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 # --- Config -----------------------------------------------------------------------------------------------------------
 
 
+def check_ranges(cfg, ranges):
+    """ValueError naming the first field outside its range: "bool", "finite", "> a", ">= a" or "in (a, b]" (any
+    brackets). NaN and inf are never in range."""
+    for name, rule in ranges.items():
+        v = getattr(cfg, name)
+        if rule == "bool":
+            ok = v in (True, False)
+        elif rule.startswith("in "):
+            lo, hi = (float(b) for b in rule[4:-1].split(","))
+            ok = (lo <= v if rule[3] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+        else:
+            bound = -math.inf if rule == "finite" else float(rule.lstrip(">= "))
+            ok = math.isfinite(v) and (v >= bound if rule.startswith(">=") else v > bound)
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {v}")
+
+
 @dataclass
 class Config:
     # Training noise levels (EDM Table 1): ln(sigma) ~ N(P_mean, P_std^2)
-    P_mean: float = -1.2
-    P_std: float = 1.2
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002  # sampler's range; training sigma is truncated to it (Deviation: EDM does not truncate,
-    sigma_max: float = 80.0  # which changes about 2e-5 of the probability mass)
+    P_mean: float = -1.2  # finite
+    P_std: float = 1.2  # > 0
+    sigma_data: float = 0.5  # > 0
+    # sampler's range; training sigma is truncated to it (Deviation: EDM does not truncate, which changes about 2e-5
+    # of the probability mass)
+    sigma_min: float = 0.002  # > 0, < sigma_max
+    sigma_max: float = 80.0  # > 0
     # Heun sampler (EDM Alg. 1, deterministic)
-    sample_steps: int = 18
-    rho: float = 7.0
+    sample_steps: int = 18  # >= 1
+    rho: float = 7.0  # > 0
 
     def __post_init__(self):
-        if not (0 < self.sigma_min < self.sigma_max and self.sample_steps >= 1 and self.sigma_data > 0):
-            raise ValueError("need 0 < sigma_min < sigma_max, sample_steps >= 1 and sigma_data > 0")
+        check_ranges(self, RANGES)
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} and {self.sigma_max}")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset's method settings (the rest of PRESETS[name] is train.py's recipe), then overrides (checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
 
+RANGES = dict(P_mean="finite", P_std="> 0", sigma_data="> 0", sigma_min="> 0", sigma_max="> 0", sample_steps=">= 1",
+              rho="> 0")  # every numeric field's range, as its comment states
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict()  # a plain EDM net: no second time input, no log-variance head
 TEACHERS = ()  # trained from data only
@@ -68,6 +96,13 @@ def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
 # --- Parameterization -------------------------------------------------------------------------------------------------
 
 
+def check_shape(out, shape, what, fix):
+    """ValueError unless out.shape == shape: a net output of another shape would broadcast silently in the loss.
+    what: "<where>: the net's <output> must have shape <symbols>"; compares shapes only (no host sync)."""
+    if out.shape != shape:
+        raise ValueError(f"{what} = {tuple(shape)}, got {tuple(out.shape)}: {fix}")
+
+
 def bcast(a, x):
     """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
     return a.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
@@ -80,12 +115,13 @@ def denoise(net, x, sigma, y, sigma_data):
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     c_noise = sigma.clamp_min(1e-6).log() / 4  # the reference clamps before the log
     F = net(bcast(c_in, x) * x, c_noise.to(x.dtype), y=y)
+    check_shape(F, x.shape, "denoise: the net's output F must have its input's shape (B, *D)", "one per entry")
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example EDM loss (B,): lambda(sigma) * sum over dims of (D(x + sigma eps, sigma) - x)^2 (EDM sums over
     pixels). step, teacher and images are unused (the signature is the same in every method)."""
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)

@@ -33,8 +33,9 @@ finite differences), tangent warm-up, adaptive loss weight, 1-step and multi-ste
 Not implemented: mean_flow.py's "opt_grad" loss variant (MeanFlowModel._mf_pred_to_loss), which no MeanFlow
 config there uses.
 """
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.func import jvp
@@ -42,42 +43,75 @@ from torch.func import jvp
 # --- Config -----------------------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion.py: check_ranges
+def check_ranges(cfg, ranges):
+    """ValueError naming the first field outside its range: "bool", "finite", "> a", ">= a" or "in (a, b]" (any
+    brackets). NaN and inf are never in range."""
+    for name, rule in ranges.items():
+        v = getattr(cfg, name)
+        if rule == "bool":
+            ok = v in (True, False)
+        elif rule.startswith("in "):
+            lo, hi = (float(b) for b in rule[4:-1].split(","))
+            ok = (lo <= v if rule[3] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+        else:
+            bound = -math.inf if rule == "finite" else float(rule.lstrip(">= "))
+            ok = math.isfinite(v) and (v >= bound if rule.startswith(">=") else v > bound)
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {v}")
+
+
 @dataclass
 class Config:
     # (t, r) distribution: logit-normal each, t = max, r = min (mean_flow.py, MeanFlowModel.single_train_step); the
     # values are config_mf_cifar10.py's
-    P_mean_t: float = -0.6
-    P_std_t: float = 1.6
-    P_mean_r: float = -4.0
-    P_std_r: float = 1.6
-    t_max: float = 0.999  # config_mf_cifar10.py's cap on t and r (the sampler's start is sample_ts[0])
-    ratio_r_neq_t: float = 0.75  # fraction of samples with r != t (CIFAR 0.75, DiT 0.25)
+    P_mean_t: float = -0.6  # finite
+    P_std_t: float = 1.6  # >= 0
+    P_mean_r: float = -4.0  # finite
+    P_std_r: float = 1.6  # >= 0
+    t_max: float = 0.999  # in (0, 1]; config_mf_cifar10.py's cap on t and r (the sampler's start: sample_ts[0])
+    ratio_r_neq_t: float = 0.75  # in [0, 1]; fraction of samples with r != t (CIFAR 0.75, DiT 0.25)
     # Loss: w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2 (mean_flow.py, MeanFlowModel._mf_pred_to_loss)
-    norm_p: float = 0.75
-    norm_c: float = 1e-3
-    tangent: str = "jvp"  # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
-    fd_step: float = 1e-4  # absolute step in t for tangent="fd" (config_mean_flow.py)
-    tangent_warmup: int = 0  # steps over which the du/dt term ramps from 0 to 1 (0: off, as config_mean_flow.py)
+    norm_p: float = 0.75  # >= 0
+    norm_c: float = 1e-3  # > 0
+    # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
+    tangent: str = "jvp"  # jvp, fused or fd
+    fd_step: float = 1e-4  # in (0, 1); absolute step in t for tangent="fd" (config_mean_flow.py)
+    # steps over which the du/dt term ramps from 0 to 1 (0: off, as config_mean_flow.py)
+    tangent_warmup: int = 0  # >= 0
     # Classifier-free guidance baked into training (mean_flow.py, MeanFlowModel._get_velocity); omega 1, kappa 0: none
-    label_dropout: float = 0.0
-    cfg_omega: float = 1.0
-    cfg_kappa: float = 0.0
-    cfg_t_min: float = 0.0  # guidance applies for t in [cfg_t_min, cfg_t_max]
-    cfg_t_max: float = 1.0
-    guidance_scale: float = 1.0  # teacher CFG scale in distillation
+    label_dropout: float = 0.0  # in [0, 1)
+    cfg_omega: float = 1.0  # >= 0
+    cfg_kappa: float = 0.0  # in [0, 1)
+    # guidance applies for t in [cfg_t_min, cfg_t_max]
+    cfg_t_min: float = 0.0  # in [0, 1], <= cfg_t_max
+    cfg_t_max: float = 1.0  # in [0, 1]
+    guidance_scale: float = 1.0  # >= 0; teacher CFG scale in distillation
     # Sampler: the time grid, first entry is the start (0.999: config_mf_cifar10.py's cap on t; the paper starts at 1)
-    sample_ts: tuple = (0.999, 0.0)
+    sample_ts: tuple = (0.999, 0.0)  # decreasing, in [0, 1]
 
     def __post_init__(self):
         if self.tangent not in ("jvp", "fused", "fd"):
             raise ValueError(f"unknown tangent {self.tangent!r}; choose jvp, fused or fd")
-        if not (0 < self.t_max <= 1 and 0 <= self.ratio_r_neq_t <= 1 and 0 <= self.label_dropout < 1):
-            raise ValueError("need 0 < t_max <= 1, 0 <= ratio_r_neq_t <= 1 and 0 <= label_dropout < 1")
+        check_ranges(self, RANGES)
+        if not self.cfg_t_min <= self.cfg_t_max:
+            raise ValueError(f"cfg_t_min must be <= cfg_t_max, got {self.cfg_t_min} and {self.cfg_t_max}")
         ts = tuple(self.sample_ts)
-        if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > 1 or ts[-1] < 0:
+        if len(ts) < 2 or not all(0 <= t <= 1 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
             raise ValueError(f"sample_ts must decrease from <= 1 to >= 0 with at least two entries, got {ts}")
 
+    # Copied from diffusion.py: Config.from_preset
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset's method settings (the rest of PRESETS[name] is train.py's recipe), then overrides (checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
+
+RANGES = dict(P_mean_t="finite", P_std_t=">= 0", P_mean_r="finite", P_std_r=">= 0", t_max="in (0, 1]",
+              ratio_r_neq_t="in [0, 1]", norm_p=">= 0", norm_c="> 0", fd_step="in (0, 1)", tangent_warmup=">= 0",
+              label_dropout="in [0, 1)", cfg_omega=">= 0", cfg_kappa="in [0, 1)", cfg_t_min="in [0, 1]",
+              cfg_t_max="in [0, 1]", guidance_scale=">= 0")  # every numeric field's range, as its comment states
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
 TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)
@@ -111,6 +145,14 @@ def sample_t_r(n, cfg, gen, device):
 
 # --- Parameterization -------------------------------------------------------------------------------------------------
 # None: u is the raw network output and z_r = z_t - (t - r) u.
+
+
+# Copied from diffusion.py: check_shape
+def check_shape(out, shape, what, fix):
+    """ValueError unless out.shape == shape: a net output of another shape would broadcast silently in the loss.
+    what: "<where>: the net's <output> must have shape <symbols>"; compares shapes only (no host sync)."""
+    if out.shape != shape:
+        raise ValueError(f"{what} = {tuple(shape)}, got {tuple(out.shape)}: {fix}")
 
 
 # Copied from diffusion.py: bcast
@@ -171,7 +213,9 @@ def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
     tests/test_train.py::test_two_gloo_ranks_match_one_process)."""
     t_in, r_in = t.to(z.dtype), r.to(z.dtype)
     if cfg.tangent == "fused":
-        u, dudt = net(z, t_in, r_in, y, tangents=(v_tgt, torch.ones_like(t_in), torch.zeros_like(r_in)))
+        u, dudt = fused_call(net, z, t_in, r_in, y, tangents=(v_tgt, torch.ones_like(t_in), torch.zeros_like(r_in)))
+        check_shape(dudt, z.shape, "meanflow.loss: the net's du must have the shape of z (B, *D)", "one per entry")
+        check_shape(u, z.shape, "meanflow.loss: the net's u must have the shape of z (B, *D)", "one per entry")
         return u, dudt.double()
     bare = getattr(net, "module", net)
     devices = [z.device] if z.device.type == "cuda" else []
@@ -182,12 +226,39 @@ def u_and_dudt(net, z, t, r, y, v_tgt, cfg):
             def u_fn(z_, t_, r_):  # tangents (v~, 1, 0) along (z, t, r)
                 return bare(z_, t_, r_, y)
             with torch.random.fork_rng(devices):
-                _, dudt = jvp(u_fn, (z, t_in, r_in), (v_tgt.to(z.dtype), torch.ones_like(t_in), torch.zeros_like(r_in)))
+                tangents = (v_tgt.to(z.dtype), torch.ones_like(t_in), torch.zeros_like(r_in))
+                _, dudt = jvp_explained(u_fn, (z, t_in, r_in), tangents)
             dudt = dudt.double()
         else:  # "fd"
             dudt = _dudt_fd(bare, z, t, r, y, v_tgt, cfg, devices)
     u = net(z, t_in, r_in, y)
+    check_shape(u, z.shape, "meanflow.loss: the net's u must have the shape of z (B, *D)", "one per entry")
     return u, dudt
+
+
+def fused_call(net, *args, **kwargs):
+    """net(*args, tangents=..., **kwargs); a net without the tangents argument gets a one-line error."""
+    try:
+        return net(*args, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument 'tangents'" not in str(e):
+            raise
+        raise TypeError("tangent='fused' needs a net that propagates tangents (nets.py's nets do); use "
+                        "tangent='jvp' or 'fd'") from None
+
+
+def jvp_explained(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents); a failure is re-raised with its known causes (tests/test_contracts.py
+    builds a net with each)."""
+    try:
+        return jvp(fn, primals, tangents)
+    except (RuntimeError, NotImplementedError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise RuntimeError(f"tangent='jvp': torch.func.jvp failed ({type(e).__name__}). Known causes: a train-mode "
+                           "BatchNorm (functorch's in-place error) and fused attention kernels without a forward-AD "
+                           "rule (F.scaled_dot_product_attention on CPU; the math backend has one): use tangent='fd', "
+                           "or 'fused' with nets.py's nets") from e
 
 
 def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
@@ -205,7 +276,7 @@ def _dudt_fd(net, z, t, r, y, v_tgt, cfg, devices):
     return (outs[0] - outs[1]) / bcast((t_plus - t_minus).clamp_min(h), outs[0])
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example MeanFlow loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None,
     step: 1-based optimizer step (tangent warm-up), gen: torch.Generator for eps, t, r and label dropout,
     teacher: None, or a frozen MeanFlow-style net (eval mode) whose velocity u(z, t, t, y) is distilled.

@@ -35,7 +35,7 @@ RMS (sCM.py) or Euclidean (paper) tangent normalisation, prior weight 1/sigma, l
 1-step and multi-step samplers. Not implemented: the paper's adaptive double normalisation, semi-discrete time.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.func import jvp
@@ -43,39 +43,73 @@ from torch.func import jvp
 # --- Config -----------------------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion.py: check_ranges
+def check_ranges(cfg, ranges):
+    """ValueError naming the first field outside its range: "bool", "finite", "> a", ">= a" or "in (a, b]" (any
+    brackets). NaN and inf are never in range."""
+    for name, rule in ranges.items():
+        v = getattr(cfg, name)
+        if rule == "bool":
+            ok = v in (True, False)
+        elif rule.startswith("in "):
+            lo, hi = (float(b) for b in rule[4:-1].split(","))
+            ok = (lo <= v if rule[3] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+        else:
+            bound = -math.inf if rule == "finite" else float(rule.lstrip(">= "))
+            ok = math.isfinite(v) and (v >= bound if rule.startswith(">=") else v > bound)
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {v}")
+
+
 @dataclass
 class Config:
     # sigma ~ truncated log-normal on [sigma_min, sigma_max], t = arctan(sigma / sigma_data) (sCM.py,
     # SCMModel._compute_scm_loss); the values are config_scm.py's and config_sct_cifar10.py's
-    P_mean: float = -1.0
-    P_std: float = 1.4  # config_scm.py (a comment there suggests 1.8 for sCT from an EDM checkpoint)
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 800.0  # sCT trains to 800 although sampling starts at 80 (config_sct_cifar10.py); sCD uses 80
-    tangent: str = "jvp"  # "jvp": torch.func.jvp | "fused": the net returns (F, dF) | "fd": finite difference
-    tangent_warmup: int = 10000  # rho_k = min(1, k / warmup) scales g's second term (0: off); config_scm.py
-    tangent_norm: str = "rms"  # "rms": g / (RMS(g) + c), sCM.py's | "paper": g / (||g|| + c)
-    tangent_norm_c: float = 0.1
-    fd_rel_step: float = 1e-3  # tangent="fd": h = max(fd_rel_step |t|, 1e-6) in TrigFlow time (config_scm.py)
-    guidance_scale: float = 1.0  # sCD: teacher CFG, dxdt + (w - 1)(dxdt - dxdt_null); the null label is all zeros
+    P_mean: float = -1.0  # finite
+    P_std: float = 1.4  # > 0; config_scm.py (a comment there suggests 1.8 for sCT from an EDM checkpoint)
+    sigma_data: float = 0.5  # > 0
+    sigma_min: float = 0.002  # > 0, < sigma_max
+    # sCT trains to 800 although sampling starts at 80 (config_sct_cifar10.py); sCD uses 80
+    sigma_max: float = 800.0  # > 0
+    # "jvp": torch.func.jvp | "fused": the net returns (F, dF) | "fd": finite difference
+    tangent: str = "jvp"  # jvp, fused or fd
+    tangent_warmup: int = 10000  # >= 0; rho_k = min(1, k / warmup) scales g's second term (0: off); config_scm.py
+    tangent_norm: str = "rms"  # rms or paper: "rms": g / (RMS(g) + c), sCM.py's | "paper": g / (||g|| + c)
+    tangent_norm_c: float = 0.1  # > 0
+    # tangent="fd": h = max(fd_rel_step |t|, 1e-6) in TrigFlow time (config_scm.py)
+    fd_rel_step: float = 1e-3  # in (0, 1)
+    # sCD: teacher CFG, dxdt + (w - 1)(dxdt - dxdt_null); the null label is all zeros
+    guidance_scale: float = 1.0  # >= 0
     # sCT's dx_t/dt. False (sCM.py): cos t z - sin t x, the sample's own path, which is (cos t x_t - D) / sin t with
     # D = x, a one-sample estimate of E[x | x_t]. True: D = the batch's estimate of E[x | x_t] (batch_denoise), a
     # lower-variance tangent. Deviation: the toy preset uses it.
-    batch_target: bool = False
-    sample_sigmas: tuple = (80.0, 0.0)  # sCT: 80 (config_sct_cifar10.py); sCD and FastGen's 1-step default: 79.5638
+    batch_target: bool = False  # bool
+    # sCT: 80 (config_sct_cifar10.py); sCD and FastGen's 1-step default: 79.5638
+    sample_sigmas: tuple = (80.0, 0.0)  # finite, decreasing to 0
 
     def __post_init__(self):
         if self.tangent not in ("jvp", "fused", "fd"):
             raise ValueError(f"unknown tangent {self.tangent!r}; choose jvp, fused or fd")
         if self.tangent_norm not in ("rms", "paper"):
             raise ValueError(f"unknown tangent_norm {self.tangent_norm!r}; choose rms or paper")
-        if not (0 < self.sigma_min < self.sigma_max and self.sigma_data > 0):
-            raise ValueError("need 0 < sigma_min < sigma_max and sigma_data > 0")
+        check_ranges(self, RANGES)
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} and {self.sigma_max}")
         s = tuple(self.sample_sigmas)
-        if len(s) < 2 or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
+        if len(s) < 2 or not all(map(math.isfinite, s)) or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
             raise ValueError(f"sample_sigmas must decrease to 0 with at least two entries, got {s}")
 
+    # Copied from diffusion.py: Config.from_preset
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset's method settings (the rest of PRESETS[name] is train.py's recipe), then overrides (checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
+
+RANGES = dict(P_mean="finite", P_std="> 0", sigma_data="> 0", sigma_min="> 0", sigma_max="> 0",
+              tangent_warmup=">= 0", tangent_norm_c="> 0", fd_rel_step="in (0, 1)", guidance_scale=">= 0",
+              batch_target="bool")  # every numeric / bool field's range, as its comment states
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict(logvar=True)  # the learned adaptive weight is the net's log-variance head
 TEACHERS = ("diffusion",)  # --teacher: a diffusion model, whose sigma_data F_trig is the PF-ODE dx_t/dt (a CM's is not)
@@ -97,6 +131,14 @@ def sample_sigma(n, P_mean, P_std, sigma_lo, sigma_hi, gen, device):
 # --- Parameterization -------------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion.py: check_shape
+def check_shape(out, shape, what, fix):
+    """ValueError unless out.shape == shape: a net output of another shape would broadcast silently in the loss.
+    what: "<where>: the net's <output> must have shape <symbols>"; compares shapes only (no host sync)."""
+    if out.shape != shape:
+        raise ValueError(f"{what} = {tuple(shape)}, got {tuple(out.shape)}: {fix}")
+
+
 # Copied from diffusion.py: bcast
 def bcast(a, x):
     """(B,) -> (B, 1, ..., 1) to broadcast against x, in x's dtype."""
@@ -111,6 +153,7 @@ def denoise(net, x, sigma, y, sigma_data):
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     c_noise = sigma.clamp_min(1e-6).log() / 4  # the reference clamps before the log
     F = net(bcast(c_in, x) * x, c_noise.to(x.dtype), y=y)
+    check_shape(F, x.shape, "denoise: the net's output F must have its input's shape (B, *D)", "one per entry")
     return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
 
@@ -176,7 +219,12 @@ def F_and_dF(net, x, z, x_t, t, y, dxdt, cfg, distill):
     dx_in = bcast(cos_sin, x_t) * dxdt.to(x_t.dtype) / sd
     dc_noise_in = torch.full_like(c_noise_in, 0.25)
     if cfg.tangent == "fused":
-        (F_raw, dF_raw), logvar = net(x_in, c_noise_in, y=y, return_logvar=True, tangents=(dx_in, dc_noise_in, None))
+        tangents = (dx_in, dc_noise_in, None)
+        (F_raw, dF_raw), logvar = fused_call(net, x_in, c_noise_in, y=y, return_logvar=True, tangents=tangents)
+        check_shape(dF_raw, x_t.shape, "scm.loss: the net's dF must have the shape of x_t (B, *D)", "one per entry")
+        check_shape(F_raw, x_t.shape, "scm.loss: the net's F must have the shape of x_t (B, *D)", "one per entry")
+        check_shape(logvar, t.shape, "scm.loss: the net's logvar must have shape (B,)",
+                    "return one log-variance per sample")
         return -F_raw, -dF_raw.double(), logvar
     bare = getattr(net, "module", net)
     devices = [x_t.device] if x_t.device.type == "cuda" else []
@@ -187,12 +235,42 @@ def F_and_dF(net, x, z, x_t, t, y, dxdt, cfg, distill):
             def F_raw_fn(x_in_, c_noise_in_):  # tangents (cos t sin t dxdt / sigma_data, 1/4) along (x_in, c_noise)
                 return bare(x_in_, c_noise_in_, y=y)
             with torch.random.fork_rng(devices):
-                _, dF_raw = jvp(F_raw_fn, (x_in, c_noise_in), (dx_in, dc_noise_in))
+                _, dF_raw = jvp_explained(F_raw_fn, (x_in, c_noise_in), (dx_in, dc_noise_in))
             dF = -dF_raw.double()
         else:  # "fd"
             dF = _dF_fd(bare, x, z, x_t, t, y, dxdt, cfg, distill, devices)
     F_raw, logvar = net(x_in, c_noise_in, y=y, return_logvar=True)
+    check_shape(F_raw, x_t.shape, "scm.loss: the net's F must have the shape of x_t (B, *D)", "one per entry")
+    check_shape(logvar, t.shape, "scm.loss: the net's logvar must have shape (B,)",
+                "return one log-variance per sample")
     return -F_raw, dF, logvar
+
+
+# Copied from meanflow.py: fused_call
+def fused_call(net, *args, **kwargs):
+    """net(*args, tangents=..., **kwargs); a net without the tangents argument gets a one-line error."""
+    try:
+        return net(*args, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument 'tangents'" not in str(e):
+            raise
+        raise TypeError("tangent='fused' needs a net that propagates tangents (nets.py's nets do); use "
+                        "tangent='jvp' or 'fd'") from None
+
+
+# Copied from meanflow.py: jvp_explained
+def jvp_explained(fn, primals, tangents):
+    """torch.func.jvp(fn, primals, tangents); a failure is re-raised with its known causes (tests/test_contracts.py
+    builds a net with each)."""
+    try:
+        return jvp(fn, primals, tangents)
+    except (RuntimeError, NotImplementedError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise RuntimeError(f"tangent='jvp': torch.func.jvp failed ({type(e).__name__}). Known causes: a train-mode "
+                           "BatchNorm (functorch's in-place error) and fused attention kernels without a forward-AD "
+                           "rule (F.scaled_dot_product_attention on CPU; the math backend has one): use tangent='fd', "
+                           "or 'fused' with nets.py's nets") from e
 
 
 def _dF_fd(net, x, z, x_t, t, y, dxdt, cfg, distill, devices):
@@ -228,7 +306,7 @@ def tangent_g(F, dF, x_t, t, dxdt, cfg, step):
     return g / bcast(norm + cfg.tangent_norm_c, g)
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example sCM loss (B,) and logs. sCD when `teacher` (a frozen EDM-preconditioned net, eval mode) is given,
     sCT otherwise. step: 1-based optimizer step (tangent warm-up); gen: generator for sigma and noise; images: unused.
         loss_i = exp(-logvar_i) L_i / (sigma_i D) + logvar_i,   L_i = mean (rms) or sum (paper) of (F - sg(F) - g)^2

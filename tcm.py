@@ -30,12 +30,12 @@ log-Student-t time distribution, the boundary set, routing. Presets and the swee
 """
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 import cm
-from cm import WEIGHTINGS, bcast, consistency_fn, ct_partner, distance_loss, partner_sigma
+from cm import WEIGHTINGS, bcast, check_ranges, consistency_fn, ct_partner, distance_loss, partner_sigma
 
 # --- Config ----------------------------------------------------------------------------------------------
 
@@ -45,35 +45,51 @@ class Config:
     # sigma ~ log-Student-t: ln(sigma) = mu + s T_nu, truncated to [transition_sigma, sigma_max]; these and the
     # boundary set: FastGen methods/config_tcm.py (log_t_df, train_p_mean, train_p_std, transition_t, boundary_prob,
     # w_boundary)
-    student_t_nu: float = 0.01
-    student_t_mu: float = 0.0
-    student_t_scale: float = 0.2
-    transition_sigma: float = 1.0
-    sigma_max: float = 80.0
-    boundary_prob: float = 0.25  # exactly floor(boundary_prob * B) samples per micro-batch sit at transition_sigma
-    boundary_weight: float = 0.1
+    student_t_nu: float = 0.01  # > 0
+    student_t_mu: float = 0.0  # finite
+    student_t_scale: float = 0.2  # > 0
+    transition_sigma: float = 1.0  # > 0, < sigma_max
+    sigma_max: float = 80.0  # > 0
+    # exactly floor(boundary_prob * B) samples per micro-batch sit at transition_sigma
+    boundary_prob: float = 0.25  # in [0, 1)
+    boundary_weight: float = 0.1  # >= 0
     # As in cm.py (same names, read by cm's functions). The ECT ratio stays at its limit: FastGen's stages of 1000 kimg
     # count on from stage 1's images (methods/config_tcm.py; ct_schedule.py, CTScheduleCallback._get_cur_stage)
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002  # only used by the boundary parameterisation (boundary=True)
-    ratio_limit: float = 0.999
-    r_min: float = 0.002
-    huber_c: float = 1e-8
-    weighting: str = "inv_gap"
-    boundary: bool = False
-    batch_target: bool = False  # x_r from the batch's E[x | x_sigma] (cm.ct_partner). Deviation: the toy preset uses it
-    sample_sigmas: tuple = (79.5638, 0.0)  # the student's EMA alone; 2 steps: 80, 1.0, 0 (CIFAR-10)
+    sigma_data: float = 0.5  # > 0
+    sigma_min: float = 0.002  # > 0, < sigma_max; only used by the boundary parameterisation (boundary=True)
+    ratio_limit: float = 0.999  # in (0, 1)
+    r_min: float = 0.002  # >= 0, < sigma_max
+    huber_c: float = 1e-8  # >= 0
+    weighting: str = "inv_gap"  # one of cm.WEIGHTINGS
+    boundary: bool = False  # bool
+    # x_r from the batch's E[x | x_sigma] (cm.ct_partner). Deviation: the toy preset uses it
+    batch_target: bool = False  # bool
+    # the student's EMA alone; 2 steps: 80, 1.0, 0 (CIFAR-10)
+    sample_sigmas: tuple = (79.5638, 0.0)  # finite, decreasing to 0
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
-        if not (0 < self.transition_sigma < self.sigma_max and 0 <= self.boundary_prob < 1 and self.student_t_nu > 0):
-            raise ValueError("need 0 < transition_sigma < sigma_max, 0 <= boundary_prob < 1 and student_t_nu > 0")
+        check_ranges(self, RANGES)
+        for name in ("transition_sigma", "sigma_min", "r_min"):
+            if not getattr(self, name) < self.sigma_max:
+                raise ValueError(f"{name} must be < sigma_max, got {getattr(self, name)} and {self.sigma_max}")
         s = tuple(self.sample_sigmas)
-        if len(s) < 2 or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
+        if len(s) < 2 or not all(map(math.isfinite, s)) or any(a <= b for a, b in zip(s, s[1:])) or s[-1] != 0:
             raise ValueError(f"sample_sigmas must decrease to 0 with at least two entries, got {s}")
 
+    # Copied from diffusion.py: Config.from_preset
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The preset's method settings (the rest of PRESETS[name] is train.py's recipe), then overrides (checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
+
+# every numeric / bool field's range, as its comment states
+RANGES = dict(student_t_nu="> 0", student_t_mu="finite", student_t_scale="> 0", transition_sigma="> 0",
+              sigma_max="> 0", boundary_prob="in [0, 1)", boundary_weight=">= 0", sigma_data="> 0", sigma_min="> 0",
+              ratio_limit="in (0, 1)", r_min=">= 0", huber_c=">= 0", boundary="bool", batch_target="bool")
 TIME_BINS = (0.0, 1.0, 1.1, 1.5, 3.0, 10.0, 1000.0)  # edges in sigma: the distribution is concentrated just above 1
 NET_NEEDS = dict()
 TEACHERS = ()  # no --teacher; the frozen network comes from --stage1
@@ -139,7 +155,7 @@ def route(student, stage1, x, sigma, y, cfg):
 # --- Loss --------------------------------------------------------------------------------------------------------
 
 
-def loss(net, x, y, cfg, step, gen, teacher=None, images=0):
+def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example TCM loss (B,) whose batch mean is mean_interior(w l) + boundary_weight mean_boundary(w l) (FastGen
     TCM.py, TCMModel.single_train_step on CMModel._compute_cm_loss). teacher: the frozen stage-1 net (train mode);
     `net` may be DDP-wrapped (no-grad passes use the bare module)."""

@@ -180,7 +180,7 @@ def test_ct_loss_uses_the_batch_target_and_its_value_at_r_zero():
     net = randomize_(nets.build_net("mlp", (2,)).double())
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     cfg = cm.Config(batch_target=True, r_min=0.0, P_mean=0.0, sigma_data=1.0)
-    per_example, logs = cm.loss(net, x, None, cfg, 1, torch.Generator().manual_seed(2))
+    per_example, logs = cm.loss(net, x, None, cfg, 1, torch.Generator().manual_seed(2), images=0)
     g = torch.Generator().manual_seed(2)
     sigma = cm.sample_sigma(64, cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, g, x.device)
     sigma, r = cm.partner_sigma(sigma, cm.ect_ratio(0, cfg), cfg)
