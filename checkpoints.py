@@ -8,9 +8,13 @@ What is guaranteed (each point is a test in tests/test_runs.py):
     a leftover ckpt.pt.tmp is removed when the folder is next claimed.
   * A run owns OUT from its first moment: run.lock is created with O_EXCL and holds the pid and host. A lock whose
     process no longer runs on this host is stale: it is removed with a notice; any other lock stops the new run.
-  * A new run never writes into a folder that holds another run's files; --resume checks the method, net, data shape,
-    label_dim and cond against the checkpoint, restores the saved config, applies flags given on the command line
-    with a notice, and cuts metrics.jsonl back to the checkpoint's step.
+  * A run folder holds only the run: a new run needs an OUT that does not exist or is empty (but for a stale lock and
+    temp files of ours), never equal to or inside its data, and run folders are not data (check_out, before anything
+    is created; claim_run_dir again under the lock). A failed write removes its temp file: one-line error, the old
+    file kept.
+  * --resume continues in place only a run folder (or its ckpt.pt), else into a new OUT; it checks the method, net,
+    seed, data shape, label_dim and cond against the checkpoint, restores the saved config, applies flags given on the
+    command line with a notice, and cuts metrics.jsonl back to the checkpoint's step.
 """
 import contextlib
 import copy
@@ -28,19 +32,40 @@ from cli import UsageError
 
 LOCK = "run.lock"
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl")
+TEMPS = tuple(f + ".tmp" for f in RUN_FILES)  # a killed write's leftovers, removed when the folder is claimed
+METHOD_NAMES = ("meanflow", "scm", "cm", "tcm", "diffusion")
+
+
+def method_module(name):
+    """The method file a flag or a checkpoint's config names; only the listed names are ever imported."""
+    if not isinstance(name, str) or name not in METHOD_NAMES:
+        raise UsageError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    return importlib.import_module(name)
 
 
 # --- Checkpoint files --------------------------------------------------------------------------------------------
 
 
 def atomic_save(state, path):
-    """torch.save to path.tmp, flushed to disk, then renamed over path: a crash leaves the old file or the new one."""
+    """torch.save to path.tmp, flushed to disk, then renamed over path: a crash leaves the old file or the new one, and a
+    failed write (a full disk) the old file, no temp, and a one-line error."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(_write_failed(path, tmp, e)) from None
+
+
+def _write_failed(path, tmp, e):
+    """The message for a failed atomic write, after removing its temp file."""
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+    kept = f"; the previous {os.path.basename(path)} is kept" if os.path.exists(path) else ""
+    return f"cannot write {path} ({e.strerror or e}){kept}"
 
 
 def save_checkpoint(path, net, emas, opt, step, cfg):
@@ -76,11 +101,27 @@ def load_checkpoint(path, device):
 
 
 def load_weights(module, weights, what, strict=True):
-    """load_state_dict, with a one-line error naming the checkpoint when the shapes or keys do not fit."""
+    """load_state_dict, with a one-line error naming the checkpoint and the first keys that do not fit (missing,
+    unexpected with strict, of another shape always)."""
+    own = module.state_dict()
+    problems = []
+    if strict:
+        missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+        problems += [f"missing {_first(missing)}"] if missing else []
+        problems += [f"unexpected {_first(unexpected)}"] if unexpected else []
+    shapes = [f"{k} {tuple(weights[k].shape)} vs the net's {tuple(own[k].shape)}" for k in own
+              if k in weights and torch.is_tensor(weights[k]) and weights[k].shape != own[k].shape]
+    problems += [f"shape of {_first(shapes)}"] if shapes else []
+    if problems:
+        raise UsageError(f"{what} does not fit this data/net ({type(module).__name__}): {'; '.join(problems)}")
     try:
         return module.load_state_dict(weights, strict=strict)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{what} does not fit this data/net: {str(e).splitlines()[0]}") from None
+
+
+def _first(keys, n=3):
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
 def all_finite(*modules):
@@ -91,9 +132,11 @@ def all_finite(*modules):
 
 def build_net(cfg, method, shape, label_dim):
     """The net a resolved config describes, with what the method needs (r input, log-variance head)."""
+    if not isinstance(cfg["net"], str) or cfg["net"] not in nets.NETS:
+        raise UsageError(f"unknown net {cfg['net']!r}; choose from {', '.join(nets.NETS)}")
     overrides = {} if cfg["dropout"] is None else dict(dropout=cfg["dropout"])
     if cfg.get("dropout_res") is not None:
-        if cfg["net"] in nets.NETS and nets.NETS[cfg["net"]][0] is not nets.EDM2UNet:
+        if nets.NETS[cfg["net"]][0] is not nets.EDM2UNet:
             raise UsageError(f"--dropout-res applies to EDM2 nets only, not {cfg['net']}")
         overrides.update(dropout_res=tuple(int(res) for res in cfg["dropout_res"]))
     if cfg.get("augment", 0) > 0:
@@ -131,7 +174,7 @@ def frozen_ema(state, shape, label_dim, device, what, i=0):
     """EMA i of a checkpoint as the net its own method builds, frozen, in eval mode. A log-variance head that method
     does not use (an EDM2 checkpoint's, in a diffusion teacher) is dropped."""
     cfg = state["config"]
-    net = build_net(cfg, importlib.import_module(cfg["method"]), shape, label_dim).to(device)
+    net = build_net(cfg, method_module(cfg["method"]), shape, label_dim).to(device)
     keys = net.state_dict().keys()
     load_weights(net, {k: v for k, v in state["ema"][i].items() if not k.startswith("logvar") or k in keys}, what)
     return net.eval().requires_grad_(False)
@@ -179,12 +222,13 @@ def init_from(net, path, method, device, rank, cfg):
 
 def resume_config(saved, cfg, given, path):
     """The run's saved config with the flags given on the command line (`given`) applied; returns (config, notices).
-    Refused: another method, net, cond or number of EMAs, and another --preset (it would change every default)."""
+    Refused: another method, net, cond or number of EMAs, another --preset (it would change every default) and another
+    --seed (the sample order, noise and dropout masks follow it, so the run would not continue)."""
     if saved["method"] != cfg["method"]:
         raise UsageError(f"{path} is a {saved['method']} run, not {cfg['method']}: resume it with --method {saved['method']}")
     out, notices = {**cfg, **saved}, []
     for k in sorted(given):
-        if k in ("net", "cond", "preset") and cfg[k] != saved.get(k):
+        if k in ("net", "cond", "preset", "seed") and cfg[k] != saved.get(k):
             raise UsageError(f"--{k} {cfg[k]} differs from the run's {saved.get(k)} ({path}): a resumed run keeps its "
                              f"{k}; drop the flag or start a new run")
         if k == "ema" and len(cfg[k]) != len(saved[k]):
@@ -202,15 +246,21 @@ def check_resume_data(saved, shape, label_dim, path):
             raise UsageError(f"{path} was trained on data with {k} {saved[k]}; this data has {now}")
 
 
+def load_resumable(path, device):
+    """The checkpoint --resume continues: one with optimizer state (not a snapshot or a converted checkpoint)."""
+    state = load_checkpoint(path, device)
+    if "opt" not in state:
+        raise UsageError(f"{path} holds no optimizer state (a converted checkpoint or a snapshot?): start a run with "
+                         f"--init {path}")
+    return state
+
+
 def restore(state, net, emas, opt, path):
     load_weights(net, state["net"], f"--resume {path}")
     if len(state["ema"]) != len(emas):
         raise UsageError(f"{path} holds {len(state['ema'])} EMAs, this run has {len(emas)}")
     for ema, weights in zip(emas, state["ema"]):
         load_weights(ema, weights, f"--resume {path}")
-    if "opt" not in state:
-        raise UsageError(f"{path} holds no optimizer state (a converted checkpoint or a snapshot?): start a run with "
-                         f"--init {path}")
     try:
         opt.load_state_dict(state["opt"])
     except (ValueError, KeyError) as e:
@@ -232,9 +282,58 @@ def run_dir_of(path):
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
-def check_out(out):
+def check_out(out, resume, data_spec):
+    """Before anything is created: the folder a run will write (--out, or --resume's folder, or a new one under runs/)
+    can hold it, and it neither lies inside nor holds the data. A new run needs a folder that does not exist or is
+    empty (but for a lock and temp files of ours); continuing in place needs --resume to name a run folder or its
+    ckpt.pt; --data must not be a run folder. claim_run_dir checks the folder again under the lock."""
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a folder")
+    in_place = resume is not None and (out is None or _same_path(out, run_dir_of(resume)))
+    target = run_dir_of(resume) if in_place else out
+    if data_spec not in ("toy", "cifar10") and os.path.exists(data_spec):  # built in, or a path (data.load checks it)
+        data_path, out_path = os.path.realpath(data_spec), os.path.realpath(target or "runs")
+        if out_path == data_path or out_path.startswith(data_path + os.sep):
+            raise UsageError(f"the run folder {target or 'runs/'} would lie inside --data {data_spec}: "
+                             f"choose an --out outside the data")
+        if target is not None and data_path.startswith(out_path + os.sep):
+            raise UsageError(f"--data {data_spec} lies inside the run folder {target}, which the run writes into: "
+                             f"copy the data elsewhere")
+        if os.path.isdir(data_spec) and _is_run_folder(data_spec, lock=True):
+            raise UsageError(f"--data {data_spec} is a run folder (config.json with ckpt.pt or {LOCK}), not a dataset")
+    if in_place:
+        if os.path.isfile(resume) and os.path.basename(resume) != "ckpt.pt" or not _is_run_folder(target):
+            raise UsageError(f"--resume {resume} is not a run folder or its ckpt.pt, so it cannot continue in place: "
+                             f"pass --out NEW to continue it in a new folder")
+    elif target is not None and os.path.isdir(target) and not os.path.exists(os.path.join(target, LOCK)):
+        refusal = foreign_files(target)  # with a lock, claim_run_dir first names the run that holds it
+        if refusal:
+            raise UsageError(refusal)
+
+
+def _same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _is_run_folder(folder, lock=False):
+    """config.json with ckpt.pt (or, with lock, run.lock: a run before its first checkpoint)."""
+    names = os.listdir(folder)
+    return "config.json" in names and ("ckpt.pt" in names or lock and LOCK in names)
+
+
+def foreign_files(out):
+    """Why a new run may not start in the existing folder OUT (None: it may): a folder holds one run and nothing else,
+    so anything but a lock and temp files of ours stops it."""
+    names = sorted(set(os.listdir(out)) - {LOCK, *TEMPS})
+    found = [f for f in RUN_FILES if f in names]
+    if "ckpt.pt" in found:
+        return f"{out} already holds a run; pass --resume {out} or choose another --out"
+    if found:
+        return f"{out} holds {', '.join(found)} of a run without a checkpoint; delete them or choose another --out"
+    if names:
+        return (f"{out} is not empty (it holds {_first(names)}): a new run needs a new or empty folder; "
+                f"choose another --out")
+    return None
 
 
 def _lock_holder(lock):
@@ -258,7 +357,12 @@ def _running(pid):
 
 
 def _create_lock(lock):
-    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise
+    except OSError as e:  # a read-only folder or file system
+        raise UsageError(f"cannot write in the run folder {os.path.dirname(lock)} ({e.strerror})") from None
     with os.fdopen(fd, "w") as f:
         json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
 
@@ -273,7 +377,12 @@ def claim_run_dir(out, resume_step=None):
         raise UsageError(f"cannot create the run folder {out}: {e.strerror}") from None
     lock = os.path.join(out, LOCK)
     try:
-        _create_lock(lock)
+        try:
+            _create_lock(lock)
+        except UsageError:
+            if created:
+                os.rmdir(out)
+            raise
     except FileExistsError:
         holder = _lock_holder(lock)
         here = socket.gethostname()
@@ -296,16 +405,14 @@ def claim_run_dir(out, resume_step=None):
 
     try:
         if resume_step is None:
-            found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-            if "ckpt.pt" in found:
-                raise UsageError(f"{out} already holds a run; pass --resume {out} or choose another --out")
-            if found:
-                raise UsageError(f"{out} holds {', '.join(found)} of a run without a checkpoint; "
-                                 "delete them or choose another --out")
+            refusal = foreign_files(out)
+            if refusal:
+                raise UsageError(refusal)
         else:
             trim_metrics(os.path.join(out, "metrics.jsonl"), resume_step)
-        if os.path.exists(os.path.join(out, "ckpt.pt.tmp")):
-            os.remove(os.path.join(out, "ckpt.pt.tmp"))  # half of a killed save
+        for tmp in TEMPS:
+            if os.path.exists(os.path.join(out, tmp)):
+                os.remove(os.path.join(out, tmp))  # half of a killed write
     except BaseException:
         release()
         raise
@@ -354,9 +461,12 @@ def trim_metrics(path, step):
 
 
 def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise UsageError(_write_failed(path, path + ".tmp", e)) from None
 
 
 def append_metrics(out, record):

@@ -35,6 +35,7 @@ and exit status 1.
 """
 import argparse
 import collections
+import contextlib
 import inspect
 import io
 import os
@@ -49,6 +50,7 @@ import torch
 import checkpoints
 import data
 import nets
+from cli import UsageError
 
 
 class ConvertError(Exception):
@@ -361,27 +363,82 @@ def _jsonable(v):
 def convert(src, out, net_name=None, expect_sha256=None):
     """Convert `src` into `out`; returns the config written."""
     if not os.path.isfile(src):
-        raise ConvertError(f"no such file: {src}")
-    digest = data.file_digest(src)
-    if expect_sha256 and digest != expect_sha256.lower():
-        raise ConvertError(f"{src} has sha256 {digest}, expected {expect_sha256}")
-    weights, info = read_source(src)
+        raise ConvertError(f"{src} is a folder, not a file" if os.path.isdir(src) else f"no such file: {src}")
+    try:
+        digest = data.file_digest(src)
+        if expect_sha256 and digest != expect_sha256.lower():
+            raise ConvertError(f"{src} has sha256 {digest}, expected {expect_sha256}")
+        weights, info = read_source(src)
+    except OSError as e:  # unreadable (permissions, an I/O error)
+        raise ConvertError(f"cannot read {src}: {e.strerror or e}") from None
     state_dict, config = to_our_net(weights, info, net_name)
     config["source"].update(file=os.path.basename(src), sha256=digest)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    checkpoints.atomic_save(dict(net=state_dict, ema=[state_dict], step=0, config=config), out)  # shared storages
+    save_new(dict(net=state_dict, ema=[state_dict], step=0, config=config), out)  # net and ema share their storages
     return config
 
 
+def is_checkpoint(path):
+    """Whether path holds a checkpoint of this repository: weights-only and memory-mapped, so nothing large is read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # anything else: not a torch zip file, a refused pickle, a folder, ...
+        return False
+    return (isinstance(state, dict) and {"net", "ema", "step", "config"} <= set(state)
+            and isinstance(state["config"], dict) and "method" in state["config"])
+
+
+def missing_folders(path):
+    """The folders above path that do not exist yet, outermost first, and the nearest one that does."""
+    missing, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    return missing, folder
+
+
 def check_out(src, out, force):
-    """An existing out is replaced only with --force; src (also as out's temp file) never is."""
-    for path in (out, out + ".tmp"):
-        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(src, path):
-            raise ConvertError(f"{path} is the source file: write the conversion to another file")
+    """Before any work: out is not src, not a folder, has no out.tmp beside it, lies below a writable folder (missing
+    folders are made when it is written), and is new, unless --force is given and out is a checkpoint of this
+    repository (never src)."""
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise ConvertError(f"{out} is the source file: write the conversion to another file")
     if os.path.isdir(out):
         raise ConvertError(f"{out} is a folder; name the output .pt file")
-    if os.path.exists(out) and not force:
-        raise ConvertError(f"{out} exists; pass --force to replace it, or choose another output file")
+    if os.path.lexists(out + ".tmp"):  # atomic_save's temp file: never another file (src included)
+        raise ConvertError(f"{out}.tmp exists (left by an interrupted write?); remove it or choose another output file")
+    _, folder = missing_folders(out)
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConvertError(f"{out}: the folder {folder} is not writable")
+    if os.path.lexists(out):
+        if not force:
+            raise ConvertError(f"{out} exists; pass --force to replace it, or choose another output file")
+        if not is_checkpoint(out):
+            raise ConvertError(f"{out} exists and is not a checkpoint of this repository: not replaced, even with "
+                               "--force")
+
+
+def save_new(state, out):
+    """checkpoints.atomic_save (out.tmp, renamed over out), making the missing folders above out. On failure out.tmp
+    (check_out saw none before) and the folders made here are removed, and a failed write (a full disk, a read-only
+    folder) is one line."""
+    made, _ = missing_folders(out)
+    try:
+        for folder in made:
+            os.mkdir(folder)
+        checkpoints.atomic_save(state, out)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(out + ".tmp")
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty, and only those made here
+        if isinstance(e, UsageError):  # atomic_save's one line for a failed write
+            raise ConvertError(str(e)) from None
+        if isinstance(e, OSError):
+            raise ConvertError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
 
 
 def main(argv=None):
@@ -390,7 +447,8 @@ def main(argv=None):
     p.add_argument("out", help="output .pt in this repository's checkpoint format")
     p.add_argument("--net", help="registry name to check against (default: the one whose config matches)")
     p.add_argument("--sha256", help="expected SHA-256 of src")
-    p.add_argument("--force", action="store_true", help="replace an existing out (never src)")
+    p.add_argument("--force", action="store_true", help="replace an existing out that is a checkpoint of this "
+                   "repository (never src)")
     args = p.parse_args(argv)
     try:
         check_out(args.src, args.out, args.force)

@@ -43,6 +43,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MMAP_BYTES = 2**30  # decoded image sets above this size are cached as .npy and memory-mapped
 SD_VAE_SCALE = 0.18215  # Stable Diffusion's latent scale factor (facebookresearch/DiT `train.py` scales by it)
 IMAGENET_CLASSES = 1000
+MAX_LABEL_DIM = 100_000  # above ImageNet-21k's 21841 classes; a larger label_dim is a typo (its one-hot would not fit)
 
 
 class DataError(Exception):
@@ -128,7 +129,7 @@ def load(spec, cache_dir):
     if not os.path.exists(spec):
         raise DataError(f"no such dataset or file: {spec!r} (expected toy, cifar10, a .npy file, a .zip or a folder)")
     name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
-    if spec.endswith(".npy"):
+    if spec.lower().endswith(".npy"):
         return Dataset(load_points(spec), None, 0, name)
     if os.path.isfile(os.path.join(spec, LATENTS_JSON)):
         return LatentDataset(spec)
@@ -161,8 +162,10 @@ def load_points(path):
         a = np.load(path, allow_pickle=False)
     except Exception as e:
         raise DataError(f"cannot read {path} as a .npy array ({type(e).__name__}: {e})") from None
-    if a.ndim != 2 or a.shape[0] < 2 or not np.issubdtype(a.dtype, np.number):
-        raise DataError(f"{path}: expected an N x D numeric array of points, got shape {a.shape} dtype {a.dtype}")
+    real = np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)  # not complex, bool or text
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 1 or not real:
+        raise DataError(f"{path}: expected an N x D array of real numbers (N >= 2, D >= 1), got shape {a.shape} "
+                        f"dtype {a.dtype}")
     a = a.astype(np.float32)
     if not np.isfinite(a).all():
         raise DataError(f"{path}: the array contains NaN or Inf")
@@ -291,12 +294,26 @@ def _read_labels(path, names, images, read):
     missing = [n for n in images if n not in table]
     if missing:
         raise DataError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} missing)")
-    labels = torch.tensor([int(table[n]) for n in images], dtype=torch.int64)
+    bad = [n for n in images if not _is_int(table[n])]
+    if bad:
+        raise DataError(f"{path}: dataset.json labels must be integers, got {table[bad[0]]!r} for {bad[0]}")
+    labels = torch.tensor([table[n] for n in images], dtype=torch.int64)
     label_dim = meta.get("label_dim") or (IMAGENET_CLASSES if "imagenet" in os.path.basename(os.path.normpath(path)).lower()
                                           else int(labels.max()) + 1)
+    check_labels(path, labels, label_dim, "dataset.json")
+    return labels, label_dim
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_labels(path, labels, label_dim, source):
+    """label_dim an integer in [1, MAX_LABEL_DIM] and every label in [0, label_dim)."""
+    if not _is_int(label_dim) or not 1 <= label_dim <= MAX_LABEL_DIM:
+        raise DataError(f"{path}: {source}'s label_dim must be an integer in [1, {MAX_LABEL_DIM}], got {label_dim!r}")
     if labels.min() < 0 or labels.max() >= label_dim:
         raise DataError(f"{path}: labels must lie in [0, {label_dim}), got [{int(labels.min())}, {int(labels.max())}]")
-    return labels, int(label_dim)
 
 # --- Latents (ImageNet-256 through the SD-VAE) ---------------------------------------------------------------------
 # A folder with mean.npy and std.npy (float16, (N, 4, 32, 32): the VAE posterior per image), labels.npy ((N,) int64,
@@ -325,8 +342,13 @@ class LatentDataset:
             raise DataError(f"{path}: cannot read the latent dataset ({type(e).__name__}: {e})") from None
         if meta.get("format") != LATENTS_FORMAT or self.mean.shape != self.std.shape or len(self.mean) != meta.get("count"):
             raise DataError(f"{path}: {LATENTS_JSON} does not describe mean.npy/std.npy ({LATENTS_FORMAT}, same shapes)")
-        self.labels = None if labels is None else torch.from_numpy(labels.astype(np.int64))
-        self.label_dim = int(meta.get("label_dim") or 0) if labels is not None else 0
+        self.labels, self.label_dim = None, 0
+        if labels is not None:
+            if labels.shape != (len(self.mean),) or not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{path}: labels.npy must hold {len(self.mean)} integers, got shape {labels.shape} "
+                                f"dtype {labels.dtype}")
+            self.labels, self.label_dim = torch.from_numpy(labels.astype(np.int64)), meta.get("label_dim")
+            check_labels(path, self.labels, self.label_dim, LATENTS_JSON)
         self.scale, self.meta = float(meta["scale"]), meta
         self.name = os.path.basename(os.path.normpath(path))
 

@@ -9,6 +9,7 @@ sums, .npz files with mu and sigma) and `generate.py` (the uint8 rounding), and 
     python fid.py calc ... --repeats 3              # EDM's habit: 3 disjoint seed sets; each FID, their min and mean
     python fid.py ref  --data imagenet.zip --resolution 256 --out in256-ref.npz     # latent models: the encoding's crop
     python fid.py calc --ckpt runs/meanflow-latents-000 --ref in256-ref.npz        # SD-VAE latents: decoded first
+    python fid.py calc ... --json RUN/fid.json --force    # --force replaces an earlier fid.py calc record only
 
 Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
   * Detector: Inception-v3 "2015-12-05" (inception.py; the TF graph FID has always used), 2048-d pool3 features in
@@ -41,14 +42,20 @@ Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
     reference statistics come from the images with the crop the latents were encoded with (ref --resolution).
   * --repeats K: K disjoint seed sets (repeat k: images k num .. (k + 1) num - 1, as EDM's seeds 0-49999,
     50000-99999, ...); prints every FID, their minimum (what EDM reports) and mean. "fid" stays the first set's.
+
+Outputs (ref --out, calc --json, calc --save-samples DIR: DIR/samples.png and DIR/samples.npz) are checked before any
+work: each lies in an existing writable folder, is no folder and none of the command's inputs (--data, --ckpt and its
+folder, --ref, --detector, --vae), and is new, unless --force is given and the file is recognisably this command's own
+kind (an .npz of mu and sigma; a JSON record with fid.py's keys; a PNG; an .npz of images). Each is written to a temp
+file in its folder and renamed; a failed write removes the temp file and is one line.
 """
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import json
 import os
+import secrets
 import time
 
 import numpy as np
@@ -313,12 +320,150 @@ def fid_evaluator(args, cfg, ds, label_dim, method, method_cfg, rank, ddp, devic
                                    device, seed=cfg["seed"])
 
 
+# --- Outputs: checked before any work, written through a temp file -------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RECORD_KEYS = ("fid", "ckpt", "ref", "detector_sha256", "protocol")  # every calc --json record holds these
+
+
+def is_npz_of(path, keys):
+    """Whether path is an .npz archive of exactly the arrays `keys` (never unpickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return set(f.files) == set(keys)
+    except Exception:  # not an .npz (a .npy array has no `with`, a pickle is refused, a text is no zip, ...)
+        return False
+
+
+def is_record(path):
+    """Whether path is a JSON object with the keys of a calc record."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
+
+
+def is_png(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def inputs(args):
+    """(flag, path) of every existing file or folder the command reads; --ckpt also names its run folder."""
+    name = os.path.basename(args.detector.split("?")[0])
+    found = [("--detector", args.detector), ("--detector", os.path.join(args.cache, name))]  # the cached download
+    if args.command == "ref":
+        found.append(("--data", args.data))
+    else:
+        run = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+        found += [("--ckpt", args.ckpt), ("--ckpt", os.path.join(args.ckpt, "ckpt.pt")), ("--ckpt", run),
+                  ("--ref", args.ref), ("--vae", args.vae)]
+    return [(flag, path) for flag, path in found if os.path.exists(path)]
+
+
+def outputs(args):
+    """(flag, path, is_ours, what is_ours recognises) of every file the command writes."""
+    if args.command == "ref":
+        return [("--out", args.out, lambda p: is_npz_of(p, ("mu", "sigma")),
+                 "fid.py reference statistics (an .npz of mu and sigma)")]
+    found = [("--json", args.json, is_record, "a fid.py calc record")] if args.json else []
+    if args.save_samples:
+        png, npz = (os.path.join(args.save_samples, name) for name in ("samples.png", "samples.npz"))
+        found += [("--save-samples", png, is_png, "a PNG"),
+                  ("--save-samples", npz, lambda p: is_npz_of(p, ("images",)), "fid.py samples (an .npz of images)")]
+    return found
+
+
+def check_folder(folder, flag, value):
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {value}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: the folder {folder} is not writable")
+
+
+def check_outputs(args):
+    """The rule of the module docstring's "Outputs", before any work (UsageError at the first path that breaks it)."""
+    reads = inputs(args)
+
+    def check_not_input(flag, path):
+        for in_flag, other in reads:
+            if os.path.exists(path) and os.path.samefile(path, other):
+                raise UsageError(f"{flag} {path} is this command's {in_flag} {other}: write the result elsewhere")
+
+    if args.command == "calc" and args.save_samples:
+        folder = args.save_samples
+        check_not_input("--save-samples", folder)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"--save-samples {folder} is a file; name a folder")
+        check_folder(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder)), "--save-samples",
+                     folder)
+    planned = {}
+    for flag, path, is_ours, kind in outputs(args):
+        check_not_input(flag, path)
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a folder; name a file")
+        folder = os.path.dirname(os.path.abspath(path))
+        if flag != "--save-samples":  # checked above (it may not exist yet)
+            check_folder(folder, flag, path)
+        if os.path.lexists(path):
+            if not args.force:
+                raise UsageError(f"{flag} {path} exists; pass --force to replace it, or choose another file")
+            if not is_ours(path):
+                raise UsageError(f"{flag} {path} exists and is not {kind}: not replaced, even with --force")
+        real = os.path.realpath(path)
+        if real in planned:
+            raise UsageError(f"{flag} {path} and {planned[real]} name the same file")
+        planned[real] = f"{flag} {path}"
+
+
+def write_new(path, write):
+    """write(tmp) fills a new temp file next to path (same extension: PIL picks the format by it), which is renamed
+    over path: a crash leaves the old file or the new one. On failure the temp file is removed; an OSError (a full
+    disk, a read-only folder) becomes a one-line UsageError."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{ext}")
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # claimed: never another file
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def write_json(path, record):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+    write_new(path, write)
+
+
+def write_npz(path, **arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: given a name, np.savez would append .npz to one without it
+            np.savez(f, **arrays)
+    write_new(path, write)
+
 # --- Command line --------------------------------------------------------------------------------------------------
 
 
 def run_ref(args, rank, world, device):
     detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
-    if args.resolution:  # images of any size, cropped as data.py encode-latents crops them
+    if args.resolution is not None:  # images of any size, cropped as data.py encode-latents crops them
         stats = FeatureStats(device)
         for _, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
             stats.add(features(detector, images))
@@ -339,28 +484,44 @@ def run_ref(args, rank, world, device):
 
 def save_ref(args, mu, sigma, n, digest, rank):
     if rank == 0:
-        tmp = args.out + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy())
-        os.replace(tmp, args.out)
-        crop = f", center-crop-dhariwal {args.resolution}" if args.resolution else ""
+        write_npz(args.out, mu=mu.numpy(), sigma=sigma.numpy())
+        crop = f", center-crop-dhariwal {args.resolution}" if args.resolution is not None else ""
         print(f"{args.out}: statistics of {n} images of {args.data}{crop} (detector {digest[:8]})")
+
+
+def read_checkpoint(path, ema, device):
+    """(state, method module, shape) of a checkpoint whose fields this file reads hold what they should: the method
+    one of checkpoints.METHOD_NAMES (a file never picks the code that runs), the rest checked here (one-line errors)."""
+    state = checkpoints.load_checkpoint(path, device)
+    cfg = state["config"]
+    shape = cfg.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int for n in shape) and shape[0] in (3, 4)):
+        raise UsageError(f"{path} was trained on data of shape {shape or 'unknown'}, neither RGB images nor "
+                         "SD-VAE latents: FID is for 3-channel images (or 4-channel latents, decoded)")
+    if type(cfg.get("label_dim")) is not int or cfg["label_dim"] < 0:
+        raise UsageError(f"{path}: label_dim must be an integer >= 0, got {cfg.get('label_dim')!r}")
+    if type(state["step"]) is not int or not isinstance(state["ema"], list) or \
+            not all(isinstance(weights, dict) for weights in state["ema"]):
+        raise UsageError(f"{path} is not a checkpoint of this repository (step must be an integer, ema a list of "
+                         "state dicts)")
+    if not 0 <= ema < len(state["ema"]):
+        raise UsageError(f"{path} holds {len(state['ema'])} EMA nets; --ema {ema} does not exist")
+    return state, checkpoints.method_module(cfg["method"]), tuple(shape)
 
 
 def run_calc(args, rank, world, device):
     t0 = time.time()
-    state = checkpoints.load_checkpoint(args.ckpt, device)
+    state, method, shape = read_checkpoint(args.ckpt, args.ema, device)
     cfg = state["config"]
-    shape = tuple(cfg.get("shape") or ())
-    if len(shape) != 3 or shape[0] not in (3, 4):
-        raise UsageError(f"{args.ckpt} was trained on data of shape {shape or 'unknown'}, neither RGB images nor "
-                         "SD-VAE latents: FID is for 3-channel images (or 4-channel latents, decoded)")
-    if not 0 <= args.ema < len(state["ema"]):
-        raise UsageError(f"{args.ckpt} holds {len(state['ema'])} EMA nets; --ema {args.ema} does not exist")
     ref = load_ref(args.ref)
-    method = importlib.import_module(cfg["method"])
-    method_cfg = sampler_config(method, recipe.method_config(method, cfg), args.steps, args.sigmas, args.ts)
-    net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
+    try:  # the config's values, from the file: a wrong kind (a string for a number, ...) is bad input
+        method_cfg = recipe.method_config(method, cfg)
+        net = checkpoints.frozen_ema(state, shape, cfg["label_dim"], device, f"{args.ckpt} ema {args.ema}", args.ema)
+    except (TypeError, ValueError, KeyError) as e:
+        detail = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"{args.ckpt}: its config does not build a {cfg['method']} net ({type(e).__name__}: "
+                         f"{detail})") from None
+    method_cfg = sampler_config(method, method_cfg, args.steps, args.sigmas, args.ts)
     detector, digest = load_detector(args.detector, device, args.cache)
     decode = None
     if shape[0] == 4:  # SD-VAE latents; rank 0 loads first (it may download), then the others
@@ -396,12 +557,15 @@ def run_calc(args, rank, world, device):
             print(f"FID of {args.repeats} seed sets: {', '.join(f'{v:.4f}' for v in fids)} | "
                   f"min {record['fid_min']:.4f} | mean {record['fid_mean']:.4f}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(record, f, indent=2)
+            write_json(args.json, record)
         if args.save_samples:
-            os.makedirs(args.save_samples, exist_ok=True)
-            data.save_picture(os.path.join(args.save_samples, "samples.png"), images[:256].float() / 127.5 - 1, None)
-            np.savez(os.path.join(args.save_samples, "samples.npz"), images=images.numpy())
+            try:
+                os.makedirs(args.save_samples, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create --save-samples {args.save_samples}: {e.strerror or e}") from None
+            write_new(os.path.join(args.save_samples, "samples.png"),
+                      lambda tmp: data.save_picture(tmp, images[:256].float() / 127.5 - 1, None))
+            write_npz(os.path.join(args.save_samples, "samples.npz"), images=images.numpy())
     return record
 
 
@@ -431,6 +595,8 @@ def build_parser():
     ref.add_argument("--resolution", type=int, help="center-crop-dhariwal every image to this size first, as "
                      "data.py encode-latents did (reference statistics for latent models)")
     for command in (ref, calc):
+        command.add_argument("--force", action="store_true",
+                             help="replace an existing output of this command's own kind (never an input)")
         command.add_argument("--detector", default=inception.DETECTOR_DEFAULT,
                        help="Inception weights: path, URL or known file name")
         command.add_argument("--batch", type=int, default=250, help="images per chunk and rank")
@@ -439,10 +605,22 @@ def build_parser():
     return p
 
 
+def check_numbers(args):
+    lowest = [("--batch", args.batch, 1)]
+    if args.command == "calc":
+        lowest += [("--num", args.num, 2), ("--repeats", args.repeats, 1), ("--vae-batch", args.vae_batch, 1),
+                   ("--seed", args.seed, 0)]
+    elif args.resolution is not None:
+        lowest.append(("--resolution", args.resolution, 1))
+    for flag, value, lo in lowest:
+        if value < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {value}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch < 1 or (args.command == "calc" and (args.num < 2 or args.repeats < 1 or args.vae_batch < 1)):
-        raise UsageError("--batch, --repeats and --vae-batch must be >= 1 and --num >= 2")
+    check_numbers(args)
+    check_outputs(args)  # every rank: all refuse alike, before any work
     ddp, rank, world, device = setup_distributed(args.device)
     try:
         if rank == 0:  # download the detector once, before the other ranks look for it

@@ -209,7 +209,11 @@ def fetch_detector(spec, cache_dir):
     path = os.path.join(cache_dir, name)
     if os.path.isfile(path):
         return path, check_sha256(path, name)
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise DetectorError(f"cannot create the download cache {cache_dir} ({e.strerror}); pass another --cache, or "
+                            f"{FETCH_HINT}") from None
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as dst:

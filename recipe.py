@@ -9,7 +9,6 @@ config_warnings names likely mistakes. `--resume` puts the saved config under th
 """
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 import math
@@ -21,7 +20,7 @@ import data
 import nets
 from cli import UsageError, check_device, parse_as
 
-METHODS = ("meanflow", "scm", "cm", "tcm", "diffusion")
+METHODS = checkpoints.METHOD_NAMES
 
 # Training recipe: every key a preset may set besides the method's Config fields: (default, type, help).
 TRAIN = dict(
@@ -108,7 +107,8 @@ def build_parser(method=None, preset=None):
     if method is not None:
         g = p.add_argument_group(f"{method.__name__}.Config ({where})")
         for k, default in fields.items():
-            add_flag(g, k, type(default), f"[{where}: {show(values[k])}]")
+            valid = method.RANGES.get(k)  # the range Config.__post_init__ checks
+            add_flag(g, k, type(default), (f"{valid} " if valid else "") + f"[{where}: {show(values[k])}]")
     return p
 
 
@@ -128,9 +128,7 @@ def resolve_config(argv):
     known, _ = pre.parse_known_args(argv)
     method, preset_name = None, None
     if known.method is not None:
-        if known.method not in METHODS:
-            raise UsageError(f"unknown method {known.method!r}; choose from {', '.join(METHODS)}")
-        method = importlib.import_module(known.method)
+        method = checkpoints.method_module(known.method)
         preset_name = known.preset or default_preset(known.data or "toy", method, distill=bool(known.teacher))
         if preset_name not in method.PRESETS:
             why = "" if known.preset else f" (the default for --data {known.data}; pass --preset)"
@@ -155,8 +153,10 @@ def method_config(method, cfg):
         raise UsageError(f"{method.__name__} config: {e}") from None
 
 
-def check_config(args, cfg, method):
-    """Every choice and number in range, and the checkpoints the recipe needs named (before anything is created)."""
+def check_config(args, cfg, method, resumed_step=None):
+    """Every choice and number in range, the checkpoints and files the recipe needs named, the run folder usable, and
+    on --resume (`resumed_step`: the checkpoint's step) steps left to take and no flag that only starts a run (before
+    anything is created)."""
     for k, allowed in CHOICES.items():
         if cfg[k] not in allowed:
             raise UsageError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
@@ -173,9 +173,22 @@ def check_config(args, cfg, method):
     if not cfg["ema"] or not all(lo < e < hi for e in cfg["ema"]):
         raise UsageError(f"--ema with --ema-kind {cfg['ema_kind']} needs values in ({lo}, {hi}), got {cfg['ema']}")
     check_device(args.device)
-    checkpoints.check_out(args.out)
+    if resumed_step is not None:
+        if cfg["steps"] <= resumed_step:
+            raise UsageError(f"--resume {args.resume} is at step {resumed_step} already: pass --steps above "
+                             f"{resumed_step} to continue it (--steps is the total, not the steps to add)")
+        if args.init:
+            raise UsageError("--init starts a new run's net; a resumed run continues from its checkpoint: drop --init")
+    checkpoints.check_out(args.out, args.resume, cfg["data"])
     if args.fid_every and not args.fid_ref:
         raise UsageError("--fid-every needs --fid-ref REF.npz (make it with: python fid.py ref --data DATA --out REF.npz)")
+    for flag in ("fid_ref", "fid_detector"):
+        if getattr(args, flag) and not args.fid_every:
+            raise UsageError(f"--{flag.replace('_', '-')} is for --fid-every N, which is not given")
+    for flag in ("fid_ref", "teacher", "init", "stage1"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
     if cfg["distill"] and not args.teacher:
         raise UsageError(f"preset {cfg['preset']} distils from a teacher: pass --teacher PATH")
     if args.teacher and not method.TEACHERS:
@@ -231,7 +244,7 @@ def default_preset(spec, method=None, distill=False):
     """toy for points, imagenet256 for latents, imagenet64 for 64x64 images, cifar10 for other images. With a
     teacher (distill) and a method that has one distilling variant of that preset (scm: toy-scd, cifar10-scd,
     imagenet64-scd; cm: toy-cd), the variant."""
-    if spec == "toy" or spec.endswith(".npy"):
+    if spec == "toy" or spec.lower().endswith(".npy"):
         name = "toy"
     elif os.path.isfile(os.path.join(spec, data.LATENTS_JSON)):
         name = "imagenet256"

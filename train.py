@@ -201,17 +201,18 @@ class Run:
     opt: torch.optim.Optimizer
     ema_offset: int  # a power EMA's step counter continues from the --stage1 run's steps
     start: int  # steps already done (the resumed checkpoint's)
+    fid_of: object  # FID of an EMA net (--fid-every), else None
 
 
 def set_up(argv):
-    """Config (flags over preset, or the resumed run's), devices, batch split, data, nets, EMAs and optimizer, in this
-    order; bad input fails here, before the run folder is touched."""
+    """Config (flags over preset, or the resumed run's), devices, batch split, data, nets, EMAs, optimizer and the FID
+    evaluator, in this order; bad input fails here, before the run folder is touched."""
     args, cfg, method, given = recipe.resolve_config(argv)
     state = None
     if args.resume:  # the run's own config, then the flags given now
-        state = checkpoints.load_checkpoint(args.resume, "cpu")
+        state = checkpoints.load_resumable(args.resume, "cpu")
         cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
-    method_cfg = recipe.check_config(args, cfg, method)
+    method_cfg = recipe.check_config(args, cfg, method, None if state is None else state["step"])
     ddp, rank, world, device = setup_distributed(args.device)
     if rank == 0 and state is not None:
         for notice in notices:
@@ -255,8 +256,11 @@ def set_up(argv):
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"], **fused)
     start = 0 if state is None else checkpoints.restore(state, net, emas, opt, args.resume)
+    fid_of = None
+    if args.fid_every:  # its reference statistics and detector are inputs too: checked before the run folder
+        fid_of = fid.fid_evaluator(args, cfg, ds, label_dim, method, method_cfg, rank, ddp, device)
     return Run(args, cfg, method, method_cfg, ddp, rank, world, device, batch_gpu, accum, ds, label_dim, net, teacher,
-               emas, opt, ema_offset, start)
+               emas, opt, ema_offset, start, fid_of)
 
 # --- The loop: its state, its stages, main ---------------------------------------------------------------------
 
@@ -415,10 +419,8 @@ def start_loop(run, out):
               f"{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {run.world} "
               f"ranks x {run.accum} rounds x {run.batch_gpu} | {device} {cfg['precision']} | "
               f"preset {cfg['preset']} | out {out}")
-    fid_of = fid.fid_evaluator(args, cfg, ds, run.label_dim, run.method, run.method_cfg, run.rank, run.ddp, device) \
-        if args.fid_every else None
     return Loop(out=out, model=model, loss_fn=loss_fn, autocast=autocast, gen=torch.Generator(device),
-                aug_gen=torch.Generator(device), sampler=data.EpochSampler(len(ds), cfg["seed"]), fid_of=fid_of,
+                aug_gen=torch.Generator(device), sampler=data.EpochSampler(len(ds), cfg["seed"]), fid_of=run.fid_of,
                 stats=IntervalStats(run.method.TIME_BINS, device), t0=time.time(), step_t0=run.start,
                 saved_step=run.start)
 
@@ -464,8 +466,22 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with bad input and divergence reported as one line on stderr and exit status 1."""
-    run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
+    """main() with bad input and divergence reported as one line on stderr and exit status 1. A torchrun rank leaves
+    through os._exit once main() has returned or exited: interpreter teardown would free whatever still holds the Gloo
+    process group's threads (its C++ objects outlive destroy_process_group while anything references them), and a
+    thread destroyed unjoined there aborts the rank ("terminate called without an active exception") after "done"."""
+    if "RANK" not in os.environ:
+        return run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
+    try:
+        run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
 if __name__ == "__main__":

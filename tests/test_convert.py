@@ -218,6 +218,89 @@ def test_cli_one_line_errors(tiny_edm, tmp_path, capsys):
     assert "net ddpmpp-tiny" in capsys.readouterr().out
 
 
+def hashes(*roots):
+    """{path: SHA-256} of every file under roots (files or folders)."""
+    found = {}
+    for root in map(str, roots):
+        walk = [(os.path.dirname(root), [], [os.path.basename(root)])] if os.path.isfile(root) else os.walk(root)
+        for folder, _, files in walk:
+            for name in files:
+                found[os.path.join(folder, name)] = data.file_digest(os.path.join(folder, name))
+    return found
+
+
+def convert_refused(argv, message):
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    assert str(e.value.code).startswith("convert.py: error: ") and "\n" not in str(e.value.code), e.value.code
+    assert message in str(e.value.code), (message, e.value.code)
+
+
+def test_out_is_checked_before_any_work(tiny_edm, tmp_path, monkeypatch):
+    """src (also through a hard link), a folder, an existing temp name, a path below a file, an unwritable
+    folder, an existing file without --force, and with --force any file that is not a checkpoint of ours: refused
+    before the source is read, every byte kept."""
+    _, pkl = tiny_edm
+    os.link(pkl, tmp_path / "link.pkl")
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "c.pt.tmp").write_text("someone's file")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "read-only").mkdir()
+    real_access = os.access  # root writes anywhere: a read-only folder is what os.access says of it
+    monkeypatch.setattr(os, "access", lambda p, mode: not p.endswith("read-only") and real_access(p, mode))
+    monkeypatch.setattr(convert, "read_source", lambda *a: pytest.fail("the source was read before the checks"))
+    before = hashes(tmp_path)
+    for out, force, message in [(pkl, True, "is the source file"), (tmp_path / "link.pkl", True, "is the source file"),
+                                (tmp_path / "dir", True, "is a folder"),
+                                (tmp_path / "c.pt", True, "c.pt.tmp exists (left by an interrupted write?)"),
+                                (tmp_path / "notes.txt" / "x.pt", False, "notes.txt is a file, not a folder"),
+                                (tmp_path / "read-only" / "x.pt", False, "read-only is not writable"),
+                                (tmp_path / "notes.txt", False, "exists; pass --force"),
+                                (tmp_path / "notes.txt", True, "is not a checkpoint of this repository: not replaced")]:
+        convert_refused([pkl, str(out), *(["--force"] if force else [])], message)
+    convert_refused([str(tmp_path / "dir"), str(tmp_path / "o.pt")], "is a folder, not a file")
+    assert hashes(tmp_path) == before and not (tmp_path / "o.pt").exists()
+
+
+def test_force_replaces_a_checkpoint_and_makes_folders(tiny_edm, tmp_path):
+    """--force replaces a checkpoint of this repository; missing folders above out are made; no temp file stays."""
+    _, pkl = tiny_edm
+    out = tmp_path / "new" / "deeper" / "c.pt"
+    convert.main([pkl, str(out)])
+    torch.save(dict(net={}, ema=[{}], step=7, config=dict(method="cm")), out)
+    convert.main([pkl, str(out), "--force"])
+    assert torch.load(out, weights_only=True)["step"] == 0
+    assert os.listdir(tmp_path / "new" / "deeper") == ["c.pt"]
+
+
+def test_a_failed_save_is_one_line_and_leaves_nothing(tiny_edm, tmp_path, monkeypatch):
+    """a full disk while saving (half a file, then ENOSPC): one line, the checkpoint it would have
+    replaced unchanged, no temp file, and no folder made for it."""
+    import errno
+    _, pkl = tiny_edm
+    old = tmp_path / "old.pt"
+    torch.save(dict(net={}, ema=[{}], step=7, config=dict(method="cm")), old)
+    before = hashes(tmp_path)
+
+    def full_disk(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    convert_refused([pkl, str(old), "--force"], "cannot write")
+    convert_refused([pkl, str(tmp_path / "new" / "c.pt")], "No space left on device")
+    assert hashes(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["edm.pkl", "old.pt"]
+
+
+def test_an_unreadable_source_is_one_line(tiny_edm, tmp_path, monkeypatch):
+    """a source that cannot be read (no permission; root reads anything, so the read is made to fail)."""
+    import errno
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    monkeypatch.setattr(data, "file_digest", unreadable)
+    convert_refused([tiny_edm[1], str(tmp_path / "o.pt")], "cannot read")
+    assert not (tmp_path / "o.pt").exists()
+
 def test_unsupported_edm_architecture_is_a_config_mismatch(tmp_path):
     """EDM's NCSN++ ('-ve') nets record a Fourier embedding and a residual encoder: our DDPM++ cannot hold them."""
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -452,6 +453,218 @@ def test_calc_bad_input(detector, image_run, tmp_path):
         assert __import__("re").search(message, str(e.value)), (message, str(e.value))
     with pytest.raises(SystemExit, match="not a set of RGB images"):
         fid.cli(["ref", "--data", "toy", "--out", str(tmp_path / "x.npz"), "--detector", det])
+
+
+# --- Outputs: no command overwrites what it did not create ----------------------------------------------------------
+
+
+def hashes(*roots):
+    """{path: SHA-256} of every file under roots (files or folders)."""
+    found = {}
+    for root in map(str, roots):
+        walk = [(os.path.dirname(root), [], [os.path.basename(root)])] if os.path.isfile(root) else os.walk(root)
+        for folder, _, files in walk:
+            for name in files:
+                found[os.path.join(folder, name)] = data.file_digest(os.path.join(folder, name))
+    return found
+
+
+def refused(argv, message):
+    """fid.py's one-line error (exit status 1) matching `message`."""
+    with pytest.raises(SystemExit) as e:
+        fid.cli(argv)
+    text = str(e.value.code)
+    assert text.startswith("fid.py: error: ") and "\n" not in text, text
+    assert re.search(message, text), (message, text)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any work (detector, checkpoint, dataset) fails the test: the refusals must come before it."""
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the output checks")
+    for module, name in ((fid, "fetch_detector"), (fid, "load_detector"), (checkpoints, "load_checkpoint"),
+                         (data, "load"), (data, "cropped_images")):
+        monkeypatch.setattr(module, name, work)
+
+
+@pytest.fixture
+def cheap_work(monkeypatch):
+    """The commands' work without the Inception net or the 2048-d distance: features from the pixels."""
+    monkeypatch.setattr(fid, "fetch_detector", lambda spec, cache: (spec, "0" * 64))
+    monkeypatch.setattr(fid, "load_detector", lambda spec, device, cache: (None, "0" * 64))
+    monkeypatch.setattr(fid, "features", lambda detector, images: images.float().flatten(1)[:, :1] * torch.ones(2048))
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu, *_: float(mu.sum()))
+
+
+def test_outputs_never_replace_an_input(detector, image_run, tmp_path, no_work):
+    """`ref --out` the dataset or the detector, `calc --json` the checkpoint (also named through its
+    run folder) or the reference, `--save-samples` the run folder: refused with and without --force, every byte kept."""
+    det, run, zip_ = detector[0], str(image_run / "img"), str(image_run / "imgs.zip")
+    ref = tiny_ref(tmp_path / "ref.npz")
+    before = hashes(image_run, det, ref)
+    for force in ([], ["--force"]):
+        refused(["ref", "--data", zip_, "--out", zip_, "--detector", det, *force], "is this command's --data")
+        refused(["ref", "--data", zip_, "--out", det, "--detector", det, *force], "is this command's --detector")
+        calc = ["calc", "--ckpt", run, "--ref", ref, "--detector", det, *force]
+        refused([*calc, "--json", os.path.join(run, "ckpt.pt")], "is this command's --ckpt")
+        refused([*calc, "--json", ref], "is this command's --ref")
+        refused([*calc, "--save-samples", run], "--save-samples .* is this command's --ckpt")
+    assert hashes(image_run, det, ref) == before
+
+
+def test_force_never_replaces_another_kind_of_file(detector, image_run, tmp_path, no_work):
+    """an existing output is refused without --force, and with it unless it is the command's own
+    kind: a checkpoint is no reference .npz, a config.json no calc record, an .npz of other arrays no samples."""
+    det, run, zip_ = detector[0], str(image_run / "img"), str(image_run / "imgs.zip")
+    ref = tiny_ref(tmp_path / "ref.npz")
+    (tmp_path / "s").mkdir()
+    np.savez(tmp_path / "s" / "samples.npz", weights=np.zeros(3))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "samples.png").write_text("not a picture")
+    (tmp_path / "notes.json").write_text('{"fid": "my notes"}')
+    before = hashes(image_run, det, tmp_path)
+    other = os.path.join(run, "ckpt.pt")  # not an input of ref
+    refused(["ref", "--data", zip_, "--out", other, "--detector", det], "exists; pass --force")
+    refused(["ref", "--data", zip_, "--out", other, "--detector", det, "--force"],
+            "is not fid.py reference statistics .*not replaced, even with --force")
+    calc = ["calc", "--ckpt", str(image_run / "toy"), "--ref", ref, "--detector", det, "--force"]
+    refused([*calc, "--json", os.path.join(run, "config.json")], "is not a fid.py calc record")
+    refused([*calc, "--json", str(tmp_path / "notes.json")], "is not a fid.py calc record")
+    refused([*calc, "--save-samples", str(tmp_path / "s")], r"samples.npz exists and is not fid.py samples")
+    refused([*calc, "--save-samples", str(tmp_path / "t")], r"samples.png exists and is not a PNG")
+    assert hashes(image_run, det, tmp_path) == before
+
+
+def test_outputs_are_checked_before_any_work(detector, image_run, tmp_path, no_work, monkeypatch):
+    """a missing or unwritable folder, a folder as the file, a file as --save-samples and two outputs
+    naming one file are refused before the detector, checkpoint or data are touched (no_work)."""
+    det, zip_ = detector[0], str(image_run / "imgs.zip")
+    ref = tiny_ref(tmp_path / "ref.npz")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "file").write_text("a file")
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    before = hashes(image_run, tmp_path)
+    refuse_ref = ["ref", "--data", zip_, "--detector", det, "--out"]
+    refused([*refuse_ref, str(tmp_path / "no" / "r.npz")], "the folder .*no does not exist")
+    refused([*refuse_ref, str(tmp_path / "s")], "is a folder; name a file")
+    calc = ["calc", "--ckpt", str(image_run / "img"), "--ref", ref, "--detector", det]
+    refused([*calc, "--json", str(tmp_path / "no" / "r.json")], "the folder .*no does not exist")
+    refused([*calc, "--save-samples", str(tmp_path / "file")], "is a file; name a folder")
+    refused([*calc, "--save-samples", str(tmp_path / "no" / "s")], "the folder .*no does not exist")
+    refused([*calc, "--save-samples", str(tmp_path / "s"), "--json", str(tmp_path / "s" / "samples.npz")],
+            "name the same file")
+    real_access = os.access  # root may write anywhere: a read-only folder is what os.access says of it
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.realpath(path) != str(ro) and real_access(path, mode))
+    refused([*refuse_ref, str(ro / "r.npz")], "read-only is not writable")
+    refused([*calc, "--json", str(ro / "r.json")], "read-only is not writable")
+    refused([*calc, "--save-samples", str(ro / "new")], "read-only is not writable")
+    assert hashes(image_run, tmp_path) == before
+
+
+def test_force_replaces_the_commands_own_outputs(image_run, tmp_path, cheap_work):
+    """What --force may replace, it does: a reference .npz of mu and sigma, a calc record, samples.png and samples.npz;
+    the writes leave no temp file."""
+    zip_, ref = str(image_run / "imgs.zip"), tiny_ref(tmp_path / "ref.npz")
+    out = tiny_ref(tmp_path / "out.npz")
+    old = fid.load_ref(out)[0]
+    refused(["ref", "--data", zip_, "--out", out], "exists; pass --force")
+    fid.cli(["ref", "--data", zip_, "--out", out, "--force", "--device", "cpu"])
+    assert not np.array_equal(fid.load_ref(out)[0], old)
+    calc = ["calc", "--ckpt", str(image_run / "img"), "--ref", ref, "--num", "2", "--batch", "2", "--steps", "1",
+            "--device", "cpu", "--json", str(tmp_path / "fid.json"), "--save-samples", str(tmp_path / "s")]
+    first = fid.cli(calc)
+    refused(calc, "exists; pass --force")
+    second = fid.cli([*calc, "--seed", "1", "--force"])
+    assert json.load(open(tmp_path / "fid.json"))["seed"] == 1 and second["fid"] != first["fid"]
+    assert sorted(os.listdir(tmp_path)) == ["fid.json", "out.npz", "ref.npz", "s"]
+    assert sorted(os.listdir(tmp_path / "s")) == ["samples.npz", "samples.png"]
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_temp_file(image_run, tmp_path, cheap_work, monkeypatch):
+    """a full disk while writing (half a file, then ENOSPC): one-line error, exit status 1, the file
+    it would have replaced unchanged, no temp file left."""
+    import errno
+    zip_, ref = str(image_run / "imgs.zip"), tiny_ref(tmp_path / "ref.npz")
+    out = tiny_ref(tmp_path / "out.npz")
+    (tmp_path / "fid.json").write_text(json.dumps({k: 0 for k in fid.RECORD_KEYS}))
+    before = hashes(tmp_path)
+
+    def full_disk(file, text):
+        file.write(text)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", lambda file, **arrays: full_disk(file, b"half an npz"))
+    monkeypatch.setattr(json, "dump", lambda record, file, **kwargs: full_disk(file, "half a record"))
+    refused(["ref", "--data", zip_, "--out", out, "--force", "--device", "cpu"],
+            "cannot write .*out.npz: No space left on device")
+    refused(["calc", "--ckpt", str(image_run / "img"), "--ref", ref, "--num", "2", "--batch", "2", "--steps", "1",
+             "--device", "cpu", "--json", str(tmp_path / "fid.json"), "--force"],
+            "cannot write .*fid.json: No space left on device")
+    assert hashes(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def malformed(image_run, tmp_path_factory):
+    """Copies of the image run's checkpoint with one config value or field replaced: {name: path}."""
+    import copy
+    state = torch.load(image_run / "img" / "ckpt.pt", weights_only=True)
+    edits = dict(method_this=("config", "method", "this"), method_os_path=("config", "method", "os.path"),
+                 net_os=("config", "net", "os"), net_list=("config", "net", ["ddpmpp"]),
+                 label_dim_text=("config", "label_dim", "3"), shape_floats=("config", "shape", [3.0, 16.0, 16.0]),
+                 sigmas_text=("config", "sample_sigmas", "abc"), no_dropout=("config", "dropout", None),
+                 ema_dict=(None, "ema", {"0": 1}), step_tensor=(None, "step", torch.tensor(2)))
+    folder, paths = tmp_path_factory.mktemp("malformed"), {}
+    for name, (part, key, value) in edits.items():
+        edited = copy.deepcopy(state)
+        target = edited["config"] if part else edited
+        if name == "no_dropout":
+            del target[key]
+        else:
+            target[key] = value
+        paths[name] = str(folder / f"{name}.pt")
+        torch.save(edited, paths[name])
+    return paths
+
+
+def test_a_checkpoint_never_chooses_the_code(malformed, tmp_path, cheap_work, capsys):
+    """the method and net a checkpoint names come from checkpoints.METHOD_NAMES and nets.NETS only; a
+    method "this" would print the Zen of Python if it were imported. One line each, nothing imported."""
+    ref = tiny_ref(tmp_path / "ref.npz")
+    had_this = "this" in sys.modules
+    for name, message in [("method_this", "unknown method 'this'; choose from"),
+                          ("method_os_path", "unknown method 'os.path'"), ("net_os", "unknown net 'os'; choose from"),
+                          ("net_list", r"unknown net \['ddpmpp'\]")]:
+        refused(["calc", "--ckpt", malformed[name], "--ref", ref, "--device", "cpu"], message)
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+    assert ("this" in sys.modules) == had_this
+
+
+@pytest.mark.parametrize("name, message", [
+    ("label_dim_text", "label_dim must be an integer >= 0, got '3'"),
+    ("shape_floats", r"shape \[3.0, 16.0, 16.0\], neither RGB images nor"),
+    ("sigmas_text", "its config does not build a cm net \\(TypeError"),
+    ("no_dropout", "its config does not build a cm net \\(KeyError: 'dropout'\\)"),
+    ("ema_dict", "not a checkpoint of this repository \\(step must be an integer, ema a list"),
+    ("step_tensor", "not a checkpoint of this repository \\(step must be an integer")])
+def test_malformed_checkpoint_is_one_line(malformed, tmp_path, cheap_work, name, message):
+    """values of the wrong kind in a checkpoint are bad input, not a traceback."""
+    refused(["calc", "--ckpt", malformed[name], "--ref", tiny_ref(tmp_path / "ref.npz"), "--device", "cpu", "--json",
+             str(tmp_path / "r.json")], message)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_numbers_and_cache_are_one_line(detector, image_run, tmp_path, no_work):
+    """--seed -1 (a numpy traceback) and --resolution 0 (taken as "no crop") are refused; a --cache that
+    is a file is one DetectorError line."""
+    det, ref = detector[0], tiny_ref(tmp_path / "ref.npz")
+    refused(["calc", "--ckpt", str(image_run / "img"), "--ref", ref, "--detector", det, "--seed", "-1"],
+            "--seed must be >= 0, got -1")
+    refused(["ref", "--data", str(image_run / "imgs.zip"), "--out", str(tmp_path / "r.npz"), "--detector", det,
+             "--resolution", "0"], "--resolution must be >= 1, got 0")
+    with pytest.raises(inception.DetectorError, match="cannot create the download cache .*ref.npz"):
+        inception.fetch_detector(inception.DETECTOR_DEFAULT, ref)
+
 
 
 def launch(*args, ranks):

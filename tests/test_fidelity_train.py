@@ -13,7 +13,7 @@ def test_a_consistency_model_is_no_teacher(tmp_path):
     scm_run = run(tmp_path, "--method", "scm", "--data", "toy", "--steps", "1", "--batch", "8", out="scm")
     for method in ("scm", "cm"):
         with pytest.raises(SystemExit, match="cannot use a scm checkpoint as --teacher"):
-            train.cli(["--method", method, "--data", "toy", "--teacher", scm_run, "--out", str(tmp_path / method),
+            train.cli(["--method", method, "--data", "toy", "--teacher", scm_run, "--out", str(tmp_path / f"student-{method}"),
                        "--steps", "1"])
 
 

@@ -14,15 +14,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
 import cli
 import convert
+import data
 import fid
 import meanflow
 import nets
 import train
-from conftest import ROOT
+from conftest import ROOT, tiny_ref
 from test_data import write_image_zip
 
 TINY = ["--data", "toy", "--batch", "8", "--log-every", "1", "--num-samples", "20"]
@@ -96,12 +98,12 @@ def test_convert_source_named_like_the_temp_file_is_refused(tmp_path):
     src = str(tmp_path / "w.pt.tmp")
     torch.save(nets.build_net("dit-tiny", (4, 8, 8), label_dim=10).state_dict(), src)
     before = snapshot(tmp_path)
-    assert "is the source file" in refused(convert.main, [src, str(tmp_path / "w.pt"), "--force"])
+    assert "w.pt.tmp exists" in refused(convert.main, [src, str(tmp_path / "w.pt"), "--force"])
     assert snapshot(tmp_path) == before
 
 
 def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_stale(tmp_path):
-    """The issue's scenario: a run still training in OUT, with no checkpoint yet, and a second run started there."""
+    """A run still training in OUT, with no checkpoint yet, and a second run started there."""
     out = str(tmp_path / "busy")
     first = subprocess.Popen([sys.executable, "train.py", "--method", "meanflow", *TINY, "--steps", "100000",
                               "--ckpt-every", "100000", "--log-every", "100000", "--out", out],
@@ -200,7 +202,7 @@ def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
         f.write(json.dumps(dict(step=5, loss=1.0)) + "\n" + json.dumps(dict(step=6, loss=1.0)) + "\n" + '{"step": 7, "lo')
     with open(os.path.join(out, "ckpt.pt.tmp"), "wb") as f:
         f.write(b"half a checkpoint")
-    run("--steps", "4", "--resume", out)  # no step to take: no save that would replace ckpt.pt.tmp by itself
+    checkpoints.claim_run_dir(out, 4)()  # what a resume does first (its own save would replace ckpt.pt.tmp anyway)
     assert metrics_steps(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
     run("--steps", "6", "--resume", out)
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
@@ -229,6 +231,206 @@ def test_snapshots_keep_the_weights_along_a_run(tmp_path):
     assert snapshot(out) == before
     run("--steps", "1", "--init", os.path.join(out, "snapshots", names[0]), "--out", str(tmp_path / "tuned"))
     assert load(str(tmp_path / "tuned"))["step"] == 1
+
+# --- A run folder holds only the run; resume semantics; cheap checks first --------------------------------------------
+
+
+def untouched(tmp_path, *args, never=None, method="meanflow"):
+    """The message of a refused run, which changed no file or folder under tmp_path (and so created no folder `never`,
+    named for the message's sake)."""
+    before, listing = snapshot(tmp_path), sorted(tmp_path.rglob("*"))
+    message = refused(run, *args, method=method)
+    assert snapshot(tmp_path) == before and sorted(tmp_path.rglob("*")) == listing
+    assert never is None or not os.path.exists(never)
+    return message
+
+
+def test_a_new_run_needs_a_new_or_empty_folder(tmp_path):
+    """The user's own samples.png / samples.npy in --out stop a new run; an empty folder, or one holding only a stale
+    lock and a killed write's temp files of ours, takes it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "samples.png").write_bytes(b"my picture")
+    np.save(mine / "samples.npy", np.arange(3))
+    message = untouched(tmp_path, "--steps", "1", "--out", str(mine))
+    assert message == (f"train.py: error: {mine} is not empty (it holds samples.npy, samples.png): a new run needs a "
+                       f"new or empty folder; choose another --out")
+    empty, leftovers = tmp_path / "empty", tmp_path / "leftovers"
+    empty.mkdir()
+    run("--steps", "1", "--out", str(empty))
+    leftovers.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (leftovers / checkpoints.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname())))
+    (leftovers / "ckpt.pt.tmp").write_bytes(b"half")
+    (leftovers / "config.json.tmp").write_bytes(b"half")
+    run("--steps", "1", "--out", str(leftovers))
+    assert sorted(os.listdir(leftovers)) == sorted(os.listdir(empty)) == ["ckpt.pt", "config.json", "metrics.jsonl",
+                                                                         "samples.npy", "samples.png"]
+
+
+def test_out_inside_or_equal_to_the_data_and_a_run_folder_as_data_are_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    common = ["--data", str(images), "--net", "ddpmpp-tiny", "--batch", "2", "--steps", "1"]
+    message = untouched(tmp_path, *common, "--out", str(images))
+    assert message == f"train.py: error: the run folder {images} would lie inside --data {images}: choose an --out outside the data"
+    assert "would lie inside --data" in untouched(tmp_path, *common, "--out", str(images / "run"), never=images / "run")
+    done = str(tmp_path / "done")
+    run("--steps", "1", "--out", done)
+    message = untouched(tmp_path, "--data", done, "--steps", "1", "--out", str(tmp_path / "new"), never=tmp_path / "new")
+    assert message == f"train.py: error: --data {done} is a run folder (config.json with ckpt.pt or run.lock), not a dataset"
+    # Resumed in place, the run writes samples.npy: data inside its folder would be overwritten.
+    message = untouched(tmp_path, "--data", os.path.join(done, "samples.npy"), "--steps", "2", "--resume", done)
+    assert "lies inside the run folder" in message
+
+
+def test_resume_needs_steps_beyond_the_checkpoint(tmp_path):
+    """--steps at or below the checkpoint's step trained nothing and said "done"; --out NEW then got no ckpt.pt, and in
+    place config.json was rewritten with the smaller count. Refused, naming the checkpoint's step; a finished run resumed
+    without --steps too."""
+    out = str(tmp_path / "run")
+    run("--steps", "3", "--out", out)
+    for steps in (["--steps", "3"], ["--steps", "2"], []):
+        message = untouched(tmp_path, *steps, "--resume", out)
+        assert message == (f"train.py: error: --resume {out} is at step 3 already: pass --steps above 3 to continue it "
+                           f"(--steps is the total, not the steps to add)")
+    assert "at step 3 already" in untouched(tmp_path, "--steps", "2", "--resume", out, "--out", str(tmp_path / "new"),
+                                            never=tmp_path / "new")
+
+
+def test_flags_that_cannot_apply_on_resume_are_refused(tmp_path):
+    out, other = str(tmp_path / "run"), str(tmp_path / "other")
+    run("--steps", "2", "--out", out)
+    run("--steps", "1", "--out", other)
+    assert "--init starts a new run's net; a resumed run continues from its checkpoint: drop --init" in \
+        untouched(tmp_path, "--steps", "4", "--resume", out, "--init", other)
+    assert "--seed 5 differs from the run's 0" in untouched(tmp_path, "--steps", "4", "--resume", out, "--seed", "5")
+    # A checkpoint file that is not its run folder's ckpt.pt has no folder to continue in.
+    os.link(os.path.join(out, "ckpt.pt"), tmp_path / "backup.pt")
+    message = untouched(tmp_path, "--steps", "4", "--resume", str(tmp_path / "backup.pt"))
+    assert "is not a run folder or its ckpt.pt, so it cannot continue in place: pass --out NEW" in message
+    run("--steps", "3", "--resume", str(tmp_path / "backup.pt"), "--out", str(tmp_path / "fork"))
+    run("--steps", "4", "--resume", out, "--seed", "0")  # the run's own value is no change
+    assert load(out)["step"] == 4 and load(tmp_path / "fork")["step"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fid-every", "1", "--fid-ref", "missing.npz"], "--fid-ref missing.npz: no such file or folder"),
+    (["--fid-ref", "missing.npz"], "--fid-ref is for --fid-every N, which is not given"),
+    (["--fid-detector", "x.pth"], "--fid-detector is for --fid-every N, which is not given"),
+    (["--init", "missing-run"], "--init missing-run: no such file or folder"),
+    (["--fid-every", "1", "--fid-ref", "REF"], "--fid-every needs RGB images; toy has samples of shape (2,)"),
+])
+def test_inputs_are_checked_before_the_run_folder_is_created(tmp_path, args, message):
+    """A refused run leaves no config.json behind, so the corrected retry is not refused for it."""
+    args = [str(tiny_ref(tmp_path / "ref.npz")) if a == "REF" else a for a in args]
+    out = tmp_path / "o"
+    assert untouched(tmp_path, "--steps", "1", *args, "--out", str(out), never=out) == f"train.py: error: {message}"
+
+
+def write_labelled_zip(path, labels, label_dim=None):
+    write_image_zip(path, n=len(labels), res=8, labels=False)
+    meta = {"labels": [[f"00000/img{i:08d}.png", y] for i, y in enumerate(labels)]}
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("dataset.json", json.dumps(meta if label_dim is None else {**meta, "label_dim": label_dim}))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label-cat", "dataset.json labels must be integers, got 'cat' for 00000/img00000001.png"),
+    ("label-float", "dataset.json labels must be integers, got 1.5 for 00000/img00000001.png"),
+    ("label-dim-text", "dataset.json's label_dim must be an integer in [1, 100000], got '10'"),
+    ("label-dim-huge", "dataset.json's label_dim must be an integer in [1, 100000], got 1000000000000.0"),
+    ("label-dim-big", "dataset.json's label_dim must be an integer in [1, 100000], got 1000000000000"),
+    ("complex", "expected an N x D array of real numbers (N >= 2, D >= 1), got shape (4, 2) dtype complex"),
+    ("no-columns", "expected an N x D array of real numbers (N >= 2, D >= 1), got shape (4, 0)"),
+])
+def test_bad_data_is_a_one_line_error_not_a_silent_conversion(tmp_path, case, message):
+    path = tmp_path / ("d.zip" if case.startswith("label") else "p.npy")
+    if case.startswith("label"):
+        labels = [0, "cat" if case == "label-cat" else 1.5 if case == "label-float" else 1, 0, 1]
+        write_labelled_zip(path, labels, dict(text="10", huge=1e12, big=10**12).get(case.rsplit("-", 1)[1]))
+    else:
+        np.save(path, np.zeros((4, 2), np.complex64) if case == "complex" else np.zeros((4, 0), np.float32))
+    extra = ["--net", "ddpmpp-tiny", "--batch", "2", "--cond"] if case.startswith("label") else []
+    out = tmp_path / "o"
+    assert message in untouched(tmp_path, "--data", str(path), *extra, "--steps", "1", "--out", str(out), never=out)
+
+
+def test_data_extensions_are_case_insensitive(tmp_path):
+    np.save(tmp_path / "pts.npy", data.toy_points(64).numpy())
+    os.rename(tmp_path / "pts.npy", tmp_path / "PTS.NPY")
+    run("--data", str(tmp_path / "PTS.NPY"), "--steps", "1", "--out", str(tmp_path / "run"))
+    assert load(tmp_path / "run")["config"]["preset"] == "toy"
+
+
+def test_a_read_only_out_is_a_one_line_error(tmp_path, monkeypatch):
+    """As root a chmod cannot make a folder read-only, so the lock's open fails as it would there."""
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(checkpoints.LOCK):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    existing, new = tmp_path / "existing", tmp_path / "new"
+    existing.mkdir()
+    message = untouched(tmp_path, "--steps", "1", "--out", str(existing))
+    assert message == f"train.py: error: cannot write in the run folder {existing} (Permission denied)"
+    assert "cannot write in the run folder" in untouched(tmp_path, "--steps", "1", "--out", str(new), never=new)
+
+
+def test_a_full_disk_during_a_save_keeps_the_checkpoint_and_leaves_no_temp(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    run("--steps", "2", "--out", out)
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+
+    def full_disk(state, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = refused(run, "--steps", "3", "--resume", out)
+    assert message == (f"train.py: error: cannot write {out}/ckpt.pt (No space left on device); the previous ckpt.pt is "
+                       f"kept")
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
+
+
+def test_net_mismatch_names_the_keys(tmp_path):
+    small, wide = nets.build_net("mlp-small", (2,)), nets.build_net("mlp", (2,))
+    with pytest.raises(cli.UsageError) as e:
+        checkpoints.load_weights(wide, small.state_dict(), "--init X")
+    assert str(e.value).startswith("--init X does not fit this data/net (MLP): ") and "shape of " in str(e.value)
+    assert " vs the net's (" in str(e.value)
+    weights = {**small.state_dict(), "extra.weight": torch.zeros(1)}
+    weights.pop(next(iter(weights)))
+    with pytest.raises(cli.UsageError, match=r"missing \S+; unexpected extra.weight$"):
+        checkpoints.load_weights(small, weights, "--init X")
+    cm_run = str(tmp_path / "cm")
+    run("--steps", "1", "--net", "mlp-small", "--out", cm_run, method="cm")
+    message = untouched(tmp_path, "--stage1", cm_run, "--net", "mlp", "--steps", "1", "--out", str(tmp_path / "t"),
+                        method="tcm", never=tmp_path / "t")
+    assert f"--stage1 {cm_run} does not fit this data/net (MLP): shape of" in message
+
+
+def test_method_and_net_names_from_a_checkpoint_are_looked_up_in_the_lists(tmp_path):
+    assert train.recipe.METHODS is checkpoints.METHOD_NAMES
+    assert checkpoints.method_module("scm").__name__ == "scm"
+    for name in ("os", "tests.conftest", ["cm"]):
+        with pytest.raises(cli.UsageError, match=r"^unknown method .*; choose from meanflow, scm, cm, tcm, diffusion$"):
+            checkpoints.method_module(name)
+    out = str(tmp_path / "run")
+    run("--steps", "1", "--out", out)
+    state = load(out)
+    for key, value, message in (("method", "os", "unknown method 'os'"), ("net", "resnet", "unknown net 'resnet'"),
+                                ("net", ["mlp"], r"unknown net \['mlp'\]")):
+        bad = {**state, "config": {**state["config"], key: value}}
+        with pytest.raises(cli.UsageError, match=message):
+            checkpoints.frozen_ema(bad, (2,), 0, "cpu", "teacher")
 
 # --- Divergence and degenerate settings --------------------------------------------------------------------------------
 

@@ -357,7 +357,7 @@ def test_bad_ema_is_one_line_error(tmp_path, args):
 
 
 def test_default_preset_follows_the_data(tmp_path):
-    """toy for points, cifar10 for 32x32 images, imagenet64 for 64x64 images (the issue's `--data imagenet64.zip`),
+    """toy for points, cifar10 for 32x32 images, imagenet64 for 64x64 images (`--data imagenet64.zip`),
     imagenet256 for a latent folder; a method without that preset says so in one line."""
     write_image_zip(tmp_path / "in64.zip", n=2, res=64)
     write_image_zip(tmp_path / "c32.zip", n=2, res=32)
