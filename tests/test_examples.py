@@ -1,0 +1,80 @@
+"""The "copy one file" promise (README "Copying a file into your project"): every script of examples/ runs in an empty
+folder that holds only the method files it may import, with PYTHONPATH unset, and imports nothing else of the
+repository. A smoke run each (--smoke: 10 steps per stage, 256 samples); the full runs' ratios are in their
+docstrings."""
+import ast
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+EXAMPLES = os.path.join(ROOT, "examples")
+# Each example and the repository files it may import: its method file, diffusion.py where the method needs a teacher
+# or an init, cm.py for tcm (tcm.py imports it; stage 1 is a CM run).
+ALLOWED = {
+    "diffusion_2d.py": ("diffusion.py",),
+    "meanflow_2d.py": ("meanflow.py",),
+    "cm_ct_2d.py": ("cm.py", "diffusion.py"),
+    "cm_cd_2d.py": ("cm.py", "diffusion.py"),
+    "tcm_2d.py": ("tcm.py", "cm.py", "diffusion.py"),
+    "scm_sct_2d.py": ("scm.py", "diffusion.py"),
+    "scm_scd_2d.py": ("scm.py", "diffusion.py"),
+}
+
+
+def repository_modules():
+    """Names a script could import from the checkout: top-level .py files and folders."""
+    names = set()
+    for entry in os.listdir(ROOT):
+        if entry.endswith(".py"):
+            names.add(entry[:-3])
+        elif os.path.isdir(os.path.join(ROOT, entry)) and not entry.startswith("."):
+            names.add(entry)
+    return names
+
+
+def imported_modules(path):
+    """Top-level names of every import statement in a file (anywhere in it); relative imports as '.'."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.split(".")[0])
+    return names
+
+
+def test_every_example_is_listed():
+    assert sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py")) == sorted(ALLOWED)
+
+
+@pytest.mark.parametrize("script", sorted(ALLOWED))
+def test_example_imports_only_its_allowed_files(script):
+    imported = imported_modules(os.path.join(EXAMPLES, script))
+    allowed = {f[:-3] for f in ALLOWED[script]}
+    assert "." not in imported
+    assert imported & repository_modules() <= allowed, f"{script} imports {imported & repository_modules() - allowed}"
+    # The rest is what a user's project already has: the standard library and torch.
+    assert all(name in sys.stdlib_module_names or name == "torch" for name in imported - allowed), imported - allowed
+    # The method itself is used: every allowed file is imported (the list stays tight).
+    assert allowed <= imported
+
+
+@pytest.mark.parametrize("script", sorted(ALLOWED))
+def test_example_runs_next_to_its_files_alone(script, tmp_path):
+    for name in (script, *ALLOWED[script]):
+        shutil.copy(os.path.join(EXAMPLES if name == script else ROOT, name), tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, script, "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    found = re.findall(r"^ratio (\S+) ", p.stdout, flags=re.M)
+    assert len(found) == 1, p.stdout[-2000:]
+    assert math.isfinite(float(found[0])), p.stdout[-2000:]
