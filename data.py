@@ -449,6 +449,15 @@ def cropped_images(src, resolution, batch, first=0, every=1):
             yield start, torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2)  # (B, 3, res, res)
 
 
+def check_new_folder(out, src):
+    """encode-latents writes only into a new or empty folder, never into or above its source."""
+    real_out, real_src = os.path.realpath(out), os.path.realpath(src)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(f"--out {out} exists and is not an empty folder: choose a new folder")
+    if real_out == real_src or real_out.startswith(real_src + os.sep) or real_src.startswith(real_out + os.sep):
+        raise DataError(f"--out {out} is the source {src}, inside it or above it: choose a folder beside it")
+
+
 def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
     """Encode every image of src (zip or folder) after center_crop_dhariwal(resolution) and x = uint8 / 127.5 - 1
     with `encoder(x) -> (mean, std)`; writes the latent folder `out` (latents.json last, so a crash leaves no
@@ -562,6 +571,7 @@ def main(argv=None):
         print(f"{args.data}: {len(ds)} samples of shape {ds.shape}, label_dim {ds.label_dim}")
         return
     try:
+        check_new_folder(args.out, args.src)  # before the VAE loads
         encoder = sd_vae_encoder(args.vae, args.device)
         meta = encode_latents(args.src, args.out, encoder, args.batch, args.resolution, vae_name=args.vae)
     except DataError as err:

@@ -319,3 +319,24 @@ def test_encode_latents_without_diffusers_says_what_to_install(tmp_path, monkeyp
     write_image_zip(tmp_path / "d.zip", n=2, res=8)
     with pytest.raises(SystemExit, match="pip install diffusers"):
         data.main(["encode-latents", "--src", str(tmp_path / "d.zip"), "--out", str(tmp_path / "lat"), "--device", "cpu"])
+
+
+def test_encode_latents_writes_only_into_a_new_folder(tmp_path, monkeypatch):
+    """An existing non-empty --out, a file, or the source folder itself (or a folder inside it) is refused before the
+    VAE loads; no byte of what was there changes."""
+    def no_vae(*a, **k):
+        raise AssertionError("the VAE was loaded before the output check")
+    monkeypatch.setattr(data, "sd_vae_encoder", no_vae)
+    write_image_zip(tmp_path / "d.zip", n=2, res=8)
+    (tmp_path / "imgs").mkdir()
+    write_image_zip(tmp_path / "imgs" / "inner.zip", n=2, res=8)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mean.npy").write_bytes(b"mine")
+    (tmp_path / "file").write_bytes(b"mine too")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for src, out, message in [("d.zip", "full", "not an empty folder"), ("d.zip", "file", "not an empty folder"),
+                              ("imgs", "imgs/lat", "inside it"), ("imgs", "imgs", "not an empty folder")]:
+        with pytest.raises(SystemExit, match=message):
+            data.main(["encode-latents", "--src", str(tmp_path / src), "--out", str(tmp_path / out), "--device", "cpu"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "imgs" / "lat").exists()
