@@ -53,12 +53,14 @@ class MLP(nn.Module):
 # --- Data and score ------------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion_2d.py: ring_of_gaussians
 def ring_of_gaussians(n, gen):
     """n points (n, 2) of 8 Gaussians (std 0.1) on the unit circle."""
     angle = torch.randint(8, (n,), generator=gen) * (2 * math.pi / 8)
     return torch.stack([angle.cos(), angle.sin()], dim=1) + 0.1 * torch.randn(n, 2, generator=gen)
 
 
+# Copied from diffusion_2d.py: sliced_w2
 def sliced_w2(a, b, gen, n_proj=256):
     """Sliced 2-Wasserstein distance between two equal-size point sets (N, 2), float64."""
     d = torch.randn(2, n_proj, generator=gen, dtype=torch.float64)
@@ -68,6 +70,7 @@ def sliced_w2(a, b, gen, n_proj=256):
     return (a_proj - b_proj).square().mean().sqrt().item()
 
 
+# Copied from diffusion_2d.py: score
 def score(samples, fresh, data, gen):
     """sliced W2(samples, fresh data) / sliced W2(moment-matched Gaussian, fresh data), as benchmarks/toy_suite.py."""
     L = torch.linalg.cholesky(data.T.cov())  # (2, 2)
@@ -77,6 +80,7 @@ def score(samples, fresh, data, gen):
 # --- Training ------------------------------------------------------------------------------------------------------
 
 
+# Copied from diffusion_2d.py: train
 def train(net, loss, cfg, recipe, steps, data, gen, teacher=None):
     """Adam with the preset's batch, lr and linear warm-up on a method's loss (every method file has the same
     signature); returns an EMA of net (decay warmed up, as the toy presets')."""

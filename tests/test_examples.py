@@ -78,3 +78,23 @@ def test_example_runs_next_to_its_files_alone(script, tmp_path):
     found = re.findall(r"^ratio (\S+) ", p.stdout, flags=re.M)
     assert len(found) == 1, p.stdout[-2000:]
     assert math.isfinite(float(found[0])), p.stdout[-2000:]
+
+
+def test_copied_pieces_stay_identical():
+    """The examples repeat their network, data, score and loop on purpose (each stands alone); every piece marked
+    `# Copied from <script>: <name>` equals its source, and every repeated piece is marked."""
+    def pieces(path):
+        text = open(path).read()
+        return text, {n.name: ast.get_source_segment(text, n) for n in ast.parse(text).body
+                      if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    folder = os.path.join(ROOT, "examples")
+    scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    marked = 0
+    for script in scripts:
+        text, own = pieces(os.path.join(folder, script))
+        for source, name in re.findall(r"^# Copied from (\w+\.py): (\w+)$", text, flags=re.M):
+            assert own[name] == pieces(os.path.join(folder, source))[1][name], f"{script}: {name} differs from {source}"
+            marked += 1
+        for name in ("ring_of_gaussians", "sliced_w2", "score", "train"):
+            assert script == "diffusion_2d.py" or f"# Copied from diffusion_2d.py: {name}\n" in text, (script, name)
+    assert marked >= 4 * (len(scripts) - 1)
