@@ -457,9 +457,10 @@ def main(argv=None):
                 save_snapshot(run, loop, step)
         finish(run, loop)
     if run.ddp:
-        # Free the DDP wrapper (loop.model), whose reducer holds the process group, before the group goes: left to the
-        # garbage collector it may be destroyed at interpreter exit, where Gloo's threads can abort the process.
-        del loop
+        # Free the DDP wrapper (loop.model), whose reducer holds the process group, and the FID evaluator before the
+        # group goes: left to the garbage collector they may be destroyed at interpreter exit, where Gloo's threads
+        # can abort the process.
+        del loop, run
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
