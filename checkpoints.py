@@ -2,7 +2,8 @@
 validation, and the nets other runs lend (teacher, --init, --stage1). train.py, fid.py and convert.py import this
 module; it imports none of them.
 
-A run folder OUT holds run.lock (while a process trains in it), config.json, ckpt.pt, metrics.jsonl and samples.
+A run folder OUT holds run.lock (while a process trains in it), config.json, ckpt.pt, metrics.jsonl, curves.png and
+samples.
 What is guaranteed (each point is a test in tests/test_runs.py):
   * ckpt.pt is written to ckpt.pt.tmp and renamed, so a kill at any moment leaves the old checkpoint or the new one;
     a leftover ckpt.pt.tmp is removed when the folder is next claimed.
@@ -32,7 +33,7 @@ from cli import UsageError
 
 LOCK = "run.lock"
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl")
-TEMPS = tuple(f + ".tmp" for f in RUN_FILES)  # a killed write's leftovers, removed when the folder is claimed
+TEMPS = tuple(f + ".tmp" for f in (*RUN_FILES, "curves.png"))  # a killed write's leftovers, removed when claimed
 METHOD_NAMES = ("meanflow", "scm", "cm", "tcm", "diffusion")
 
 
@@ -85,19 +86,47 @@ def save_snapshot(out, net, emas, step, cfg):
 
 
 def load_checkpoint(path, device):
-    """A checkpoint file (or a run folder's ckpt.pt), read with weights_only=True and checked for its keys."""
+    """A checkpoint file (or a run folder's ckpt.pt), read with weights_only=True, or an export of convert.py
+    (.safetensors), checked for its keys."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        if path.endswith(".safetensors"):
+            state = load_safetensors(path, device)
+        else:
+            state = torch.load(path, map_location=device, weights_only=True)
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__})") from None
     missing = [k for k in ("net", "ema", "step", "config") if not isinstance(state, dict) or k not in state]
     if missing or not isinstance(state["config"], dict) or "method" not in state["config"] or not state["ema"]:
         raise UsageError(f"{path} is not a checkpoint of this repository (missing {', '.join(missing) or 'config/ema'})")
     return state
+
+
+def safetensors_torch(why):
+    """The optional safetensors package (its torch functions), or a one-line UsageError with the install line."""
+    try:
+        return importlib.import_module("safetensors.torch")
+    except ImportError:
+        raise UsageError(f"{why} needs the safetensors package: pip install safetensors") from None
+
+
+def load_safetensors(path, device):
+    """An export of `python convert.py export` in a checkpoint's layout: its weights as net and as the one EMA, the
+    config and step from its metadata (JSON text). safetensors holds raw tensors and a JSON header: no pickle runs."""
+    safetensors_torch(f"reading {path}")
+    with importlib.import_module("safetensors").safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        return dict(net=weights, ema=[weights], step=int(meta["step"]), config=json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError):
+        raise UsageError(f"{path} is not an export of this repository (python convert.py export): its metadata lacks "
+                         f"the config and step") from None
 
 
 def load_weights(module, weights, what, strict=True):
@@ -204,18 +233,44 @@ def load_stage1(path, method, net, device, cfg, init):
     return stage1.train().requires_grad_(False), state["step"]
 
 
-def init_from(net, path, method, device, rank, cfg):
-    """Copy a checkpoint's first EMA into net. Only the log-variance head may differ: a diffusion model's net lacks
-    one (it stays freshly initialised), an EDM2 checkpoint's is dropped by methods without one."""
-    state = load_compatible(path, method, device, "init", cfg)
-    weights = state["ema"][0]
-    if "map_augment.weight" not in net.state_dict():  # an unaugmented student: the augment map only ever sees zeros
-        weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}
-    missing, unexpected = load_weights(net, weights, f"--init {path}", strict=False)
+def init_from(net, path, method, device, rank, cfg, flag="--init", state=None):
+    """Copy a checkpoint's first EMA (of `state`, when already loaded) into net. Only the log-variance head may
+    differ: a diffusion model's net lacks one (it stays freshly initialised), an EDM2 checkpoint's is dropped by
+    methods without one."""
+    if state is None:
+        state = load_compatible(path, method, device, "init", cfg)
+    weights = init_weights(net, state)
+    missing, unexpected = load_weights(net, weights, f"{flag} {path}", strict=False)
     if any(not k.startswith("logvar") for k in missing + unexpected):
-        raise UsageError(f"--init {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UsageError(f"{flag} {path} does not fit this net: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if rank == 0:
         print(f"initialised from {path}" + (f" (new: {', '.join(missing)})" if missing else ""))
+
+
+def init_weights(net, state):
+    """The checkpoint's first EMA as net would take it: an unaugmented student drops the augment map (it only ever
+    sees zeros)."""
+    weights = state["ema"][0]
+    if "map_augment.weight" not in net.state_dict():
+        weights = {k: v for k, v in weights.items() if not k.startswith("map_augment.")}
+    return weights
+
+
+def init_from_teacher(net, path, method, device, rank, cfg):
+    """Distillation without --init: the student starts from the teacher's first EMA, as distillation recipes do,
+    where the student can take it (the teacher's method is one --init accepts and every weight but the log-variance
+    head has the student's shape); otherwise it starts from scratch, with a notice. Returns whether it did."""
+    state = load_compatible(path, method, "cpu", "teacher", cfg)
+    why = f"its method {state['config']['method']} is not one {method.__name__} starts from"
+    if state["config"]["method"] in method.INIT:
+        ours = {k: v.shape for k, v in net.state_dict().items() if not k.startswith("logvar")}
+        theirs = {k: v.shape for k, v in init_weights(net, state).items() if not k.startswith("logvar")}
+        why = None if ours == theirs else f"its net {state['config']['net']} differs from the student's {cfg['net']}"
+    if why is None:
+        init_from(net, path, method, device, rank, cfg, flag="--teacher", state=state)
+    elif rank == 0:
+        print(f"the student starts from scratch, not from the teacher {path}: {why} (--init PATH sets its weights)")
+    return why is None
 
 # --- Resume ---------------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""What the commands share (train.py, fid.py): the one-line error for bad input and run_main, which reports it,
-flag parsers, the device flag and the process group. It imports nothing of the project.
+"""What the commands share (train.py, fid.py, convert.py): the one-line error for bad input and run_main, which
+reports it, flag parsers, the device flag and the process group. It imports nothing of the project.
 """
 import argparse
 import os
@@ -63,3 +63,4 @@ def setup_distributed(device_flag):
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return ddp, rank, world, device
+

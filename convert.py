@@ -4,6 +4,7 @@
     python convert.py edm2-img64-s-1073741-0.075.pkl ckpt/edm2-img64-s.pt --sha256 HEX   # verify the download
     python convert.py DiT-XL-2-256x256.pt ckpt/dit-xl2.pt
     python train.py --method cm --data cifar10 --init ckpt/edm-cifar10-uncond-vp.pt       # then use it
+    python convert.py export runs/cm-c10 --to cm-c10.safetensors [--ema 1]                # a run's EMA, to share
 
 Supported files. Layouts: EDM's network snapshots are pickled dicts with the keys ema, loss_fn, augment_pipe and
 dataset_kwargs (NVlabs/edm `training/training_loop.py`; nets from its `training/networks.py`); EDM2's post-hoc EMA
@@ -32,12 +33,19 @@ loader, `_reconstruct_persistent_obj` in NVlabs/edm `torch_utils/persistence.py`
 the allowed rebuild functions, so convert only files you trust. DiT training checkpoints go through torch's
 weights-only loader with one addition, their `argparse.Namespace` (read as a plain dict). Every failure is one line
 and exit status 1.
+
+`export` writes one EMA of a run (or of any checkpoint above) as safetensors: the state dict, plus the run's config
+(JSON text) and step as the file's metadata. Any safetensors reader loads it without pickle; train.py's --init,
+--teacher, --stage1 and fid.py calc take it as they take a checkpoint (checkpoints.load_safetensors). It needs the
+optional package: pip install safetensors.
 """
 import argparse
 import collections
 import contextlib
+import importlib
 import inspect
 import io
+import json
 import os
 import pickle
 import re
@@ -396,14 +404,14 @@ def missing_folders(path):
     return missing, folder
 
 
-def check_out(src, out, force):
+def check_out(src, out, force, is_ours=is_checkpoint, kind="a checkpoint of this repository"):
     """Before any work: out is not src, not a folder, has no out.tmp beside it, lies below a writable folder (missing
-    folders are made when it is written), and is new, unless --force is given and out is a checkpoint of this
-    repository (never src)."""
+    folders are made when it is written), and is new, unless --force is given and is_ours(out): out is `kind` (never
+    src)."""
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ConvertError(f"{out} is the source file: write the conversion to another file")
     if os.path.isdir(out):
-        raise ConvertError(f"{out} is a folder; name the output .pt file")
+        raise ConvertError(f"{out} is a folder; name the output file")
     if os.path.lexists(out + ".tmp"):  # atomic_save's temp file: never another file (src included)
         raise ConvertError(f"{out}.tmp exists (left by an interrupted write?); remove it or choose another output file")
     _, folder = missing_folders(out)
@@ -414,20 +422,19 @@ def check_out(src, out, force):
     if os.path.lexists(out):
         if not force:
             raise ConvertError(f"{out} exists; pass --force to replace it, or choose another output file")
-        if not is_checkpoint(out):
-            raise ConvertError(f"{out} exists and is not a checkpoint of this repository: not replaced, even with "
-                               "--force")
+        if not is_ours(out):
+            raise ConvertError(f"{out} exists and is not {kind}: not replaced, even with --force")
 
 
-def save_new(state, out):
-    """checkpoints.atomic_save (out.tmp, renamed over out), making the missing folders above out. On failure out.tmp
-    (check_out saw none before) and the folders made here are removed, and a failed write (a full disk, a read-only
-    folder) is one line."""
+def save_new(state, out, save=checkpoints.atomic_save):
+    """save(state, out): checkpoints.atomic_save (out.tmp, renamed over out), making the missing folders above out. On
+    failure out.tmp (check_out saw none before) and the folders made here are removed, and a failed write (a full disk,
+    a read-only folder) is one line."""
     made, _ = missing_folders(out)
     try:
         for folder in made:
             os.mkdir(folder)
-        checkpoints.atomic_save(state, out)
+        save(state, out)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(out + ".tmp")
@@ -441,8 +448,86 @@ def save_new(state, out):
         raise
 
 
+# --- Export: one EMA as safetensors --------------------------------------------------------------------------------
+
+
+def export_tensors(state, ema):
+    """The EMA's state dict as safetensors stores it: contiguous, no two tensors on one storage (cloned: bits kept)."""
+    tensors, storages = {}, set()
+    for k, v in state["ema"][ema].items():
+        if not torch.is_tensor(v):
+            raise ConvertError(f"ema {ema} holds {k!r}, which is not a tensor")
+        v = v.detach().contiguous()
+        if v.untyped_storage().data_ptr() in storages:
+            v = v.clone()
+        storages.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    return tensors
+
+
+def is_export(path):
+    """Whether path is a safetensors file with an export's metadata (only its header is read)."""
+    try:
+        with importlib.import_module("safetensors").safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return "method" in json.loads(meta["config"]) and int(meta["step"]) >= 0
+    except Exception:  # not safetensors, no such metadata, or the package is missing
+        return False
+
+
+def save_safetensors(payload, out):
+    """(tensors, metadata) written to out.tmp, flushed, and renamed over out, as checkpoints.atomic_save does."""
+    tensors, metadata = payload
+    tmp = out + ".tmp"
+    try:
+        checkpoints.safetensors_torch("convert.py export").save_file(tensors, tmp, metadata=metadata)
+    except Exception as e:  # the package reports a failed write as its own error type
+        raise OSError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+def export(src, out, ema=0):
+    """EMA `ema` of the checkpoint or run `src` into the safetensors file `out`; returns the metadata written."""
+    try:
+        state = checkpoints.load_checkpoint(src, "cpu")
+    except UsageError as e:
+        raise ConvertError(str(e)) from None
+    if not 0 <= ema < len(state["ema"]):
+        raise ConvertError(f"{src} holds {len(state['ema'])} EMA nets; --ema {ema} does not exist")
+    tensors = export_tensors(state, ema)
+    metadata = dict(config=json.dumps(state["config"]), step=str(state["step"]), ema=str(ema))
+    save_new((tensors, metadata), out, save=save_safetensors)
+    return metadata
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="convert.py export", description="One EMA of a run as safetensors, with the "
+                                "run's config and step as metadata (no pickle to load it).")
+    p.add_argument("src", help="run folder or checkpoint file")
+    p.add_argument("--to", required=True, help="output .safetensors file (new)")
+    p.add_argument("--ema", type=int, default=0, help="which EMA of the run (default: the first, the one sampled)")
+    p.add_argument("--force", action="store_true", help="replace an existing export of this repository (never src)")
+    args = p.parse_args(argv)
+    try:
+        if not args.to.endswith(".safetensors"):
+            raise ConvertError(f"--to {args.to}: name a .safetensors file (train.py and fid.py know it by the suffix)")
+        check_out(args.src, args.to, args.force, is_export, "an export of this repository")
+        checkpoints.safetensors_torch("convert.py export")
+        metadata = export(args.src, args.to, args.ema)
+    except (ConvertError, UsageError) as e:
+        sys.exit(f"convert.py: error: {e}")
+    config = json.loads(metadata["config"])
+    print(f"{args.to}: ema {args.ema} of {args.src} ({config['method']}, net {config['net']}, step {metadata['step']})")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert an official EDM / EDM2 / DiT checkpoint.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    p = argparse.ArgumentParser(description="Convert an official EDM / EDM2 / DiT checkpoint "
+                                "(or `convert.py export RUN --to FILE.safetensors`: see export --help).")
     p.add_argument("src", help="the official .pkl (EDM, EDM2) or .pt (DiT) file")
     p.add_argument("out", help="output .pt in this repository's checkpoint format")
     p.add_argument("--net", help="registry name to check against (default: the one whose config matches)")

@@ -13,7 +13,7 @@ larger than MMAP_BYTES (ImageNet-64: 1.28 M x 3 x 64 x 64 = 15.7 GB) are decoded
 cache folder and memory-mapped, so the ranks of one machine share one copy in the page cache (train.py lets rank 0
 load first). Latents are memory-mapped too. Every problem with the input raises DataError with a one-line message.
 Also here: the sample order (a seeded permutation per epoch, indexed by global sample position), sample pictures,
-and the encoding step:
+the progress line of long loops (also fid.py's) and the encoding step:
 
     python data.py encode-latents --src imagenet.zip --out latents/ [--vae stabilityai/sd-vae-ft-mse] [--device cuda]
     python data.py decode --data imagenet64.zip     # fill the memory-mapped cache once, before a multi-GPU run
@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import tarfile
 import urllib.request
 import zipfile
@@ -270,8 +271,10 @@ def _decoded_cache(path, images, read, first, cache_dir):
         tmp = f"{file}.{os.getpid()}.tmp"
         H, W, C = first.shape
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), C, H, W))
+        progress = Progress("decoding", len(images), "images")
         for i, n in enumerate(images):
             out[i] = (first if i == 0 else _decode(path, n, read, first.shape, images[0])).transpose(2, 0, 1)
+            progress.update(i + 1)
         out.flush()
         del out
         os.replace(tmp, file)
@@ -430,6 +433,12 @@ def _image_labels(path, names, images, read):
     return None, 0
 
 
+def count_images(src):
+    """The number of images (IMAGE_EXTS) of a zip or folder: what cropped_images goes through."""
+    with _members(src) as (names, _):
+        return sum(n.lower().endswith(IMAGE_EXTS) for n in names)
+
+
 def cropped_images(src, resolution, batch, first=0, every=1):
     """(start, uint8 (B, 3, res, res)) for the chunks first, first + every, ... of `batch` images of a zip or folder,
     each converted to RGB and cropped by center_crop_dhariwal(resolution): the crop of encode-latents, and so of
@@ -468,7 +477,7 @@ def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
             raise DataError(f"{src}: no images ({', '.join(IMAGE_EXTS)}) found")
         labels, label_dim = _image_labels(src, names, images, read)
     os.makedirs(out, exist_ok=True)
-    files = None
+    files, progress = None, Progress("encoding", len(images), "images")
     for start, chunk in cropped_images(src, resolution, batch):
         mean, std = encoder(chunk.float() / 127.5 - 1)
         if files is None:
@@ -476,7 +485,7 @@ def encode_latents(src, out, encoder, batch=64, resolution=256, vae_name=None):
                                                shape=(len(images), *mean.shape[1:])) for f in ("mean.npy", "std.npy")]
         for f, a in zip(files, (mean, std)):
             f[start:start + len(chunk)] = a.float().cpu().numpy().astype(np.float16)
-        print(f"encoded {start + len(chunk)}/{len(images)}", flush=True)
+        progress.update(start + len(chunk))
     for f in files:
         f.flush()
     if labels is not None:
@@ -523,12 +532,45 @@ def load_cifar10(cache_dir, url=CIFAR10_URL, md5=CIFAR10_MD5):
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
+def format_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """`what done/total unit, rate, ETA` on stderr at most every `every` seconds, and a last line at the total if one
+    was printed: a long loop shows that it moves and when it ends, a short one prints nothing.
+
+        progress = Progress("generating", num, "images")
+        for ...: progress.update(images_done)
+    """
+
+    def __init__(self, what, total, unit="", every=5.0, clock=time.monotonic):
+        self.what, self.total, self.unit, self.every, self.clock = what, total, unit, every, clock
+        self.t0 = self.last = clock()
+        self.printed = False
+
+    def update(self, done):
+        now = self.clock()
+        if now - self.last < self.every and not (self.printed and done >= self.total):
+            return
+        rate = done / max(now - self.t0, 1e-9)
+        eta = f"ETA {format_time((self.total - done) / rate)}" if rate > 0 else "ETA unknown"
+        if done >= self.total:
+            eta = f"done in {format_time(now - self.t0)}"
+        unit, speed = f" {self.unit}" if self.unit else "", f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
+        print(f"{self.what} {done}/{self.total}{unit}, {speed}{unit}/s, {eta}", file=sys.stderr, flush=True)
+        self.last, self.printed = now, True
+
+
 def file_digest(path, algorithm="sha256"):
-    """Hex digest of a file, read in 1 MiB blocks (CIFAR-10's md5; convert.py's sha256)."""
+    """Hex digest of a file, read in 1 MiB blocks (CIFAR-10's md5; convert.py's sha256 of multi-GB weights)."""
     h = hashlib.new(algorithm)
+    progress = Progress(f"{algorithm} of {os.path.basename(path)}", -(-os.path.getsize(path) >> 20), "MiB")
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for i, chunk in enumerate(iter(lambda: f.read(1 << 20), b""), start=1):
             h.update(chunk)
+            progress.update(i)
     return h.hexdigest()
 
 

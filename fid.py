@@ -275,10 +275,11 @@ def generate(net, method, method_cfg, shape, label_dim, start, count, seed, chun
 
 
 def sample_stats(net, method, method_cfg, shape, label_dim, num, detector, device, seed=0, batch=250, keep=False,
-                 decode=None, repeat=0, vae_batch=32):
+                 decode=None, repeat=0, vae_batch=32, progress=None):
     """Feature statistics of `num` samples of `net` (an EMA copy in eval mode) on every rank: chunk c of `batch`
     images goes to rank c % world. repeat k uses images k num .. (k + 1) num - 1 (and chunk seeds after those of
-    repeat k - 1). Returns (mu, sigma, non-finite count, all uint8 images on rank 0 or None)."""
+    repeat k - 1). progress: a data.Progress over all repeats' images, or None. Returns (mu, sigma, non-finite count,
+    all uint8 images on rank 0 or None)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     stats = FeatureStats(device)
     chunks = -(-num // batch)
@@ -290,6 +291,8 @@ def sample_stats(net, method, method_cfg, shape, label_dim, num, detector, devic
         stats.add(features(detector, images), nonfinite)
         if keep:
             kept[start:start + count] = images
+        if progress is not None:  # the ranks move in step: when this rank ends chunk c, chunks up to c + world - 1 end
+            progress.update(repeat * num + min(num, (c - rank + world) * batch))
     if keep and world > 1:
         dist.all_reduce(kept)  # each image is non-zero on one rank only
     mu, sigma, _, nonfinite = stats.result()
@@ -465,8 +468,12 @@ def run_ref(args, rank, world, device):
     detector, digest = load_detector(args.detector, device, args.cache)  # before the (large) data
     if args.resolution is not None:  # images of any size, cropped as data.py encode-latents crops them
         stats = FeatureStats(device)
-        for _, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
+        total = data.count_images(args.data)
+        progress = data.Progress(f"features of {args.data}", total, "images") if rank == 0 else None
+        for start, images in data.cropped_images(args.data, args.resolution, args.batch, first=rank, every=world):
             stats.add(features(detector, images))
+            if progress is not None:
+                progress.update(min(total, start + world * args.batch))
         return save_ref(args, *stats.result()[:3], digest, rank)
     if rank == 0:  # rank 0 first (it may download), then the others
         ds = data.load(args.data, args.cache)
@@ -477,8 +484,11 @@ def run_ref(args, rank, world, device):
     if not ds.is_image or ds.shape[0] != 3:
         raise UsageError(f"{args.data} is not a set of RGB images (samples of shape {ds.shape})")
     stats = FeatureStats(device)
+    progress = data.Progress(f"features of {args.data}", len(ds), "images") if rank == 0 else None
     for c in range(rank, -(-len(ds) // args.batch), world):
         stats.add(features(detector, ds.x[c * args.batch:(c + 1) * args.batch]))
+        if progress is not None:
+            progress.update(min(len(ds), (c + world) * args.batch))
     return save_ref(args, *stats.result()[:3], digest, rank)
 
 
@@ -532,11 +542,12 @@ def run_calc(args, rank, world, device):
         if rank != 0:
             decode = vae_decoder(args.vae, device, args.vae_dtype)
     fids = []
+    progress = data.Progress("generating", args.repeats * args.num, "images") if rank == 0 else None
     for k in range(args.repeats):
         mu, sigma, nonfinite, kept = sample_stats(net.eval(), method, method_cfg, shape, cfg["label_dim"], args.num,
                                                   detector, device, args.seed, args.batch,
                                                   keep=bool(args.save_samples) and k == 0, decode=decode, repeat=k,
-                                                  vae_batch=args.vae_batch)
+                                                  vae_batch=args.vae_batch, progress=progress)
         if nonfinite:
             raise UsageError(f"{nonfinite} of {args.num} samples are not finite: the model diverged")
         fids.append(frechet_distance(mu, sigma, *ref))
@@ -576,7 +587,7 @@ def build_parser():
     ref.add_argument("--data", required=True, help="cifar10, an image zip or folder (EDM layout)")
     ref.add_argument("--out", required=True, help="output .npz (mu, sigma)")
     calc = sub.add_parser("calc", help="FID of a checkpoint", allow_abbrev=False)
-    calc.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    calc.add_argument("--ckpt", required=True, help="checkpoint file, run folder or convert.py export (.safetensors)")
     calc.add_argument("--ref", required=True, help=".npz with mu and sigma (fid.py ref, or EDM's fid-refs)")
     calc.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
                       help="number of samples (write --num-images under torchrun, which reads --num as --numa-binding)")

@@ -18,6 +18,7 @@ import augment
 import checkpoints
 import data
 import nets
+import trackers
 from cli import UsageError, check_device, parse_as
 
 METHODS = checkpoints.METHOD_NAMES
@@ -76,8 +77,10 @@ def build_parser(method=None, preset=None):
     p.add_argument("--preset", help="method preset (default: toy for points, cifar10 for images)")
     p.add_argument("--out", help="output folder (default: runs/<method>-<data>-NNN, new)")
     p.add_argument("--resume", help="checkpoint file or run folder to continue exactly (its config, then the flags given)")
-    p.add_argument("--teacher", help="checkpoint whose EMA net is the frozen teacher (distillation)")
-    p.add_argument("--init", help="checkpoint whose EMA weights initialise the net (e.g. a diffusion model)")
+    p.add_argument("--teacher", help="checkpoint whose EMA net is the frozen teacher (distillation); it also starts "
+                   "the student unless --init is given")
+    p.add_argument("--init", help="checkpoint (or convert.py export .safetensors) whose EMA weights initialise the net "
+                   "(e.g. a diffusion model)")
     p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
     p.add_argument("--seed", type=int, help="default 0, or the resumed run's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -98,6 +101,9 @@ def build_parser(method=None, preset=None):
     p.add_argument("--fid-ref", help="reference statistics for --fid-every (python fid.py ref --data ... --out REF.npz)")
     p.add_argument("--fid-num", type=int, default=10_000, help="samples per --fid-every evaluation (FIDs compare only at equal N)")
     p.add_argument("--fid-detector", help="Inception weights for --fid-every (default: fid.py's; path, URL or name)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (pip install tensorboard)")
+    p.add_argument("--wandb", nargs="?", const=True, choices=("online", "offline"), help="also log to Weights & Biases "
+                   "(pip install wandb); offline: no network, files in OUT/wandb (default: WANDB_MODE, else online)")
     fields = {f.name: f.default for f in dataclasses.fields(method.Config)} if method else {}
     values = {**TRAIN_DEFAULTS, **fields, **(method.PRESETS[preset] if preset else {})}
     where = f"preset {preset}" if preset else "default"
@@ -180,6 +186,7 @@ def check_config(args, cfg, method, resumed_step=None):
         if args.init:
             raise UsageError("--init starts a new run's net; a resumed run continues from its checkpoint: drop --init")
     checkpoints.check_out(args.out, args.resume, cfg["data"])
+    trackers.check(args.tensorboard, args.wandb)
     if args.fid_every and not args.fid_ref:
         raise UsageError("--fid-every needs --fid-ref REF.npz (make it with: python fid.py ref --data DATA --out REF.npz)")
     for flag in ("fid_ref", "fid_detector"):
@@ -235,7 +242,7 @@ def config_warnings(args, cfg, method, ds, resumed):
             messages.append(f"the points' standard deviation per axis is {std:.3g} and sigma_data is "
                             f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass "
                             f"--sigma-data {std:.3g}")
-    if method.NEEDS_INIT and not resumed and not args.init:
+    if method.NEEDS_INIT and not resumed and not args.init and not args.teacher:
         messages.append(f"{args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     return messages
 

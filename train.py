@@ -32,9 +32,11 @@ import torch.distributed as dist
 
 import augment
 import checkpoints
+import curves
 import data
 import fid
 import recipe
+import trackers
 from checkpoints import build_net
 from cli import UsageError, run_main, setup_distributed
 
@@ -141,11 +143,6 @@ class IntervalStats:
 # --- Output ----------------------------------------------------------------------------------------------------
 
 
-def format_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def check_ranks_identical(net, world):
     """Per-tensor sums and sums of squares, all-gathered and compared bitwise: ranks whose gradients were not
     synchronised would have drifted apart."""
@@ -246,6 +243,8 @@ def set_up(argv):
         ema_offset = stage1_step if cfg["ema_kind"] == "power" else 0
     if args.init and state is None:
         checkpoints.init_from(net, args.init, method, device, rank, cfg)
+    elif args.teacher and state is None:  # distillation starts from the teacher unless --init says otherwise
+        checkpoints.init_from_teacher(net, args.teacher, method, device, rank, cfg)
     if hasattr(net, "normalize_weights_") and state is None:  # EDM2 nets: unit-norm weights, and after every step
         net.normalize_weights_()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
@@ -280,9 +279,12 @@ class Loop:
     t0: float  # when the log interval's clock started
     step_t0: int  # the step it started after
     saved_step: int  # the last good checkpoint's step (0: none)
+    loggers: trackers.Trackers  # --tensorboard, --wandb (rank 0; does nothing without them)
     nonfinite_grads: int = 0  # gradient entries zeroed in the whole run
     bad_run: int = 0  # consecutive steps with a non-finite loss or gradients
     bad_steps: int = 0  # such steps in the log interval
+    grad_norms: list = dataclasses.field(default_factory=list)  # the log interval's, one per step
+    settled_norms: list = dataclasses.field(default_factory=list)  # every step's after the warm-ups (this process)
 
     def kept_checkpoint_message(self):
         kept = f"the last good checkpoint {os.path.join(self.out, 'ckpt.pt')} (step {self.saved_step}) is kept"
@@ -334,7 +336,23 @@ def train_step(run, loop, step):
         # accumulation round (fastgen/callbacks/forced_weight_norm.py, ForcedWeightNormCallback).
         net.normalize_weights_()
     update_ema(run.emas, ema_decays(cfg, step + run.ema_offset), net)
+    loop.grad_norms.append(grad_norm)
+    if step > warmup_steps(cfg):
+        loop.settled_norms.append(grad_norm)
     return lr, grad_norm
+
+
+def warmup_steps(cfg):
+    """Steps of the LR warm-up and of the method's tangent warm-up (sCM, MeanFlow), whichever ends last."""
+    return max(cfg["lr_warmup"], cfg.get("tangent_warmup", 0))
+
+
+def grad_norm_spike(loop, min_steps=100):
+    """The log interval's largest gradient norm over the median of every norm since the warm-ups ended (None until
+    min_steps such steps): a run whose loss still looks normal can already be diverging (a ratio above 10 warns)."""
+    if len(loop.settled_norms) < min_steps:
+        return None
+    return max(loop.grad_norms) / max(float(np.median(loop.settled_norms)), 1e-30)
 
 
 def log_interval(run, loop, step, lr, grad_norm):
@@ -343,14 +361,20 @@ def log_interval(run, loop, step, lr, grad_norm):
     means = loop.stats.reduce(run.ddp)
     rate = (step - loop.step_t0) * cfg["batch"] / (time.time() - loop.t0)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    record = dict(step=step, kimg=step * cfg["batch"] / 1000, **means, lr=lr, grad_norm=grad_norm, img_per_s=rate,
-                  gpu_mem_gib=mem, nonfinite_grads=loop.nonfinite_grads, nonfinite_steps=loop.bad_steps)
+    spike = grad_norm_spike(loop)
+    record = dict(step=step, kimg=step * cfg["batch"] / 1000, **means, lr=lr, grad_norm=grad_norm,
+                  grad_norm_max=max(loop.grad_norms), grad_norm_spike=spike, img_per_s=rate, gpu_mem_gib=mem,
+                  nonfinite_grads=loop.nonfinite_grads, nonfinite_steps=loop.bad_steps)
+    if run.rank == 0 and spike is not None and spike > 10:
+        print(f"warning: step {step}: gradient norm {record['grad_norm_max']:.3g} is {spike:.0f}x the run's median "
+              f"since its warm-up: the run may be diverging (consider a lower --lr or --grad-clip)", flush=True)
     if run.rank == 0:
         eta = (cfg["steps"] - step) * cfg["batch"] / rate
         print(f"step {step:>7d}/{cfg['steps']} | kimg {record['kimg']:9.1f} | loss {record['loss']:.4g} | "
-              f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {loop.bad_steps} | ETA {format_time(eta)}", flush=True)
+              f"{rate:8.1f} img/s | mem {mem:5.1f} GiB | nonfinite {loop.bad_steps} | ETA {data.format_time(eta)}", flush=True)
         checkpoints.append_metrics(loop.out, record)
-    loop.t0, loop.step_t0, loop.bad_steps = time.time(), step, 0
+        loop.loggers.log(record)
+    loop.t0, loop.step_t0, loop.bad_steps, loop.grad_norms = time.time(), step, 0, []
 
 
 def evaluate_fid(run, loop, step):
@@ -359,13 +383,17 @@ def evaluate_fid(run, loop, step):
     if run.rank == 0:
         print(f"step {step:>7d} | FID {value:.3f} ({run.args.fid_num} samples, ema {run.cfg['ema'][0]}, "
               f"{time.time() - fid_t0:.0f} s)", flush=True)
-        checkpoints.append_metrics(loop.out, dict(step=step, kimg=step * run.cfg["batch"] / 1000, fid=value,
-                                                  fid_num=run.args.fid_num))
+        record = dict(step=step, kimg=step * run.cfg["batch"] / 1000, fid=value, fid_num=run.args.fid_num)
+        checkpoints.append_metrics(loop.out, record)
+        loop.loggers.log(record)
     loop.t0 = loop.t0 + (time.time() - fid_t0)
 
 
 def save_checkpoint(run, loop, step):
-    """ckpt.pt; none inside a stretch of non-finite steps, and Diverged on non-finite weights after a good step."""
+    """ckpt.pt and curves.png; no checkpoint inside a stretch of non-finite steps, and Diverged on non-finite weights
+    after a good step."""
+    if run.rank == 0:
+        draw_curves(run, loop, step)
     healthy = loop.bad_run == 0 and checkpoints.all_finite(run.net, *run.emas)  # the same on every rank
     if not healthy and (step == run.cfg["steps"] or loop.bad_run == 0):
         raise Diverged(f"step {step}: non-finite weights, loss or gradients; {loop.kept_checkpoint_message()}")
@@ -376,6 +404,16 @@ def save_checkpoint(run, loop, step):
     loop.saved_step = step if healthy else loop.saved_step
     if run.ddp:
         dist.barrier()
+
+
+def draw_curves(run, loop, step):
+    """curves.png from metrics.jsonl (curves.py); a failed write warns, the run goes on."""
+    cfg = run.cfg
+    title = f"{cfg['method']} on {run.ds.name} | net {cfg['net']} | batch {cfg['batch']} | step {step}/{cfg['steps']}"
+    try:
+        curves.save(os.path.join(loop.out, "metrics.jsonl"), os.path.join(loop.out, "curves.png"), title)
+    except OSError as e:
+        print(f"warning: cannot write {os.path.join(loop.out, 'curves.png')} ({e.strerror or e})", flush=True)
 
 
 def finish(run, loop):
@@ -401,7 +439,7 @@ def finish(run, loop):
     print(f"done: {out}/samples.png, samples.npy ({n} EMA samples, {args.method}.sample defaults), ckpt.pt")
 
 
-def start_loop(run, out):
+def start_loop(run, out, loggers):
     """config.json, the DDP wrapper, the (compiled) loss, the header line and the FID evaluator: the loop's state."""
     args, cfg, ds, device = run.args, run.cfg, run.ds, run.device
     if run.rank == 0:
@@ -422,7 +460,7 @@ def start_loop(run, out):
     return Loop(out=out, model=model, loss_fn=loss_fn, autocast=autocast, gen=torch.Generator(device),
                 aug_gen=torch.Generator(device), sampler=data.EpochSampler(len(ds), cfg["seed"]), fid_of=run.fid_of,
                 stats=IntervalStats(run.method.TIME_BINS, device), t0=time.time(), step_t0=run.start,
-                saved_step=run.start)
+                saved_step=run.start, loggers=loggers)
 
 
 def save_sample_grid(run, loop, step):
@@ -430,6 +468,7 @@ def save_sample_grid(run, loop, step):
     samples = draw_samples(run.method, run.method_cfg, run.emas[0], run.ds, run.label_dim, 64, run.cfg["seed"], run.device)
     if torch.isfinite(samples).all():  # a diverging EMA is stopped by the checks around it
         data.save_picture(os.path.join(loop.out, f"samples-{step:07d}.png"), samples, run.ds)
+        loop.loggers.picture("samples", os.path.join(loop.out, f"samples-{step:07d}.png"), step)
 
 
 def save_snapshot(run, loop, step):
@@ -441,8 +480,9 @@ def save_snapshot(run, loop, step):
 def main(argv=None):
     run = set_up(sys.argv[1:] if argv is None else argv)
     args, last, rank = run.args, run.cfg["steps"], run.rank
-    with checkpoints.run_folder(args.out, args.resume, run.start, (args.method, run.ds.name), run.ddp, rank) as out:
-        loop = start_loop(run, out)
+    folder = checkpoints.run_folder(args.out, args.resume, run.start, (args.method, run.ds.name), run.ddp, rank)
+    with folder as out, trackers.opened(args.tensorboard, args.wandb, out, run.cfg, rank) as loggers:
+        loop = start_loop(run, out, loggers)
         for step in range(run.start + 1, last + 1):
             lr, grad_norm = train_step(run, loop, step)
             if step % args.log_every == 0 or step == last:

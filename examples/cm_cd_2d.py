@@ -3,7 +3,7 @@
 Shows the shortest honest use of cm.py for distillation with a hand-written network: the script first trains a
 diffusion net with diffusion.py, then distils it with `cm.loss(..., teacher=frozen_net, images=...)` (x_r from one Euler
 step of the teacher's PF-ODE; the ECT curriculum counts training images seen), the student initialised from the teacher
-(train.py: `--init RUN --teacher RUN`), and draws one-step samples with `cm.sample`. Settings:
+(train.py: `--teacher RUN` does both), and draws one-step samples with `cm.sample`. Settings:
 `Config.from_preset("toy-cd")`, for points with unit variance per axis (sigma_data 1, curriculum stages of 50 kimg,
 ratio limit 0.99); the CIFAR-10 defaults (sigma_data 0.5, 6400 kimg per stage) do not fit such a run. Data: 8
 Gaussians on a ring, standardised. Prints the ratio of the samples' sliced W2 to fresh data over a moment-matched

@@ -2,7 +2,7 @@
 
 Shows the shortest honest use of scm.py for distillation with a hand-written network: the script first trains a
 diffusion net with diffusion.py, then distils it with `scm.loss(..., teacher=frozen_net)`, the student initialised
-from the teacher (train.py: `--init RUN --teacher RUN`; the net's log-variance head is the only new part), and draws
+from the teacher (train.py: `--teacher RUN` does both; the net's log-variance head is the only new part), and draws
 one-step samples with `scm.sample`. Settings: `Config.from_preset("toy-scd", tangent="jvp")`: sigma_data 1 for points
 with unit variance per axis, sigma_max 80 and a 625-step tangent warm-up for a 2500-step run (the defaults are
 CIFAR-10's: 0.5, 800, 10000), and torch.func.jvp, since this net has no fused tangents ("fd" works too). Data: 8

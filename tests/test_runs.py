@@ -206,7 +206,8 @@ def test_resume_trims_metrics_and_removes_a_half_written_checkpoint(tmp_path):
     assert metrics_steps(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
     run("--steps", "6", "--resume", out)
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "curves.png", "metrics.jsonl", "samples.npy",
+                                       "samples.png"]
 
 
 def test_snapshots_keep_the_weights_along_a_run(tmp_path):
@@ -264,9 +265,10 @@ def test_a_new_run_needs_a_new_or_empty_folder(tmp_path):
     (leftovers / checkpoints.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname())))
     (leftovers / "ckpt.pt.tmp").write_bytes(b"half")
     (leftovers / "config.json.tmp").write_bytes(b"half")
+    (leftovers / "curves.png.tmp").write_bytes(b"half")
     run("--steps", "1", "--out", str(leftovers))
-    assert sorted(os.listdir(leftovers)) == sorted(os.listdir(empty)) == ["ckpt.pt", "config.json", "metrics.jsonl",
-                                                                         "samples.npy", "samples.png"]
+    assert sorted(os.listdir(leftovers)) == sorted(os.listdir(empty)) == ["ckpt.pt", "config.json", "curves.png",
+                                                                         "metrics.jsonl", "samples.npy", "samples.png"]
 
 
 def test_out_inside_or_equal_to_the_data_and_a_run_folder_as_data_are_refused(tmp_path):
@@ -397,7 +399,8 @@ def test_a_full_disk_during_a_save_keeps_the_checkpoint_and_leaves_no_temp(tmp_p
     assert message == (f"train.py: error: cannot write {out}/ckpt.pt (No space left on device); the previous ckpt.pt is "
                        f"kept")
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "curves.png", "metrics.jsonl", "samples.npy",
+                                       "samples.png"]
 
 
 def test_net_mismatch_names_the_keys(tmp_path):
@@ -587,7 +590,8 @@ def has_lock_of(out, pid):
 def test_the_house_is_one_way():
     """No two project files import each other; train -> recipe -> checkpoints: checkpoints.py imports none of
     train.py, recipe.py, fid.py, convert.py; recipe.py not train.py or fid.py; fid.py and convert.py not train.py;
-    train.py, recipe.py, fid.py and convert.py all take run and checkpoint handling from checkpoints.py."""
+    train.py, recipe.py, fid.py and convert.py all take run and checkpoint handling from checkpoints.py; nets.py,
+    data.py, cli.py, inception.py, curves.py and the method files import nothing of it (tcm.py: cm.py)."""
     import ast
     names = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
     imports = {}
@@ -601,4 +605,7 @@ def test_the_house_is_one_way():
     assert "train" not in imports["fid"] | imports["convert"]
     assert {"checkpoints"} <= imports["train"] & imports["fid"] & imports["recipe"] & imports["convert"]
     assert "recipe" in imports["train"]
+    for leaf in ("nets", "data", "cli", "inception", "curves", "diffusion", "cm", "scm", "meanflow"):
+        assert not imports[leaf], (leaf, imports[leaf])  # what a user may copy alone
+    assert imports["tcm"] == {"cm"}
     assert not [(a, b) for a in names for b in imports[a] if a in imports.get(b, ())]

@@ -54,6 +54,51 @@ def test_baselines_bracket_the_ratio():
     assert toy_suite.sliced_w2(np.zeros_like(test), test) > gauss  # a point mass is worse than the Gaussian
 
 
+def test_held_out_clouds_are_fixed_distinct_and_cover_every_family():
+    """The first 12 held-out clouds: every family twice, each a function of its index only, and each far from every
+    tuning distribution and every other held-out cloud (sliced W2 between standardised sets of 2,000 points above
+    0.15; two draws of one cloud: 0.05-0.10)."""
+    clouds = [toy_suite.held_out_cloud(i) for i in range(12)]
+    assert [name.split("-")[1] for name, _ in clouds] == list(toy_suite.FAMILIES) * 2
+    sets = {}
+    for i, (name, sample) in enumerate(clouds):
+        x = sample(2000, np.random.default_rng(0))
+        assert x.shape == (2000, 2) and np.isfinite(x).all() and name == f"held{i:02d}-{name.split('-')[1]}"
+        np.testing.assert_array_equal(x, toy_suite.held_out_cloud(i)[1](2000, np.random.default_rng(0)))
+        sets[name] = toy_suite.standardize(x, x)
+        again = sample(2000, np.random.default_rng(1))
+        assert toy_suite.sliced_w2(toy_suite.standardize(again, x), sets[name]) < 0.12
+    for name, f in toy_suite.DISTS.items():
+        x = f(2000, np.random.default_rng(0))
+        sets[name] = toy_suite.standardize(x, x)
+    for a, _ in clouds:
+        assert min(toy_suite.sliced_w2(sets[a], sets[b]) for b in sets if b != a) > 0.15, a
+
+
+def test_suite_held_out_second_seed_and_spikes(tmp_path):
+    """--held-out N trains on held-out clouds (their data files named after them); --second-seed R trains every cell
+    above R again with --seed + 1 into its own folder and shows both ratios; the spike row reads train.py's
+    grad_norm_spike records."""
+    suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
+    p = subprocess.run([sys.executable, suite, "--held-out", "2", "--dists", "held01-curves", "--methods", "meanflow",
+                        "--n", "500", "--steps", "3", "--draws", "1", "--threads", "1", "--second-seed", "0",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = json.load(open(tmp_path / "results.json"))
+    first, second = results["runs"]["held01-curves/meanflow"], results["second_seed"]["held01-curves/meanflow"]
+    assert os.listdir(tmp_path / "data") == ["held01-curves.npy"]
+    assert first["out"].endswith("held01-curves-meanflow") and second["out"].endswith("held01-curves-meanflow-seed1")
+    assert json.load(open(os.path.join(second["out"], "config.json")))["seed"] == 1 and first["ratio"] != second["ratio"]
+    assert f"| held01-curves | {results['baselines']['held01-curves']['floor'] / results['baselines']['held01-curves']['gaussian']:.2f} | " \
+           f"{first['ratio']:.2f} / {second['ratio']:.2f} (" in p.stdout
+    assert "| largest grad-norm spike | | nanx |" in p.stdout  # 3 steps: no interval past 100 settled steps
+    records = [{"grad_norm_spike": None}, {"grad_norm_spike": 3.5}, {"grad_norm_spike": 12.0}, {}]
+    os.makedirs(tmp_path / "fake")
+    with open(tmp_path / "fake" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    assert toy_suite.largest_spike(str(tmp_path / "fake")) == 12.0
+
+
 @pytest.mark.parametrize("method, needs", [("sct", "diffusion"), ("ct", "diffusion"), ("scd", "diffusion"),
                                            ("cd", "diffusion"), ("tcm", "ct")])
 def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, needs):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import data
 import recipe
 import train
@@ -49,7 +48,8 @@ def test_collapsed_point_samples_are_reported(tmp_path, capsys, monkeypatch):
 
 def test_toy_smoke_writes_everything(tmp_path):
     out = run(tmp_path, "--data", "toy", "--steps", "10", "--batch", "32")
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "metrics.jsonl", "samples.npy", "samples.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "curves.png", "metrics.jsonl", "samples.npy",
+                                       "samples.png"]
     state = load(out)
     assert state["step"] == 10 and state["config"]["method"] == "meanflow" and len(state["ema"]) == 1
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -223,6 +223,62 @@ def test_diffusion_then_scm_init_and_teacher(tmp_path):
     # The student moved away from the teacher it started from; the EMA started as the initialised net.
     k = "fc_in.weight"
     assert not torch.equal(s_state["net"][k], t_state["ema"][0][k])
+
+
+@pytest.mark.parametrize("method", ["cm", "scm"])
+def test_distillation_starts_from_the_teacher(tmp_path, capsys, method):
+    """CD and sCD with --teacher and no --init: the student and its EMA start as the teacher's first EMA (lr 0 keeps
+    them there; sCD's new log-variance head is the only fresh part) and no from-scratch warning; --init still
+    overrides; a teacher whose net the student cannot take leaves the student at its own initialisation, with a
+    notice."""
+    teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", out="dif")
+    other = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", "--seed", "1",
+                out="other")
+    small = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "1", "--batch", "16", "--net",
+                "mlp-small", out="small")
+    capsys.readouterr()
+    common = ["--method", method, "--data", "toy", "--steps", "1", "--batch", "16", "--lr", "0"]
+    student = load(run(tmp_path, *common, "--teacher", teacher, out="student"))
+    said = capsys.readouterr().out
+    assert f"initialised from {teacher}" in said and "training from scratch" not in said
+    overridden = load(run(tmp_path, *common, "--teacher", teacher, "--init", other, out="overridden"))
+    scratch = load(run(tmp_path, *common, "--teacher", small, out="scratch"))
+    assert f"the student starts from scratch, not from the teacher {small}: its net mlp-small differs" in \
+        capsys.readouterr().out
+    for source, got in ((load(teacher), student), (load(other), overridden)):
+        weights = source["ema"][0]
+        assert {k for k in got["net"] if k not in weights} == ({"logvar_linear.weight", "logvar_linear.bias"}
+                                                                if method == "scm" else set())
+        for k in weights:
+            assert torch.equal(got["net"][k], weights[k]) and torch.equal(got["ema"][0][k], weights[k]), k
+    assert not torch.equal(scratch["net"]["fc_in.weight"], load(teacher)["ema"][0]["fc_in.weight"])
+    assert scratch["net"]["fc_in.weight"].shape == student["net"]["fc_in.weight"].shape
+
+
+def test_a_gradient_norm_spike_warns(tmp_path, capsys, monkeypatch):
+    """Each log record holds the interval's largest gradient norm and its ratio to the median of every norm since the
+    warm-ups (None until 100 such steps); one step whose norm is 1000x the others' warns in the log line's interval
+    only. lr 0: every step's gradient is the initial net's, up to the batch."""
+    real, calls = train.repair_and_clip, []
+
+    def spiky(net, max_norm):
+        norm, bad = real(net, max_norm)
+        calls.append(norm)
+        return (1000 * norm if len(calls) == 125 else norm), bad
+    monkeypatch.setattr(train, "repair_and_clip", spiky)
+    out = run(tmp_path, "--data", "toy", "--steps", "150", "--batch", "16", "--lr", "0", "--lr-warmup", "20",
+              "--log-every", "25")
+    said = capsys.readouterr().out
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    spikes = {r["step"]: r["grad_norm_spike"] for r in records}
+    norms = calls[:124] + [1000 * calls[124]] + calls[125:]  # what the loop saw, step k at k - 1
+    assert [s for s, v in spikes.items() if v is None] == [25, 50, 75, 100]  # fewer than 100 steps past step 20
+    assert records[4]["grad_norm_max"] == norms[124] == max(norms[100:125])
+    assert spikes[125] == pytest.approx(norms[124] / np.median(norms[20:125]), rel=1e-12) and spikes[125] > 10
+    assert spikes[150] == pytest.approx(max(norms[125:150]) / np.median(norms[20:150]), rel=1e-12) and spikes[150] < 10
+    warnings = [line for line in said.splitlines() if "gradient norm" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: step 125: gradient norm {norms[124]:.3g} is "
+                                                         f"{spikes[125]:.0f}x the run's median since its warm-up")
 
 
 @pytest.mark.parametrize("args, message", [
