@@ -30,8 +30,9 @@ Tuning and judging: the presets are tuned on the eight named distributions; `--h
 first N held-out clouds, random members of six families (mixtures, curves, spirals, rings, grids, filled shapes, each
 turned and stretched at random; see `held_out_cloud`) that no preset was tuned on. `--second-seed R` trains every
 cell above R again with the next training seed (a recipe whose outcome depends on the seed shows it). Stability is
-measured too: the table's spike row is each method's largest `grad_norm_spike` (train.py: a log interval's largest
-gradient norm over the run's median since the warm-ups; above 10 train.py warns).
+measured too, from train.py's metrics.jsonl: each method's largest `grad_norm_growth` (a log interval's largest
+gradient norm over the median of all norms since the warm-ups ended) and `grad_norm_spike` (over the median of the
+1000 norms before the interval; above 10 train.py warns).
 
 Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (distribution x method scatters).
 """
@@ -514,16 +515,18 @@ def main():
         if r["rc"] == 0:
             samples[d, m], r["ratios"] = draw_ratios(r["out"], held_out[d], base[d][0], args.draws)
             ratios[d, m] = float(np.mean(r["ratios"]))
-            r["spike"] = largest_spike(r["out"])
+            r["growth"], r["spike"] = largest(r["out"], "grad_norm_growth"), largest(r["out"], "grad_norm_spike")
     second = {}
     if args.second_seed is not None:
-        for (d, m), ratio in sorted(ratios.items()):
-            if ratio > args.second_seed:
-                rc, cost, out, _ = run_one(args, d, m, files[d], seed=args.seed + 1)
+        again = [j for j, ratio in sorted(ratios.items()) if ratio > args.second_seed]
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            runs = pool.map(lambda j: run_one(args, j[0], j[1], files[j[0]], seed=args.seed + 1), again)
+            for (d, m), (rc, cost, out, _) in zip(again, runs):
                 print(f"{d:>14s} {m:>9s}: seed {args.seed + 1} {'ok' if rc == 0 else f'FAILED (rc {rc})'}", flush=True)
                 if rc == 0:
                     _, draws = draw_ratios(out, held_out[d], base[d][0], args.draws)
-                    second[d, m] = dict(out=out, ratio=float(np.mean(draws)), spike=largest_spike(out), **cost)
+                    second[d, m] = dict(out=out, ratio=float(np.mean(draws)), growth=largest(out, "grad_norm_growth"),
+                                        spike=largest(out, "grad_norm_spike"), **cost)
     print_tables(args, dists, methods, base, results, ratios, second)
     if args.curve_every:
         print(f"\none-step ratio along each run, every {args.curve_every} steps: step EMA (online weights)")
@@ -539,12 +542,13 @@ def main():
     print(f"wrote {args.out}/grid.png, {args.out}/results.json")
 
 
-def largest_spike(run):
-    """The largest gradient-norm spike of a run: max over its log intervals of train.py's grad_norm_spike (the
-    interval's largest norm over the median of all norms since the warm-ups ended); None before any."""
+def largest(run, key):
+    """The largest value of a metrics.jsonl key over a run's log records (None where it has none): train.py's
+    grad_norm_growth (a log interval's largest gradient norm over the median of all norms since the warm-ups ended)
+    and grad_norm_spike (over the median of the 1000 norms before the interval)."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        spikes = [r["grad_norm_spike"] for r in map(json.loads, f) if r.get("grad_norm_spike") is not None]
-    return max(spikes, default=None)
+        values = [r[key] for r in map(json.loads, f) if r.get(key) is not None]
+    return max(values, default=None)
 
 
 def print_tables(args, dists, methods, base, results, ratios, second):
@@ -565,14 +569,14 @@ def print_tables(args, dists, methods, base, results, ratios, second):
     column = {m: [ratios.get((d, m), math.inf) for d in dists] for m in methods}
     print("| worst | | " + " | ".join(f"{max(column[m]):.2f}" for m in methods) + " |")
     print("| cells <= 0.35 | | " + " | ".join(f"{np.mean(np.array(column[m]) <= 0.35):.0%}" for m in methods) + " |")
-    spikes = {m: [r["spike"] for (d, k), r in results.items() if k == m and r.get("spike") is not None] for m in methods}
-    print("| largest grad-norm spike | | " + " | ".join(f"{max(spikes[m], default=math.nan):.1f}x" for m in methods)
-          + " |")
+    for key, label in (("growth", "largest grad-norm growth"), ("spike", "largest grad-norm spike")):
+        values = {m: [r[key] for (d, k), r in results.items() if k == m and r.get(key) is not None] for m in methods}
+        print(f"| {label} | | " + " | ".join(f"{max(values[m], default=math.nan):.1f}x" for m in methods) + " |")
     above = [f"{LABELS[m].split(' (')[0]} on {d} {r:.3f}" for (d, m), r in ratios.items() if r > 0.35]
     print("above 0.35 (unrounded; red in the grid): " + (", ".join(above) if above else "none"))
     spiky = [f"{LABELS[k].split(' (')[0]} on {d} {r['spike']:.0f}x" for (d, k), r in results.items()
              if (r.get("spike") or 0) > 10]
-    print("gradient norm above 10x its run's median after the warm-ups: " + (", ".join(spiky) if spiky else "none"))
+    print("gradient-norm spikes above 10x (train.py warns): " + (", ".join(spiky) if spiky else "none"))
     if args.draws > 1 and ratios:
         spread = sorted((float(np.std(results[j]["ratios"])), j) for j in ratios)
         print(f"each cell: the mean over {args.draws} draws of 4,096 samples; the standard deviation of one draw's "

@@ -77,8 +77,8 @@ def test_held_out_clouds_are_fixed_distinct_and_cover_every_family():
 
 def test_suite_held_out_second_seed_and_spikes(tmp_path):
     """--held-out N trains on held-out clouds (their data files named after them); --second-seed R trains every cell
-    above R again with --seed + 1 into its own folder and shows both ratios; the spike row reads train.py's
-    grad_norm_spike records."""
+    above R again with --seed + 1 into its own folder and shows both ratios; the growth and spike rows read train.py's
+    grad_norm_growth and grad_norm_spike records."""
     suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
     p = subprocess.run([sys.executable, suite, "--held-out", "2", "--dists", "held01-curves", "--methods", "meanflow",
                         "--n", "500", "--steps", "3", "--draws", "1", "--threads", "1", "--second-seed", "0",
@@ -91,12 +91,14 @@ def test_suite_held_out_second_seed_and_spikes(tmp_path):
     assert json.load(open(os.path.join(second["out"], "config.json")))["seed"] == 1 and first["ratio"] != second["ratio"]
     assert f"| held01-curves | {results['baselines']['held01-curves']['floor'] / results['baselines']['held01-curves']['gaussian']:.2f} | " \
            f"{first['ratio']:.2f} / {second['ratio']:.2f} (" in p.stdout
-    assert "| largest grad-norm spike | | nanx |" in p.stdout  # 3 steps: no interval past 100 settled steps
-    records = [{"grad_norm_spike": None}, {"grad_norm_spike": 3.5}, {"grad_norm_spike": 12.0}, {}]
+    assert "| largest grad-norm growth | | nanx |" in p.stdout  # 3 steps: no interval past 100 settled steps
+    records = [{"grad_norm_spike": None, "grad_norm_growth": 2.0}, {"grad_norm_spike": 3.5, "grad_norm_growth": 30.0},
+               {"grad_norm_spike": 12.0, "grad_norm_growth": 4.0}, {}]
     os.makedirs(tmp_path / "fake")
     with open(tmp_path / "fake" / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    assert toy_suite.largest_spike(str(tmp_path / "fake")) == 12.0
+    assert toy_suite.largest(str(tmp_path / "fake"), "grad_norm_spike") == 12.0
+    assert toy_suite.largest(str(tmp_path / "fake"), "grad_norm_growth") == 30.0
 
 
 @pytest.mark.parametrize("method, needs", [("sct", "diffusion"), ("ct", "diffusion"), ("scd", "diffusion"),

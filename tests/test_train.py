@@ -256,29 +256,45 @@ def test_distillation_starts_from_the_teacher(tmp_path, capsys, method):
 
 
 def test_a_gradient_norm_spike_warns(tmp_path, capsys, monkeypatch):
-    """Each log record holds the interval's largest gradient norm and its ratio to the median of every norm since the
-    warm-ups (None until 100 such steps); one step whose norm is 1000x the others' warns in the log line's interval
-    only. lr 0: every step's gradient is the initial net's, up to the batch."""
+    """Each log record holds the interval's largest gradient norm, its growth (over the median of every norm since
+    the warm-ups) and its spike (over the median of the norms before the interval), each None until 100 norms back it;
+    one step whose norm is 1000x the others' warns in its log interval only. lr 0: every step's gradient is the
+    initial net's, up to the batch."""
     real, calls = train.repair_and_clip, []
 
     def spiky(net, max_norm):
         norm, bad = real(net, max_norm)
         calls.append(norm)
-        return (1000 * norm if len(calls) == 125 else norm), bad
+        return (1000 * norm if len(calls) == 140 else norm), bad
     monkeypatch.setattr(train, "repair_and_clip", spiky)
-    out = run(tmp_path, "--data", "toy", "--steps", "150", "--batch", "16", "--lr", "0", "--lr-warmup", "20",
+    out = run(tmp_path, "--data", "toy", "--steps", "175", "--batch", "16", "--lr", "0", "--lr-warmup", "20",
               "--log-every", "25")
     said = capsys.readouterr().out
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    spikes = {r["step"]: r["grad_norm_spike"] for r in records}
-    norms = calls[:124] + [1000 * calls[124]] + calls[125:]  # what the loop saw, step k at k - 1
-    assert [s for s, v in spikes.items() if v is None] == [25, 50, 75, 100]  # fewer than 100 steps past step 20
-    assert records[4]["grad_norm_max"] == norms[124] == max(norms[100:125])
-    assert spikes[125] == pytest.approx(norms[124] / np.median(norms[20:125]), rel=1e-12) and spikes[125] > 10
-    assert spikes[150] == pytest.approx(max(norms[125:150]) / np.median(norms[20:150]), rel=1e-12) and spikes[150] < 10
+    records = {r["step"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    norms = calls[:139] + [1000 * calls[139]] + calls[140:]  # what the loop saw, step k at k - 1
+    assert [s for s, r in records.items() if r["grad_norm_growth"] is None] == [25, 50, 75, 100]  # < 100 past step 20
+    assert [s for s, r in records.items() if r["grad_norm_spike"] is None] == [25, 50, 75, 100, 125]
+    assert records[150]["grad_norm_max"] == norms[139] == max(norms[125:150])
+    for step in (125, 150, 175):
+        top = max(norms[step - 25:step])
+        assert records[step]["grad_norm_growth"] == pytest.approx(top / np.median(norms[20:step]), rel=1e-12)
+        if step > 125:
+            assert records[step]["grad_norm_spike"] == pytest.approx(top / np.median(norms[20:step - 25]), rel=1e-12)
+    assert records[150]["grad_norm_spike"] > 10 > records[175]["grad_norm_spike"]
     warnings = [line for line in said.splitlines() if "gradient norm" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: step 125: gradient norm {norms[124]:.3g} is "
-                                                         f"{spikes[125]:.0f}x the run's median since its warm-up")
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: step 150: gradient norm {norms[139]:.3g} is {records[150]['grad_norm_spike']:.0f}x the median of "
+        f"the 1000 steps before")
+
+
+def test_gradient_norm_ratios_window():
+    """The spike's median covers the `window` norms before the interval, not the interval's own nor older ones."""
+    from types import SimpleNamespace
+    loop = SimpleNamespace(settled_norms=[100.0, 100.0, 1.0, 2.0, 3.0, 50.0, 60.0], grad_norms=[50.0, 60.0],
+                           settled_before=5)
+    growth, spike = train.grad_norm_ratios(loop, window=3, min_steps=3)
+    assert growth == 60.0 / 50.0 and spike == 60.0 / 2.0
+    assert train.grad_norm_ratios(loop, window=3, min_steps=4) == (60.0 / 50.0, None)
 
 
 @pytest.mark.parametrize("args, message", [
