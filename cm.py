@@ -348,8 +348,9 @@ PRESETS = {
     # batch's E[x | x_sigma]: worst cell of benchmarks/toy_suite.py 0.43 -> 0.32 (a cell the mean of 8 draws; arms_ring
     # / checkerboard 0.43 / 0.355 -> 0.28 / 0.32). The sweeps behind the other settings: docs/presets.md.
     "toy": dict(TOY_RECIPE, batch_target=True),
-    # CD on points (--init and --teacher a diffusion toy run), 2500 steps. Deviation: ratio limit 0.99, reached after
-    # 6 x 50 kimg = 1172 steps: of 0.99 / 0.95 / 0.9 it scores best on arms_ring (benchmarks/toy_suite.py 0.28 / 0.41 /
-    # 0.65), and at sigma_data 0.5 CT's 0.999 contracted CD to a blob there. Sweep: docs/presets.md.
+    # CD on points (--teacher a diffusion toy run, which also starts the student), 2500 steps. Deviation: ratio limit
+    # 0.99, reached after 6 x 50 kimg = 1172 steps: of 0.99 / 0.95 / 0.9 it scores best on arms_ring
+    # (benchmarks/toy_suite.py 0.28 / 0.41 / 0.65), and at sigma_data 0.5 CT's 0.999 contracted CD to a blob there.
+    # Sweep: docs/presets.md.
     "toy-cd": dict(TOY_RECIPE, distill=True, steps=2500, ratio_limit=0.99),
 }

@@ -385,8 +385,8 @@ PRESETS = {
     # the batch's E[x | x_t] instead of the sample's x (benchmarks/toy_suite.py, a cell the mean of 8 draws of
     # samples: worst cell 0.39 -> 0.32). Sweeps and the settings tried: docs/presets.md.
     "toy": dict(TOY_RECIPE, batch_target=True),
-    # sCD on 2-D points (--teacher a diffusion toy run, which also starts the student), 2500 steps (one minute with --threads 2: the
-    # teacher's passes cost a step more), with sCM.py's tangent_norm_c 0.1: every cloud of benchmarks/toy_suite.py
-    # <= 0.28 (docs/presets.md).
+    # sCD on 2-D points (--teacher a diffusion toy run, which also starts the student), 2500 steps (one minute with
+    # --threads 2: the teacher's passes cost a step more), with sCM.py's tangent_norm_c 0.1: every cloud of
+    # benchmarks/toy_suite.py <= 0.28 (docs/presets.md).
     "toy-scd": dict(TOY_RECIPE, distill=True, steps=2500, tangent_norm_c=0.1),
 }

@@ -348,12 +348,15 @@ def warmup_steps(cfg):
     return max(cfg["lr_warmup"], cfg.get("tangent_warmup", 0))
 
 
+SPIKE_WARNING = 100  # consistency runs of the held-out 2-D suite reach 50x with samples that meet its goal
+
+
 def grad_norm_ratios(loop, window=1000, min_steps=100):
     """The log interval's largest gradient norm over the median of every norm since the warm-ups ended (growth) and
     over the median of the `window` norms before the interval (spike), each None until it has min_steps norms.
-    Healthy consistency runs grow 10-50x (their weights 1/(t - r) and exp(-logvar) rise as the fit tightens:
-    benchmarks/toy_suite.py --held-out prints both), and Adam's step does not follow the gradient's scale; a spike is a
-    jump its moment estimates have not seen: above 10, the run may be diverging while its loss still looks normal."""
+    Healthy consistency runs reach both 10-50x (their weights 1/(t - r) and exp(-logvar) rise as the fit tightens,
+    in jumps at ECT's stage boundaries: benchmarks/toy_suite.py --held-out prints both), so a spike warns only above
+    SPIKE_WARNING, twice the largest seen in a healthy run."""
     top, settled = max(loop.grad_norms), loop.settled_norms
     before = settled[:loop.settled_before][-window:]
     growth = top / max(float(np.median(settled)), 1e-30) if len(settled) >= min_steps else None
@@ -371,7 +374,7 @@ def log_interval(run, loop, step, lr, grad_norm):
     record = dict(step=step, kimg=step * cfg["batch"] / 1000, **means, lr=lr, grad_norm=grad_norm,
                   grad_norm_max=max(loop.grad_norms), grad_norm_growth=growth, grad_norm_spike=spike, img_per_s=rate,
                   gpu_mem_gib=mem, nonfinite_grads=loop.nonfinite_grads, nonfinite_steps=loop.bad_steps)
-    if run.rank == 0 and spike is not None and spike > 10:
+    if run.rank == 0 and spike is not None and spike > SPIKE_WARNING:
         print(f"warning: step {step}: gradient norm {record['grad_norm_max']:.3g} is {spike:.0f}x the median of the "
               f"1000 steps before: the run may be diverging (consider a lower --lr or --grad-clip)", flush=True)
     if run.rank == 0:

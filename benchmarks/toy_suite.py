@@ -32,7 +32,7 @@ turned and stretched at random; see `held_out_cloud`) that no preset was tuned o
 cell above R again with the next training seed (a recipe whose outcome depends on the seed shows it). Stability is
 measured too, from train.py's metrics.jsonl: each method's largest `grad_norm_growth` (a log interval's largest
 gradient norm over the median of all norms since the warm-ups ended) and `grad_norm_spike` (over the median of the
-1000 norms before the interval; above 10 train.py warns).
+1000 norms before the interval; above 100 train.py warns).
 
 Writes `<out>/results.json`, a Markdown table on stdout and `<out>/grid.png` (distribution x method scatters).
 """
@@ -576,7 +576,7 @@ def print_tables(args, dists, methods, base, results, ratios, second):
     print("above 0.35 (unrounded; red in the grid): " + (", ".join(above) if above else "none"))
     spiky = [f"{LABELS[k].split(' (')[0]} on {d} {r['spike']:.0f}x" for (d, k), r in results.items()
              if (r.get("spike") or 0) > 10]
-    print("gradient-norm spikes above 10x (train.py warns): " + (", ".join(spiky) if spiky else "none"))
+    print("gradient-norm spikes above 10x (train.py warns above 100x): " + (", ".join(spiky) if spiky else "none"))
     if args.draws > 1 and ratios:
         spread = sorted((float(np.std(results[j]["ratios"])), j) for j in ratios)
         print(f"each cell: the mean over {args.draws} draws of 4,096 samples; the standard deviation of one draw's "
