@@ -13,6 +13,9 @@ Call signature shared by every net here (each method file documents what it feed
     y    (B, label_dim) or None  one-hot class labels; an all-zero row is the null label (CFG), and so is None
                                  (EDM's and EDM2's Precond feed zero labels for None)
     aug  (B, augment_dim) or None  augmentation labels (zero at sampling)
+    rows (index (B,), n, masks) or None  x holds rows `index` of an n-row batch: dropout gives each row the mask a
+                                   pass over all n rows would, from the list `masks` shared by the passes over that
+                                   batch (the first one to need a mask draws it as a whole-batch pass would)
 
 All nets are plain PyTorch: no custom autograd.Function, no numpy constants in modules. Group/layer norm and
 attention run the native kernels (F.group_norm, F.layer_norm, F.scaled_dot_product_attention), which save little for
@@ -144,13 +147,55 @@ def silu(x):
     return Dual(F.silu(x.p), x.d * s * (1 + p * (1 - s)))  # silu'(p) = s (1 + p (1 - s))
 
 
+class _Rows:
+    """A pass over rows `index` of an n-row batch (forward's rows=(index, n, masks)): its k-th dropout keeps rows
+    `index` of masks[k], the k-th n-row mask, which the first pass of that batch to need it draws and appends."""
+
+    def __init__(self, index, n, masks):
+        self.index, self.n, self.masks, self.k = index, n, masks, 0
+
+    def keep(self, x, p):
+        if self.k == len(self.masks):  # drawn as a pass over all n rows draws it, so the RNG moves on alike
+            full = torch.empty((self.n, *x.shape[1:]), device=x.device, dtype=torch.float32).bernoulli_(1 - p)
+            self.masks.append(full.bool())
+        mask = self.masks[self.k]
+        self.k += 1
+        if mask.shape[1:] != x.shape[1:]:
+            raise ValueError(f"rows=: mask {self.k - 1} of this batch has shape {tuple(mask.shape)}, the pass needs "
+                             f"{tuple(x.shape)}: passes sharing masks need the same dropout layers")
+        return mask[self.index].float()  # (len(index), *x.shape[1:]), 0 or 1
+
+
+_ROWS = None  # the _Rows of the running forward, if it was called with rows=
+
+
+def _takes_rows(forward):
+    """A net's forward with the call signature's rows= argument, which `dropout` reads from _ROWS during the pass."""
+    def forward_on_rows(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None, rows=None):
+        global _ROWS
+        if rows is not None and len(rows[0]) != x.shape[0]:
+            raise ValueError(f"rows=(index, n, masks) needs one index per row of x: got {len(rows[0])} for "
+                             f"{x.shape[0]} rows")
+        outer, _ROWS = _ROWS, None if rows is None else _Rows(*rows)
+        try:
+            return forward(self, x, t, r, y, aug, return_logvar, tangents)
+        finally:
+            _ROWS = outer
+    return forward_on_rows
+
+
 def dropout(x, p, training):
     """Dropout whose mask is drawn in fp32 whatever the activation dtype, so two passes under different
     precisions (fp32 JVP, bf16 grad pass) consume the RNG identically and share the mask (tests/test_meanflow.py,
-    test_masks_shared_across_precisions_under_bf16)."""
+    test_masks_shared_across_precisions_under_bf16). In a pass over some rows of a batch (rows=, `_Rows`) each row gets
+    the mask a pass over the whole batch would give it, drawn once for all passes over that batch (tests/test_nets.py,
+    test_passes_over_some_rows_share_the_whole_batch_masks)."""
     if not training or p == 0:
         return x
-    keep = torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1 - p)
+    if _ROWS is None:
+        keep = torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1 - p)
+    else:
+        keep = _ROWS.keep(x, p)
     scale = keep / (1 - p)
     if isinstance(x, Dual):
         return Dual(x.p * scale.to(x.p.dtype), x.d * scale.to(x.d.dtype))
@@ -508,6 +553,7 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout, eps=1e-6)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
+    @_takes_rows
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
@@ -593,6 +639,7 @@ class DhariwalUNet(nn.Module):
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
 
+    @_takes_rows
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
@@ -660,6 +707,7 @@ class MLP(nn.Module):
         # output 1: 8 Gaussians 0.27; fc1 at plain Xavier and output 0.1: 0.10 / 0.24 / 0.23 (toy_suite.py ratios).
         self.fc_out = Linear(width, dim, init_mode="xavier_uniform", init_weight=0.1)
 
+    @_takes_rows
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
@@ -872,6 +920,7 @@ class EDM2UNet(nn.Module):
             if isinstance(m, MPConv):
                 m.weight.copy_(mp_normalize(m.weight))
 
+    @_takes_rows
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
@@ -1016,6 +1065,7 @@ class DiT(nn.Module):
         y = y.to(table.dtype)
         return y @ table[:self.label_dim] + (1 - y.sum(1, keepdim=True)) * table[self.label_dim]
 
+    @_takes_rows
     def forward(self, x, t, r=None, y=None, aug=None, return_logvar=False, tangents=None):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)

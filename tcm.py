@@ -20,7 +20,8 @@ from a frozen copy of the stage-1 CM. Per sample:
 | f_theta       | f                      | student consistency function (cm.consistency_fn)           | (B, *D) |
 | f_stage1      | teacher                | frozen stage-1 CM, TRAIN mode (dropout on), same masks     |         |
 
-Network call: as cm.py. `teacher` is the frozen stage-1 network; train.py builds it from `--stage1 RUN` (that run's
+Network call: as cm.py, plus `rows=(index, B, masks)` in the routed target passes (`on_rows`: a net without that argument runs
+them on the whole batch). `teacher` is the frozen stage-1 network; train.py builds it from `--stage1 RUN` (that run's
 online weights, which also initialise the student and every EMA, as the `pretrained_ckpt_key_map` of FastGen's
 EDM/config_tcm_cifar10.py and EDM2/config_tcm_s.py: its methods/config_tcm.py template maps the EMA instead).
 
@@ -29,6 +30,7 @@ What TCM reuses from cm.py (imported below, unchanged): the consistency function
 log-Student-t time distribution, the boundary set, routing. Presets and the sweeps behind the toy one: docs/presets.md.
 """
 import functools
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -140,17 +142,30 @@ def boundary_mask(n, cfg, gen, device):
 
 def route(student, stage1, x, sigma, y, cfg):
     """f_student(x, sigma) where sigma >= transition_sigma, f_stage1(x, sigma) elsewhere, per sample (FastGen TCM.py,
-    TCMPrecond.forward: the stage-1 net on the whole batch, the student on it too when any row needs it). Both passes
-    start from the same RNG state, so they draw the same dropout masks (the nets share an architecture)."""
+    TCMPrecond.forward, which runs the stage-1 net on the whole batch and the student on it too when any row needs it:
+    the same values). Here each net runs on its own rows (`on_rows`), so the two passes cost one pass over the batch
+    and draw its dropout masks once."""
+    is_student = sigma >= cfg.transition_sigma  # (B,)
+    out = torch.empty_like(x)
+    masks = []  # the batch's dropout masks, drawn by the first pass and read by the second
+    for net, rows in ((stage1, (~is_student).nonzero()[:, 0]), (student, is_student.nonzero()[:, 0])):
+        if len(rows):
+            out[rows] = on_rows(net, x, sigma, y, cfg, rows, masks)
+    return out
+
+
+def on_rows(net, x, sigma, y, cfg, rows, masks):
+    """f(x, sigma)[rows] with the dropout masks the gradient pass will draw for these rows: the RNG is forked (each
+    pass starts from the state the gradient pass starts from; the nets share an architecture) and the net is told which
+    rows of the batch it sees, `net(x_in, c_noise, y=y, rows=(rows, B, masks))` (every nets.py net: dropout keeps these
+    rows of the whole batch's masks, drawn into the list `masks` by the first pass that needs them). A net whose forward
+    takes no `rows` runs on the whole batch."""
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices):
-        f_stage1 = consistency_fn(stage1, x, sigma, y, cfg)
-    if not (sigma >= cfg.transition_sigma).any():
-        return f_stage1
-    with torch.random.fork_rng(devices):
-        f_student = consistency_fn(student, x, sigma, y, cfg)
-    student_rows = (sigma >= cfg.transition_sigma).reshape(-1, *[1] * (x.ndim - 1))
-    return torch.where(student_rows, f_student, f_stage1)
+        if "rows" not in inspect.signature(net.forward).parameters:
+            return consistency_fn(net, x, sigma, y, cfg)[rows]
+        net_on_rows = functools.partial(net, rows=(rows, x.shape[0], masks))
+        return consistency_fn(net_on_rows, x[rows], sigma[rows], None if y is None else y[rows], cfg)
 
 # --- Loss --------------------------------------------------------------------------------------------------------
 

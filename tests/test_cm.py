@@ -97,6 +97,24 @@ def test_target_and_gradient_pass_share_dropout_masks():
     assert not torch.equal(cm.consistency_fn(net, x, sigma, None, cm.Config()), f)  # masks do differ otherwise
 
 
+
+@pytest.mark.parametrize("distill, solver, guidance, teacher_passes", [
+    (False, "euler", 1.0, 0), (True, "euler", 1.0, 1), (True, "heun", 1.0, 2), (True, "euler", 2.0, 2)])
+def test_passes_per_step(distill, solver, guidance, teacher_passes):
+    """Forward passes of one step, each over the whole batch: the net once without grad (the target) and once with
+    it; a CD teacher once per PF-ODE evaluation (Euler 1, Heun 2), twice per evaluation with CFG (FastGen CM.py,
+    ode_solver), always without grad."""
+    torch.manual_seed(0)
+    net, teacher = (nets.build_net("mlp", (3,), label_dim=4, dropout=0.2).double().train() for _ in range(2))
+    calls = {net: [], teacher: []}
+    for m in calls:
+        m.register_forward_pre_hook(lambda m, args: calls[m].append((args[0].shape[0], torch.is_grad_enabled())))
+    y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).double()
+    cfg = cm.Config(teacher_solver=solver, guidance_scale=guidance)
+    cm.loss(net, torch.randn(8, 3, dtype=torch.float64), y, cfg, 1, torch.Generator().manual_seed(0),
+            teacher=teacher.eval() if distill else None, images=0)
+    assert calls[net] == [(8, False), (8, True)] and calls[teacher] == [(8, False)] * teacher_passes
+
 def test_r_zero_targets_the_data():
     torch.manual_seed(0)
     net = randomize_(nets.build_net("mlp", (2,)).double())

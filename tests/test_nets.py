@@ -205,6 +205,35 @@ def test_dropout_masks_differ_without_replay():
     assert not torch.allclose(net(x, t, r, y), net(x, t, r, y))
 
 
+@pytest.mark.parametrize("kind", list(TINY))
+def test_passes_over_some_rows_share_the_whole_batch_masks(kind):
+    """net(x[rows], ..., rows=(rows, B, masks)) gives each row the dropout mask (and so the output, fused tangent
+    included) that a pass over all B rows gives it. The first such pass draws the masks into `masks`, moving the RNG as
+    that pass would; a second one over other rows reads them and draws nothing. Dropout 0.5; the outputs are different
+    computations (smaller batches), so equal to 1e-12 x their scale in float64."""
+    net, shape = tiny_net(kind, dropout=0.5)
+    net.train()
+    x, t, r, y = inputs(shape, B=5)
+    tangents = (torch.ones_like(x), torch.ones_like(t), torch.zeros_like(r))
+    torch.manual_seed(7)
+    whole, d_whole = net(x, t, r, y, tangents=tangents)
+    after_whole = torch.rand(4)
+    masks = []
+    for rows, draws in ((torch.tensor([3, 0, 4]), True), (torch.tensor([1, 2]), False)):
+        torch.manual_seed(7)
+        some, d_some = net(x[rows], t[rows], r[rows], y[rows], tangents=[a[rows] for a in tangents],
+                           rows=(rows, 5, masks))
+        assert torch.equal(torch.rand(4), after_whole) == draws
+        assert nets.dropout(torch.ones(2, 3), 0.5, True).shape == (2, 3)  # rows= held for that pass only
+        torch.testing.assert_close(some, whole[rows], rtol=0, atol=1e-12 * whole.abs().max().item())
+        torch.testing.assert_close(d_some, d_whole[rows], rtol=0, atol=1e-12 * d_whole.abs().max().item())
+    assert masks and all(m.shape[0] == 5 for m in masks)
+    torch.manual_seed(7)
+    assert not torch.allclose(net(x[rows], t[rows], r[rows], y[rows]), whole[rows])  # guard: without rows= they differ
+    with pytest.raises(ValueError, match="one index per row"):
+        net(x, t, r, y, rows=(rows, 5, []))
+
+
 @pytest.mark.parametrize("kind", ["ddpmpp", "edm2", "dit"])
 def test_fused_tangent_is_fp32_under_bf16_autocast(kind):
     """Under bf16 autocast the primal runs in bf16 but the tangent stays fp32 and close to an fp32 JVP."""

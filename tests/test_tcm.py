@@ -64,6 +64,90 @@ def test_routing_below_and_above_the_transition():
     assert torch.equal(all_low, cm.consistency_fn(stage1, x, sigma * 0 + 0.5, None, cfg))
 
 
+def record_passes(**named_nets):
+    """name -> list of (rows the pass sees or None for all, grad enabled) per forward of that net."""
+    passes = {name: [] for name in named_nets}
+    for name, net in named_nets.items():
+        def hook(module, args, kwargs, name=name):
+            rows = kwargs.get("rows")
+            passes[name].append((None if rows is None else rows[0].tolist(), torch.is_grad_enabled()))
+        net.register_forward_pre_hook(hook, with_kwargs=True)
+    return passes
+
+
+def whole_batch_route(student, stage1, x, sigma, y, cfg):
+    """FastGen TCM.py, TCMPrecond.forward: both nets on the whole batch from one RNG state, merged per sample."""
+    with torch.random.fork_rng():
+        low = cm.consistency_fn(stage1, x, sigma, y, cfg)
+    with torch.random.fork_rng():
+        high = cm.consistency_fn(student, x, sigma, y, cfg)
+    return torch.where((sigma >= cfg.transition_sigma)[:, None], high, low)
+
+
+def test_each_net_runs_on_its_own_rows():
+    """route runs the stage-1 net only on the rows below the transition and the student only on the others, one pass
+    each (none for a net that owns no row), with the labels and dropout masks of the whole-batch routing (drawn once):
+    equal to it in float64 (dropout 0.5; a smaller batch is a different computation, hence 1e-12 relative), and it
+    leaves the RNG where the gradient pass starts."""
+    torch.manual_seed(0)
+    student, stage1 = (randomize_(nets.build_net("mlp", (3,), label_dim=4, dropout=0.5).double(), seed=s).train()
+                       for s in (1, 2))
+    passes = record_passes(student=student, stage1=stage1)
+    masks_before = []  # how many of the batch's masks exist when each routed pass starts
+
+    def count_masks(module, args, kwargs):
+        if "rows" in kwargs:
+            masks_before.append(len(kwargs["rows"][2]))
+    for net in (stage1, student):
+        net.register_forward_pre_hook(count_masks, with_kwargs=True)
+    cfg = tcm.Config()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).double()
+    sigma = torch.tensor([0.5, 1.5, 1.0, 0.99, 0.2, 3.0, 80.0, 0.999999], dtype=torch.float64)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        routed = tcm.route(student, stage1, x, sigma, y, cfg)
+    after = torch.rand(3)
+    assert passes == dict(stage1=[([0, 3, 4, 7], False)], student=[([1, 2, 5, 6], False)])
+    assert masks_before == [0, 4]  # the second pass reads the 4 masks (one per MLP block) the first one drew
+    torch.manual_seed(7)
+    want = whole_batch_route(student, stage1, x, sigma, y, cfg)
+    assert torch.equal(torch.rand(3), after)
+    torch.testing.assert_close(routed, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+    for sigma_all, ran, idle in ((sigma * 0 + 2, "student", "stage1"), (sigma * 0 + 0.5, "stage1", "student")):
+        for p in passes.values():
+            p.clear()
+        torch.manual_seed(7)
+        with torch.no_grad():
+            routed = tcm.route(student, stage1, x, sigma_all, y, cfg)
+        assert passes[ran] == [(list(range(8)), False)] and passes[idle] == []
+        torch.manual_seed(7)
+        assert torch.equal(routed, whole_batch_route(student, stage1, x, sigma_all, y, cfg))
+
+
+def test_loss_and_gradient_equal_the_whole_batch_routing(monkeypatch):
+    """tcm.loss with dropout 0.5 (float64): per-example loss and gradient as with FastGen's whole-batch routing, from one
+    no-grad pass over each row and one gradient pass over the batch. Tolerance 1e-12 relative (smaller batches)."""
+    student, stage1 = two_nets()
+    passes = record_passes(student=student, stage1=stage1)
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for route in (tcm.route, whole_batch_route):
+        monkeypatch.setattr(tcm, "route", route)
+        torch.manual_seed(5)
+        gen = torch.Generator().manual_seed(3)
+        per_example, logs = tcm.loss(student, x, None, tcm.Config(), 1, gen, teacher=stage1)
+        results.append((per_example, torch.autograd.grad(per_example.mean(), list(student.parameters()))))
+        if len(results) == 1:
+            r = logs["t"] - logs["gap"]
+            low, high = (r < 1).nonzero()[:, 0].tolist(), (r >= 1).nonzero()[:, 0].tolist()
+            assert low and high and passes == dict(stage1=[(low, False)], student=[(high, False), (None, True)])
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * b.abs().max().item())
+
+
 def test_loss_mixes_boundary_and_interior_means():
     """mean(per_example) = mean over interior samples of w l + boundary_weight * mean over boundary samples; boundary
     samples sit at transition_sigma and take their target from the stage-1 net."""
