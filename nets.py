@@ -142,9 +142,9 @@ def cat(xs, dim):
 def silu(x):
     if not isinstance(x, Dual):
         return F.silu(x)
-    p = _tan(x.p)
-    s = torch.sigmoid(p)
-    return Dual(F.silu(x.p), x.d * s * (1 + p * (1 - s)))  # silu'(p) = s (1 + p (1 - s))
+    # silu'(p) dp with silu'(p) = sigmoid(p) (1 + p (1 - sigmoid(p))): for an elementwise function the JVP equals the
+    # VJP, so autograd's one-kernel backward computes it (five elementwise passes written out)
+    return Dual(F.silu(x.p), torch.ops.aten.silu_backward(x.d, _tan(x.p)))
 
 
 class _Rows:
@@ -206,11 +206,8 @@ def gelu_tanh(x):
     """GELU, tanh approximation (DiT's MLP)."""
     if not isinstance(x, Dual):
         return F.gelu(x, approximate="tanh")
-    p = _tan(x.p)
-    k = math.sqrt(2 / math.pi)
-    th = torch.tanh(k * (p + 0.044715 * p ** 3))
-    d_gelu = 0.5 * (1 + th) + 0.5 * p * (1 - th * th) * k * (1 + 3 * 0.044715 * p * p)
-    return Dual(F.gelu(x.p, approximate="tanh"), x.d * d_gelu)
+    # gelu'(p) dp by autograd's one-kernel backward (elementwise: JVP = VJP), as silu
+    return Dual(F.gelu(x.p, approximate="tanh"), torch.ops.aten.gelu_backward(x.d, _tan(x.p), approximate="tanh"))
 
 
 def _in_func_transform():
@@ -226,15 +223,14 @@ def _fp32_stats(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _norm_tangent(xp, d, eps):
-    """Tangent of (x - mean) / sqrt(var + eps) over the last dim, from the primal's statistics, without a graph:
-    d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx))."""
+def _norm_tangent(xp, d, mean, rstd):
+    """Tangent of x_hat = (x - mean) rstd over the last dim, without a graph, from the mean and rstd the primal's
+    kernel returned (no second pass of statistics over x): d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx))."""
     with torch.no_grad():
-        xf = _tan(xp)
-        var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        x_hat = (xf - mean) * rstd
-        return rstd * (d - d.mean(-1, keepdim=True) - x_hat * (x_hat * d).mean(-1, keepdim=True))
+        mean, rstd = mean.detach(), rstd.detach()
+        xc = _tan(xp) - mean  # x_hat / rstd; mean(x_hat dx) = rstd mean(xc dx), a batched dot product (no product tensor)
+        mean_xc_d = (xc.unsqueeze(-2) @ d.unsqueeze(-1)).squeeze(-1) / d.shape[-1]
+        return (d - d.mean(-1, keepdim=True)).mul_(rstd).sub_(xc.mul_(rstd**3 * mean_xc_d))
 
 
 def layer_norm(x, eps=1e-6):
@@ -246,10 +242,10 @@ def layer_norm(x, eps=1e-6):
         rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + eps)
         return ((xf - mean) * rstd).to(xp.dtype)
     with _fp32(xf):
-        out = F.layer_norm(xf, xf.shape[-1:], eps=eps).to(xp.dtype)
-    if not isinstance(x, Dual):
-        return out
-    return Dual(out, _norm_tangent(xp, x.d, eps))
+        if not isinstance(x, Dual):
+            return F.layer_norm(xf, xf.shape[-1:], eps=eps).to(xp.dtype)
+        out, mean, rstd = torch.native_layer_norm(xf, xf.shape[-1:], None, None, eps)  # F.layer_norm's kernel
+    return Dual(out.to(xp.dtype), _norm_tangent(xp, x.d, mean, rstd))
 
 
 def pixel_norm(x, dim=1, eps=1e-4):
@@ -386,10 +382,14 @@ class GroupNorm(nn.Module):
     def forward(self, x):
         if not isinstance(x, Dual):
             return self._written_out(x) if _in_func_transform() else self._native(x)
-        B, G = x.d.shape[0], self.num_groups
-        d_hat = _norm_tangent(x.p.reshape(B, G, -1), x.d.reshape(B, G, -1), self.eps).reshape(x.d.shape)
+        xf = _fp32_stats(x.p)
+        (B, C), G = xf.shape[:2], self.num_groups
+        with _fp32(xf):  # F.group_norm's kernel, which also returns the (B, G) mean and rstd the tangent needs
+            out, mean, rstd = torch.native_group_norm(xf, self.weight.to(xf.dtype), self.bias.to(xf.dtype), B, C,
+                                                      xf[0, 0].numel(), G, self.eps)
+        d_hat = _norm_tangent(x.p.reshape(B, G, -1), x.d.reshape(B, G, -1), mean[..., None], rstd[..., None])
         shape = [1, -1] + [1] * (x.d.ndim - 2)
-        return Dual(self._native(x.p), d_hat * _tan(self.weight).reshape(shape))
+        return Dual(out.to(x.p.dtype), d_hat.reshape(x.d.shape) * _tan(self.weight).reshape(shape))
 
 
 def attention(q, k, v):

@@ -37,7 +37,7 @@ TRAIN = dict(
     batch=(256, int, "global batch per optimizer step"),
     batch_gpu=(None, int, "micro-batch per rank and accumulation round (default: batch / ranks)"),
     steps=(1000, int, "total optimizer steps"),
-    optimizer=("adam", str, "adam or radam"),
+    optimizer=("adam", str, "adam, adamw (decoupled weight decay) or radam"),
     lr=(1e-4, float, "learning rate"),
     betas=((0.9, 0.999), tuple, "Adam betas, comma-separated"),
     adam_eps=(1e-8, float, "Adam epsilon"),
@@ -52,7 +52,7 @@ TRAIN = dict(
     tf32=("off", str, "off (the reference's recipes) or on: TF32 matmuls and cuDNN convolutions on Ampere or newer"),
 )
 TRAIN_DEFAULTS = {k: v[0] for k, v in TRAIN.items()}
-CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "radam"), precision=("fp32", "bf16"),
+CHOICES = dict(net=tuple(nets.NETS), optimizer=("adam", "adamw", "radam"), precision=("fp32", "bf16"),
                stage1_weights=("online", "ema"), ema_kind=("const", "power"), augment_pipe=tuple(augment.PIPES),
                tf32=("off", "on"))
 

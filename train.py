@@ -16,6 +16,7 @@ Gradient sync with a JVP loss: the differentiable forward is the only call that 
 every no-grad pass (the JVP, finite differences, guidance) runs on the bare module inside the method file.
 tests/test_train.py checks that 2 gloo ranks end with identical weights, equal to the 1-process run.
 """
+import array
 import contextlib
 import copy
 import dataclasses
@@ -248,10 +249,10 @@ def set_up(argv):
     if hasattr(net, "normalize_weights_") and state is None:  # EDM2 nets: unit-norm weights, and after every step
         net.normalize_weights_()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
-    opt_cls = dict(adam=torch.optim.Adam, radam=torch.optim.RAdam)[cfg["optimizer"]]
-    # Adam's fused kernel: one pass over all parameters instead of a loop of small ops per tensor (on the toy MLP
-    # 0.42 vs 1.30 ms a step on one CPU core); the same update. RAdam has none, nor do some other devices.
-    fused = dict(fused=True) if cfg["optimizer"] == "adam" and device.type in ("cpu", "cuda") else {}
+    opt_cls = dict(adam=torch.optim.Adam, adamw=torch.optim.AdamW, radam=torch.optim.RAdam)[cfg["optimizer"]]
+    # Adam's (and AdamW's) fused kernel: one pass over all parameters instead of a loop of small ops per tensor (on the
+    # toy MLP 0.42 vs 1.30 ms a step on one CPU core); the same update. RAdam has none, nor do some other devices.
+    fused = dict(fused=True) if cfg["optimizer"] in ("adam", "adamw") and device.type in ("cpu", "cuda") else {}
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"], **fused)
     start = 0 if state is None else checkpoints.restore(state, net, emas, opt, args.resume)
@@ -284,7 +285,8 @@ class Loop:
     bad_run: int = 0  # consecutive steps with a non-finite loss or gradients
     bad_steps: int = 0  # such steps in the log interval
     grad_norms: list = dataclasses.field(default_factory=list)  # the log interval's, one per step
-    settled_norms: list = dataclasses.field(default_factory=list)  # every step's after the warm-ups (this process)
+    settled_norms: array.array = dataclasses.field(default_factory=lambda: array.array("d"))  # every step's after the
+    # warm-ups (this process), 8 bytes per step
     settled_before: int = 0  # len(settled_norms) when the log interval began
 
     def kept_checkpoint_message(self):
@@ -349,9 +351,10 @@ def warmup_steps(cfg):
 
 
 SPIKE_WARNING = 100  # consistency runs of the held-out 2-D suite reach 50x with samples that meet its goal
+SPIKE_WINDOW = 1000  # a spike is over the median of this many steps before the log interval
 
 
-def grad_norm_ratios(loop, window=1000, min_steps=100):
+def grad_norm_ratios(loop, window=SPIKE_WINDOW, min_steps=100):
     """The log interval's largest gradient norm over the median of every norm since the warm-ups ended (growth) and
     over the median of the `window` norms before the interval (spike), each None until it has min_steps norms.
     Healthy consistency runs reach both 10-50x (their weights 1/(t - r) and exp(-logvar) rise as the fit tightens,
@@ -376,7 +379,7 @@ def log_interval(run, loop, step, lr, grad_norm):
                   gpu_mem_gib=mem, nonfinite_grads=loop.nonfinite_grads, nonfinite_steps=loop.bad_steps)
     if run.rank == 0 and spike is not None and spike > SPIKE_WARNING:
         print(f"warning: step {step}: gradient norm {record['grad_norm_max']:.3g} is {spike:.0f}x the median of the "
-              f"1000 steps before: the run may be diverging (consider a lower --lr or --grad-clip)", flush=True)
+              f"{min(SPIKE_WINDOW, loop.settled_before)} steps before: the run may be diverging (consider a lower --lr or --grad-clip)", flush=True)
     if run.rank == 0:
         eta = (cfg["steps"] - step) * cfg["batch"] / rate
         print(f"step {step:>7d}/{cfg['steps']} | kimg {record['kimg']:9.1f} | loss {record['loss']:.4g} | "

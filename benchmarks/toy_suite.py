@@ -3,15 +3,17 @@
     python benchmarks/toy_suite.py                                          # all distributions x all methods
     python benchmarks/toy_suite.py --dists arms_ring,checkerboard --methods diffusion,sct --jobs 2 --threads 1
     python benchmarks/toy_suite.py --methods meanflow --extra "--steps 4000 --lr 2e-3"   # try a recipe change
+    python benchmarks/toy_suite.py --held-out 12 --extra-for "sct,ct,tcm=--batch-target false" --out runs/no-bt
     python benchmarks/toy_suite.py --dists arms_ring --methods diffusion,ct --curve-every 200   # ratio vs steps
     python benchmarks/toy_suite.py --held-out 12 --jobs 2 --threads 1 --second-seed 0.3   # judge on unseen clouds
     python benchmarks/toy_suite.py --held-out 12 --dists held03-rings,held07-curves --methods diffusion,sct  # subset
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
-would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow and the diffusion model start
-from scratch; the others reuse the runs before them, as the reference does: sCT and CT tune the diffusion run
-(--init), sCD and CD (presets toy-scd, toy-cd) take it as --init and --teacher, TCM takes the CT run as --stage1.
+would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow, shortcut models and the
+diffusion model start from scratch; the others reuse the runs before them, as the reference does: sCT and CT tune the
+diffusion run (--init), sCD and CD (presets toy-scd, toy-cd) take it as --teacher (and start from it), TCM takes the
+CT run as --stage1.
 
 Score: sliced W2 (256 projections) between 4,096 one-step samples (the diffusion teacher: its many-step sampler)
 and the held-out points, divided by the sliced W2 of a moment-matched Gaussian (same mean and covariance, 4,096
@@ -266,6 +268,7 @@ def baselines(train, held_out, floor_sets, seed=0):
 
 METHODS = dict(
     meanflow=("--method meanflow --data {data}", None),
+    shortcut=("--method shortcut --data {data}", None),
     diffusion=("--method diffusion --data {data}", None),
     sct=("--method scm --data {data} --init {dif}", "diffusion"),
     ct=("--method cm --data {data} --init {dif}", "diffusion"),
@@ -273,7 +276,7 @@ METHODS = dict(
     cd=("--method cm --data {data} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
 )
-LABELS = dict(meanflow="MeanFlow", diffusion="diffusion (teacher, Heun)", sct="sCT (tuning)", ct="CT (tuning)",
+LABELS = dict(meanflow="MeanFlow", shortcut="shortcut", diffusion="diffusion (teacher, Heun)", sct="sCT (tuning)", ct="CT (tuning)",
               scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
@@ -307,7 +310,7 @@ def run_one(args, dist, method, data_file, upstream_trained=False, seed=None):
                           ct=os.path.join(args.out, "runs", f"{dist}-ct"))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *shlex.split(cli), "--out", out, "--num-samples", "4096",
            "--seed", str(seed), "--device", "cpu", "--threads", str(args.threads), "--log-every", "500",
-           *shlex.split(args.extra)]
+           *shlex.split(args.extra), *shlex.split(args.extra_for.get(method, ""))]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
     if args.curve_every:
@@ -468,6 +471,8 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, help="override every run's --steps (default: each preset's)")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--lr 2e-3\"")
+    p.add_argument("--extra-for", action="append", default=[], metavar="METHODS=FLAGS", help="more train.py flags "
+                   "for the named methods only (repeatable), e.g. \"sct,ct,tcm=--batch-target false\"")
     p.add_argument("--out", help="suite folder (default: runs/toy-suite, or runs/toy-suite-held-out)")
     p.add_argument("--n", type=int, default=20_000, help="training points per distribution")
     p.add_argument("--seed", type=int, default=0, help="train.py --seed")
@@ -494,6 +499,16 @@ def main():
     if args.curve_every < 0 or args.draws < 1 or args.held_out < 0:
         raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1")
     methods = [m for m in METHODS if m in methods]  # dependency order
+    extra_for = {}
+    for item in args.extra_for:
+        names, sep, flags = item.partition("=")
+        bad = [m for m in names.split(",") if m not in METHODS]
+        if not sep or bad:
+            raise SystemExit(f"toy_suite.py: error: --extra-for takes METHODS=FLAGS with methods from "
+                             f"{', '.join(METHODS)}; got {item!r}")
+        for m in names.split(","):
+            extra_for[m] = f"{extra_for.get(m, '')} {flags}".strip()
+    args.extra_for = extra_for
     args.out = os.path.normpath(args.out or ("runs/toy-suite-held-out" if args.held_out else "runs/toy-suite"))
 
     os.makedirs(os.path.join(args.out, "data"), exist_ok=True)

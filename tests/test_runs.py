@@ -424,7 +424,8 @@ def test_method_and_net_names_from_a_checkpoint_are_looked_up_in_the_lists(tmp_p
     assert train.recipe.METHODS is checkpoints.METHOD_NAMES
     assert checkpoints.method_module("scm").__name__ == "scm"
     for name in ("os", "tests.conftest", ["cm"]):
-        with pytest.raises(cli.UsageError, match=r"^unknown method .*; choose from meanflow, scm, cm, tcm, diffusion$"):
+        with pytest.raises(cli.UsageError,
+                           match=r"^unknown method .*; choose from meanflow, scm, cm, tcm, diffusion, shortcut$"):
             checkpoints.method_module(name)
     out = str(tmp_path / "run")
     run("--steps", "1", "--out", out)
@@ -605,7 +606,7 @@ def test_the_house_is_one_way():
     assert "train" not in imports["fid"] | imports["convert"]
     assert {"checkpoints"} <= imports["train"] & imports["fid"] & imports["recipe"] & imports["convert"]
     assert "recipe" in imports["train"]
-    for leaf in ("nets", "data", "cli", "inception", "curves", "diffusion", "cm", "scm", "meanflow"):
+    for leaf in ("nets", "data", "cli", "inception", "curves", "diffusion", "cm", "scm", "meanflow", "shortcut"):
         assert not imports[leaf], (leaf, imports[leaf])  # what a user may copy alone
     assert imports["tcm"] == {"cm"}
     assert not [(a, b) for a in names for b in imports[a] if a in imports.get(b, ())]

@@ -77,11 +77,13 @@ def test_held_out_clouds_are_fixed_distinct_and_cover_every_family():
 
 def test_suite_held_out_second_seed_and_spikes(tmp_path):
     """--held-out N trains on held-out clouds (their data files named after them); --second-seed R trains every cell
-    above R again with --seed + 1 into its own folder and shows both ratios; the growth and spike rows read train.py's
+    above R again with --seed + 1 into its own folder and shows both ratios; --extra-for adds flags to the methods it
+    names only (an unknown name is refused before anything is written); the growth and spike rows read train.py's
     grad_norm_growth and grad_norm_spike records."""
     suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
     p = subprocess.run([sys.executable, suite, "--held-out", "2", "--dists", "held01-curves", "--methods", "meanflow",
                         "--n", "500", "--steps", "3", "--draws", "1", "--threads", "1", "--second-seed", "0",
+                        "--extra-for", "sct,meanflow=--lr 1e-3", "--extra-for", "ct=--lr 5",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     results = json.load(open(tmp_path / "results.json"))
@@ -89,6 +91,10 @@ def test_suite_held_out_second_seed_and_spikes(tmp_path):
     assert os.listdir(tmp_path / "data") == ["held01-curves.npy"]
     assert first["out"].endswith("held01-curves-meanflow") and second["out"].endswith("held01-curves-meanflow-seed1")
     assert json.load(open(os.path.join(second["out"], "config.json")))["seed"] == 1 and first["ratio"] != second["ratio"]
+    assert [json.load(open(os.path.join(r["out"], "config.json")))["lr"] for r in (first, second)] == [1e-3, 1e-3]
+    bad = subprocess.run([sys.executable, suite, "--extra-for", "sCT=--lr 1", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--extra-for takes METHODS=FLAGS" in bad.stderr and not os.path.exists(tmp_path / "x")
     assert f"| held01-curves | {results['baselines']['held01-curves']['floor'] / results['baselines']['held01-curves']['gaussian']:.2f} | " \
            f"{first['ratio']:.2f} / {second['ratio']:.2f} (" in p.stdout
     assert "| largest grad-norm growth | | nanx |" in p.stdout  # 3 steps: no interval past 100 settled steps
