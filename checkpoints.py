@@ -34,7 +34,7 @@ from cli import UsageError
 LOCK = "run.lock"
 RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl")
 TEMPS = tuple(f + ".tmp" for f in (*RUN_FILES, "curves.png"))  # a killed write's leftovers, removed when claimed
-METHOD_NAMES = ("meanflow", "scm", "cm", "tcm", "diffusion", "shortcut")
+METHOD_NAMES = ("meanflow", "scm", "cm", "tcm", "diffusion", "shortcut", "flowmap")
 
 
 def method_module(name):

@@ -37,7 +37,7 @@ Protocol (the same for `ref`, `calc` and train.py's --fid-every, fid_evaluator):
     `fastgen/networks/noise_schedule.py`: EDMNoiseSchedule.get_t_list), or
     --sigmas. meanflow: 1 = (sample_ts[0], 0); N > 1 = linspace(1, 0, N + 1) with the first entry sample_ts[0]
     (2 steps: 0.999, 0.5, 0), or --ts. diffusion: N Heun steps (2 N - 1 evaluations) on its Karras grid. shortcut: N
-    steps of size 1/N (N a power of two).
+    steps of size 1/N (N a power of two). flowmap: N flow-map jumps on linspace(1, 0, N + 1).
   * Latent models (checkpoints of 4-channel data, the imagenet256 presets): samples / 0.18215 go through the SD-VAE
     decoder (--vae, diffusers' AutoencoderKL; bf16 on CUDA) in chunks of --vae-batch, then the uint8 rule above. The
     reference statistics come from the images with the crop the latents were encoded with (ref --resolution).
@@ -193,7 +193,7 @@ def load_ref(path):
 
 def sampler_config(method, method_cfg, steps=None, sigmas=None, ts=None):
     """method_cfg with the sampler --steps / --sigmas / --ts ask for (see the module docstring)."""
-    fields = dict(meanflow="sample_ts", diffusion="sample_steps", shortcut="sample_steps")
+    fields = dict(meanflow="sample_ts", diffusion="sample_steps", shortcut="sample_steps", flowmap="sample_steps")
     field = fields.get(method.__name__, "sample_sigmas")
     given = dict(sample_sigmas=sigmas, sample_ts=ts).get(field)
     if (sigmas and field != "sample_sigmas") or (ts and field != "sample_ts"):

@@ -212,6 +212,9 @@ def set_up(argv):
         cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
     method_cfg = recipe.check_config(args, cfg, method, None if state is None else state["step"])
     ddp, rank, world, device = setup_distributed(args.device)
+    if ddp and cfg["method"] == "flowmap":  # its loss makes two differentiable passes (flowmap.py, loss)
+        raise UsageError("--method flowmap runs on one process for now: its loss makes two differentiable passes of "
+                         "the net, and DDP's gradient sync has not been checked with that")
     if rank == 0 and state is not None:
         for notice in notices:
             print(f"resume: {notice}")

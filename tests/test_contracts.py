@@ -13,7 +13,7 @@ import torch
 import recipe
 import train
 
-METHODS = ("diffusion", "meanflow", "scm", "cm", "tcm", "shortcut")
+METHODS = ("diffusion", "meanflow", "scm", "cm", "tcm", "shortcut", "flowmap")
 
 
 # --- Config.from_preset ------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_from_preset_copies_stay_identical(name):
     assert "    # Copied from diffusion.py: Config.from_preset\n    @classmethod\n" in inspect.getsource(method)
 
 
-@pytest.mark.parametrize("name", ["cm", "scm", "meanflow", "shortcut"])
+@pytest.mark.parametrize("name", ["cm", "scm", "meanflow", "shortcut", "flowmap"])
 def test_check_helper_copies_stay_identical(name):
     import diffusion
     method = importlib.import_module(name)
@@ -54,12 +54,13 @@ def test_check_helper_copies_stay_identical(name):
         assert f"# Copied from diffusion.py: {helper}\ndef {helper}(" in inspect.getsource(method)
 
 
-def test_tangent_helper_copies_stay_identical():
+@pytest.mark.parametrize("name", ["scm", "flowmap"])
+def test_tangent_helper_copies_stay_identical(name):
     import meanflow
-    import scm
+    method = importlib.import_module(name)
     for helper in ("fused_call", "jvp_explained"):
-        assert inspect.getsource(getattr(scm, helper)) == inspect.getsource(getattr(meanflow, helper)), helper
-        assert f"# Copied from meanflow.py: {helper}\ndef {helper}(" in inspect.getsource(scm)
+        assert inspect.getsource(getattr(method, helper)) == inspect.getsource(getattr(meanflow, helper)), helper
+        assert f"# Copied from meanflow.py: {helper}\ndef {helper}(" in inspect.getsource(method)
 
 
 # --- Config ranges -----------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_jvp_failures_name_their_known_causes_and_keep_the_original_error():
     meanflow.loss(BatchNormFlowNet(), torch.randn(8, 2), None, meanflow.Config(tangent="fd"), 1, torch.Generator())
 
 
-@pytest.mark.parametrize("name", ["meanflow", "scm", "cm", "tcm", "diffusion", "shortcut"])
+@pytest.mark.parametrize("name", ["meanflow", "scm", "cm", "tcm", "diffusion", "shortcut", "flowmap"])
 def test_help_shows_every_range(name, capsys):
     """`train.py --method M --help` prints each method flag's valid range (method.RANGES) beside its value."""
     method = importlib.import_module(name)

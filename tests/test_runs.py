@@ -425,7 +425,7 @@ def test_method_and_net_names_from_a_checkpoint_are_looked_up_in_the_lists(tmp_p
     assert checkpoints.method_module("scm").__name__ == "scm"
     for name in ("os", "tests.conftest", ["cm"]):
         with pytest.raises(cli.UsageError,
-                           match=r"^unknown method .*; choose from meanflow, scm, cm, tcm, diffusion, shortcut$"):
+                           match=r"^unknown method .*; choose from meanflow, scm, cm, tcm, diffusion, shortcut, flowmap$"):
             checkpoints.method_module(name)
     out = str(tmp_path / "run")
     run("--steps", "1", "--out", out)
@@ -606,7 +606,7 @@ def test_the_house_is_one_way():
     assert "train" not in imports["fid"] | imports["convert"]
     assert {"checkpoints"} <= imports["train"] & imports["fid"] & imports["recipe"] & imports["convert"]
     assert "recipe" in imports["train"]
-    for leaf in ("nets", "data", "cli", "inception", "curves", "diffusion", "cm", "scm", "meanflow", "shortcut"):
+    for leaf in ("nets", "data", "cli", "inception", "curves", "diffusion", "cm", "scm", "meanflow", "shortcut", "flowmap"):
         assert not imports[leaf], (leaf, imports[leaf])  # what a user may copy alone
     assert imports["tcm"] == {"cm"}
     assert not [(a, b) for a in names for b in imports[a] if a in imports.get(b, ())]

@@ -1,0 +1,328 @@
+"""flowmap.py: float64 identities with an exact Gaussian oracle, the three tangents, the stop-gradients, the (t, r, m)
+sampling rule, the sampler, a tiny 2-D training run and train.py end to end with --resume."""
+import math
+
+import pytest
+import torch
+
+import flowmap
+
+torch.set_num_threads(1)
+D = 2
+
+
+class GaussianOracle(torch.nn.Module):
+    """Exact average velocity for x ~ N(mean, std^2 I) on z_t = (1 - t) x + t eps, plus a constant offset delta:
+    mu_t = (1 - t) mean, sig_t^2 = (1 - t)^2 std^2 + t^2, X(z; t, r) = mu_r + sig_r / sig_t (z - mu_t), so
+    u = -mean + c(t, r) (z - mu_t), c = (sig_t - sig_r) / ((t - r) sig_t) = ((t + r - 2) std^2 + t + r) /
+    ((sig_t + sig_r) sig_t), smooth at r = t. mean, std are parameters (their gradient is the test's)."""
+
+    def __init__(self, mean=0.7, std=0.5, delta=0.0):
+        super().__init__()
+        self.mean = torch.nn.Parameter(torch.tensor(mean, dtype=torch.float64))
+        self.std = torch.nn.Parameter(torch.tensor(std, dtype=torch.float64))
+        self.delta = delta
+
+    def u(self, z, t, r):
+        s2 = self.std ** 2
+        sig_t = ((1 - t) ** 2 * s2 + t ** 2).sqrt()
+        sig_r = ((1 - r) ** 2 * s2 + r ** 2).sqrt()
+        c = ((t + r - 2) * s2 + t + r) / ((sig_t + sig_r) * sig_t)
+        return -self.mean + c[:, None] * (z - (1 - t)[:, None] * self.mean) + self.delta
+
+    def forward(self, z, t, r, y=None, tangents=None):
+        if tangents is None:
+            return self.u(z, t, r)
+        with torch.no_grad():
+            _, du = torch.func.jvp(self.u, (z, t, r), tangents)
+        return self.u(z, t, r), du
+
+
+def sig(t, std):
+    return ((1 - t) ** 2 * std ** 2 + t ** 2).sqrt()
+
+
+def c_of(t, r, std):
+    return (sig(t, std) - sig(r, std)) / ((t - r) * sig(t, std))
+
+
+def a_of(t, std):
+    """Slope of the exact velocity v(z, t) in z: sig_t' / sig_t."""
+    return ((t - 1) * std ** 2 + t) / sig(t, std) ** 2
+
+
+def data(B, mean=0.7, std=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return mean + std * torch.randn(B, D, generator=g, dtype=torch.float64)
+
+
+def run(net, x, cfg, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    L, logs = flowmap.loss(net, x, None, cfg, 1, gen)
+    times = flowmap.sample_times(x.shape[0], cfg, torch.Generator().manual_seed(seed), x.device)
+    return L, logs, times
+
+
+KINDS = [("lsd", "jvp"), ("lsd", "fused"), ("lsd", "fd"), ("esd", "jvp"), ("esd", "fused"), ("esd", "fd"),
+         ("psd", "jvp")]
+
+
+@pytest.mark.parametrize("kind, tangent", KINDS)
+def test_exact_oracle_gives_zero_self_distillation_loss_and_zero_gradient(kind, tangent):
+    """Off-diagonal rows: 0 to 1e-10 (fd: 1e-7, its O(h^2) error); their gradient in (mean, std) likewise."""
+    net = GaussianOracle()
+    cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, fd_step=1e-4)
+    L, logs, _ = run(net, data(64), cfg)
+    n = 16
+    tol = 1e-7 if tangent == "fd" else 1e-10
+    assert logs["L_off"][:n].abs().max() == 0 and logs["L_off"][n:].max() < tol
+    L[n:].sum().backward()
+    assert net.mean.grad.abs() < 1e-4 and net.std.grad.abs() < 1e-4
+
+
+def test_diagonal_term_is_the_irreducible_variance():
+    """E|v(z, t) - (eps - x)|^2 = D (1 + s^2 - (t - (1 - t) s^2)^2 / sig_t^2): batch mean within 2 %."""
+    mean, std, B = 0.7, 0.5, 100_000
+    net = GaussianOracle(mean, std)
+    cfg = flowmap.Config(diag_fraction=1.0)
+    with torch.no_grad():
+        L, logs, (t, _, _, _) = run(net, data(B, mean, std), cfg)
+    s2 = std ** 2
+    expected = D * (1 + s2 - (t - (1 - t) * s2) ** 2 / sig(t, std) ** 2)
+    assert abs(L.mean() / expected.mean() - 1) < 0.02
+    assert torch.equal(logs["L_diag"], L.detach())
+
+
+@pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused")])
+def test_perturbed_oracle_gives_the_predicted_loss(kind, tangent):
+    """u + delta: LSD residual (t - r) a_r delta, ESD (sig_r / sig_t - 1) delta, PSD h (t - m) c(m, r) delta,
+    per dimension; rel. 1e-8 (fd 1e-5)."""
+    std, delta = 0.5, 0.3
+    net = GaussianOracle(std=std, delta=delta)
+    for psd_type in ("uniform", "midpoint") if kind == "psd" else ("uniform",):
+        cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, psd_type=psd_type)
+        with torch.no_grad():
+            _, logs, (t, r, m, h) = run(net, data(64), cfg)
+        n = 16
+        t, r, m, h = t[n:], r[n:], m[n:], h[n:]
+        if kind == "lsd":
+            res = (t - r) * a_of(r, std) * delta
+        elif kind == "esd":
+            res = (sig(r, std) / sig(t, std) - 1) * delta
+        else:
+            res = h * (t - m) * c_of(m, r, std) * delta
+        rel = 1e-5 if tangent == "fd" else 1e-8
+        torch.testing.assert_close(logs["L_off"][n:], D * res ** 2, rtol=rel, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lsd", "esd"])
+def test_three_tangents_agree_with_a_central_difference(kind):
+    """A random float64 MLP: the off-diagonal loss by jvp, fused and fd agree (1e-6); the jvp and fd gradients agree
+    (1e-5): both differentiate through the time derivative, as losses.py."""
+    torch.manual_seed(0)
+    import nets
+    net = nets.NETS["mlp-small"][0](dim=D, use_r=True, **nets.NETS["mlp-small"][1]).double()
+    x = data(32)
+    out = {}
+    for tangent in ("jvp", "fused", "fd"):
+        net.zero_grad()
+        cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, fd_step=1e-5)
+        L, logs, _ = run(net, x, cfg)
+        L.sum().backward()
+        out[tangent] = (logs["L_off"].clone(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(out["fused"][0], out["jvp"][0], rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(out["fd"][0], out["jvp"][0], rtol=1e-6, atol=1e-10)
+    for gj, gf in zip(out["jvp"][1], out["fd"][1]):
+        torch.testing.assert_close(gf, gj, rtol=1e-5, atol=1e-8)
+
+
+class FrozenTeacher(torch.nn.Module):
+    """`net.module` for flowmap's teacher passes: a frozen copy of the student that detaches its inputs, i.e. the
+    full stop-gradient by construction; the student passes go through the wrapper's forward."""
+
+    def __init__(self, student):
+        super().__init__()
+        import copy
+        self.student = student
+        self.module = copy.deepcopy(student).requires_grad_(False)
+        frozen = self.module
+        frozen.forward = lambda z, t, r, y=None, tangents=None: type(frozen).forward(
+            frozen, z.detach(), t.detach(), r.detach(), y,
+            None if tangents is None else tuple(a.detach() for a in tangents))
+
+    def forward(self, *a, **k):
+        return self.student(*a, **k)
+
+
+@pytest.mark.parametrize("kind", ["lsd", "esd", "psd"])
+def test_teacher_side_carries_no_gradient(kind):
+    """The gradient in (mean, std) of a perturbed oracle equals the one with the teacher passes (LSD: v(X, r) with
+    X; ESD: v(z, t) and grad_z u v; PSD: both jumps) replaced by a frozen copy fed detached inputs (1e-12)."""
+    cfg = flowmap.Config(loss_kind=kind, tangent="fd", diag_fraction=0.25, fd_step=1e-4)
+    grads = []
+    for wrap in (False, True):
+        net = GaussianOracle(delta=0.3)
+        L, _, _ = run(FrozenTeacher(net) if wrap else net, data(64), cfg)
+        assert L[16:].sum() > 0
+        grads.append(torch.stack(torch.autograd.grad(L[16:].sum(), [net.mean, net.std])))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_lsd_student_gradient_flows_through_the_time_derivative():
+    """jvp: the LSD residual's d_r u term carries gradient (losses.py differentiates X.partial_t); a loss computed
+    with that term detached has another gradient."""
+    class Shift(GaussianOracle):
+        def u(self, z, t, r):
+            return super().u(z, t, r) + self.mean * (t - r)[:, None] ** 2
+    net = Shift()
+    cfg = flowmap.Config(loss_kind="lsd", tangent="jvp", diag_fraction=0.25)
+    L, _, _ = run(net, data(64), cfg)
+    g_jvp = torch.autograd.grad(L[16:].sum(), net.mean)[0]
+    net.zero_grad()
+    L, _, _ = run(net, data(64), flowmap.Config(loss_kind="lsd", tangent="fused", diag_fraction=0.25))
+    g_fused = torch.autograd.grad(L[16:].sum(), net.mean)[0]
+    assert abs(g_jvp - g_fused) > 1e-3 * abs(g_jvp)
+
+
+@pytest.mark.parametrize("B, frac, n_diag", [(64, 0.75, 48), (10, 0.75, 7), (4, 0.1, 1), (8, 1.0, 8)])
+def test_sampling_rule(B, frac, n_diag):
+    """First max(1, int(B f)) rows r = t; the others r < t, (t, r) = (max, min) of two uniforms; m = h t + (1 - h) r."""
+    cfg = flowmap.Config(diag_fraction=frac)
+    g = torch.Generator().manual_seed(3)
+    t, r, m, h = flowmap.sample_times(B, cfg, g, "cpu")
+    g = torch.Generator().manual_seed(3)
+    t_d = torch.rand(n_diag, generator=g, dtype=torch.float64)
+    a = torch.rand(B - n_diag, generator=g, dtype=torch.float64)
+    b = torch.rand(B - n_diag, generator=g, dtype=torch.float64)
+    h_ = torch.rand(B, generator=g, dtype=torch.float64)
+    assert torch.equal(t, torch.cat([t_d, torch.maximum(a, b)])) and torch.equal(r, torch.cat([t_d, torch.minimum(a, b)]))
+    assert torch.equal(h, h_) and torch.equal(m, h_ * t + (1 - h_) * r)
+    _, _, m, h = flowmap.sample_times(B, flowmap.Config(diag_fraction=frac, psd_type="midpoint"), g, "cpu")
+    assert (h == 0.5).all()
+
+
+def test_sampling_distribution():
+    """Off-diagonal (t, r) uniform on the triangle: E t = 2/3, E r = 1/3 (5e-3 at n = 2e5)."""
+    t, r, _, _ = flowmap.sample_times(200_000, flowmap.Config(diag_fraction=0.0001), torch.Generator().manual_seed(0),
+                                      "cpu")
+    assert abs(t.mean() - 2 / 3) < 5e-3 and abs(r.mean() - 1 / 3) < 5e-3 and (r <= t).all()
+
+
+def test_loss_value_recomputed_by_hand():
+    """Sum over dimensions, weight 1 on both kinds of rows, diagonal |u(z, t, t) - (eps - x)|^2 on the first rows."""
+    net = GaussianOracle(delta=0.2)
+    cfg = flowmap.Config(loss_kind="psd", diag_fraction=0.5, psd_type="midpoint")
+    x = data(8)
+    gen = torch.Generator().manual_seed(5)
+    L, _ = flowmap.loss(net, x, None, cfg, 1, gen)
+    gen = torch.Generator().manual_seed(5)
+    t, r, m, h = flowmap.sample_times(8, cfg, gen, "cpu")
+    eps = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    z = (1 - t)[:, None] * x + t[:, None] * eps
+    with torch.no_grad():
+        diag = (net(z, t, t) - (eps - x)).square().sum(1)
+        u_tm = net(z, t, m)
+        u_mr = net(z - (t - m)[:, None] * u_tm, m, r)
+        off = (net(z, t, r) - 0.5 * u_tm - 0.5 * u_mr).square().sum(1)
+    torch.testing.assert_close(L.detach(), torch.cat([diag[:4], off[4:]]), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_sampler_with_the_exact_oracle_is_the_exact_pushforward(steps):
+    """X(eps; 1, 0) = mean + std eps exactly (1e-12), in 1 step and in N."""
+    mean, std = 0.7, 0.5
+    net = GaussianOracle(mean, std)
+    eps = torch.randn(16, D, dtype=torch.float64)
+    out = flowmap.sample(net, eps, flowmap.Config(sample_steps=steps))
+    torch.testing.assert_close(out, mean + std * eps, rtol=1e-12, atol=1e-12)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="loss_kind"):
+        flowmap.Config(loss_kind="msd")
+    with pytest.raises(ValueError, match="tangent"):
+        flowmap.Config(tangent="jacfwd")
+    with pytest.raises(ValueError, match="diag_fraction"):
+        flowmap.Config(diag_fraction=0.0)
+    assert flowmap.Config().diag_fraction == 0.75 and flowmap.Config().loss_kind == "lsd"
+
+
+def test_jvp_refuses_a_ddp_wrapper():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = GaussianOracle()
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+    with pytest.raises(ValueError, match="DDP"):
+        flowmap.loss(Wrapped(), data(8), None, flowmap.Config(tangent="jvp"), 1, torch.Generator())
+
+
+def test_toy_one_step_beats_one_euler_step():
+    """150 Adam steps of LSD on a 2-D two-point mixture (mlp width 64): the 1-step flow-map sample is closer to the
+    data (mean distance to the nearest mode) than one Euler step of the learned velocity u(z, 1, 1)."""
+    import nets
+    torch.manual_seed(0)
+    net = nets.NETS["mlp"][0](dim=D, use_r=True, width=64, depth=3)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    modes = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
+    cfg = flowmap.Config(loss_kind="lsd", tangent="jvp")
+    gen = torch.Generator().manual_seed(0)
+    for step in range(150):
+        x = modes[torch.randint(0, 2, (256,), generator=gen)] + 0.05 * torch.randn(256, D, generator=gen)
+        L, _ = flowmap.loss(net, x, None, cfg, step + 1, gen)
+        opt.zero_grad()
+        L.mean().backward()
+        opt.step()
+    net.eval()
+    eps = torch.randn(2000, D, generator=gen)
+    one = flowmap.sample(net, eps, cfg)
+    with torch.no_grad():
+        euler = eps - net(eps, torch.ones(2000), torch.ones(2000))
+
+    def dist(p):
+        return torch.cdist(p, modes).min(dim=1).values.mean()
+    assert dist(one) < 0.6 * dist(euler), (dist(one), dist(euler))
+
+
+def test_fid_steps_flag():
+    import fid
+    cfg = fid.sampler_config(flowmap, flowmap.Config(), steps=4)
+    assert cfg.sample_steps == 4
+
+
+def test_train_py_end_to_end_and_exact_resume(tmp_path):
+    """The real CLI: logs L_diag + L_off = loss, sample grids; 4 steps straight equal 2 steps and --resume to 4,
+    bitwise (weights, EMA, Adam state)."""
+    import json
+    import os
+
+    import train
+    common = ["--method", "flowmap", "--data", "toy", "--batch", "32", "--threads", "1", "--log-every", "2",
+              "--num-samples", "50", "--sample-steps", "2", "--loss-kind", "esd"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.cli([*common, "--steps", "4", "--sample-every", "2", "--out", full])
+    assert {"ckpt.pt", "config.json", "metrics.jsonl", "samples.png"} <= set(os.listdir(full))
+    for rec in (json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))):
+        assert abs(rec["L_diag"] + rec["L_off"] - rec["loss"]) < 1e-9 * rec["loss"] and rec["L_off"] > 0
+    train.cli([*common, "--steps", "2", "--out", part])
+    train.cli([*common, "--steps", "4", "--resume", part])
+    a, b = (torch.load(os.path.join(p, "ckpt.pt"), weights_only=True) for p in (full, part))
+    assert b["step"] == 4 and a["config"]["loss_kind"] == "esd"
+    for k in a["net"]:
+        assert torch.equal(a["net"][k], b["net"][k]) and torch.equal(a["ema"][0][k], b["ema"][0][k]), k
+
+
+def test_train_py_refuses_several_processes(tmp_path, monkeypatch):
+    """Two differentiable passes per step have not been checked under DDP: train.py stops with one line before the
+    run folder exists (the process group is faked: setup_distributed reports two ranks)."""
+    import os
+
+    import train
+    monkeypatch.setattr(train, "setup_distributed", lambda device: (True, 0, 2, torch.device("cpu")))
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--method", "flowmap", "--data", "toy", "--steps", "2", "--out", out])
+    assert str(e.value.code).startswith("train.py: error: --method flowmap runs on one process for now")
+    assert not os.path.exists(out)
