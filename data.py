@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import sys
 import time
 import tarfile
@@ -268,7 +269,7 @@ def _decoded_cache(path, images, read, first, cache_dir):
     if not os.path.exists(file):
         print(f"decoding {len(images)} images of {path} once into {file}", flush=True)
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{file}.{os.getpid()}.tmp"
+        tmp = f"{file}.{socket.gethostname()}.{os.getpid()}.tmp"  # nodes may share the cache
         H, W, C = first.shape
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), C, H, W))
         progress = Progress("decoding", len(images), "images")
@@ -508,7 +509,7 @@ def load_cifar10(cache_dir, url=CIFAR10_URL, md5=CIFAR10_MD5):
     path = os.path.join(cache_dir, "cifar-10-python.tar.gz")
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
         try:
             urllib.request.urlretrieve(url, tmp)
         except Exception as e:

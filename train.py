@@ -202,6 +202,13 @@ class Run:
     fid_of: object  # FID of an EMA net (--fid-every), else None
 
 
+def first_on_machine():
+    """True for the process that reads the data first on its machine: LOCAL_RANK 0 under torchrun (one per node, so
+    a node without a shared cache fills its own), or the only process. Downloads and decodes write a temporary file
+    and rename it, so nodes sharing a cache may do it at once."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def set_up(argv):
     """Config (flags over preset, or the resumed run's), devices, batch split, data, nets, EMAs, optimizer and the FID
     evaluator, in this order; bad input fails here, before the run folder is touched."""
@@ -221,12 +228,12 @@ def set_up(argv):
     # PyTorch leaves cuDNN convolutions in TF32 by default, so "fp32" would not be fp32 on Ampere or newer.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg["tf32"] == "on"
     batch_gpu, accum = recipe.split_batch(cfg, world)
-    # Data: rank 0 first (it may download), then the others.
-    if rank == 0:
+    # Data: the first process of each machine first (it may download or decode into its cache), then the others.
+    if first_on_machine():
         ds = data.load(cfg["data"], args.cache)
     if ddp:
         dist.barrier()
-    if rank != 0:
+    if not first_on_machine():
         ds = data.load(cfg["data"], args.cache)
     label_dim = recipe.check_data(args, cfg, ds, None if state is None else state["config"])
     if device.type == "cpu" and (args.threads or len(ds.shape) == 1):

@@ -287,6 +287,19 @@ def test_a_gradient_norm_spike_warns(tmp_path, capsys, monkeypatch):
         f"the {125 - 20} steps before")  # settled steps 21-125: fewer than the window of 1000
 
 
+@pytest.mark.parametrize("env, first", [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+                                        ({"RANK": "8", "LOCAL_RANK": "0"}, True),  # the second node's first process
+                                        ({"RANK": "1", "LOCAL_RANK": "1"}, False), ({"RANK": "9", "LOCAL_RANK": "1"}, False)])
+def test_each_machine_reads_the_data_first_with_one_process(monkeypatch, env, first):
+    """Under torchrun with several nodes, LOCAL_RANK 0 of every node loads (may download or decode) before the node's
+    other processes, not global rank 0 alone: a node without a shared cache fills its own."""
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert train.first_on_machine() is first
+
+
 def test_gradient_norm_ratios_window():
     """The spike's median covers the `window` norms before the interval, not the interval's own nor older ones."""
     from types import SimpleNamespace
