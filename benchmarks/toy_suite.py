@@ -10,10 +10,10 @@
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
-would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow, shortcut models and the
-diffusion model start from scratch; the others reuse the runs before them, as the reference does: sCT and CT tune the
-diffusion run (--init), sCD and CD (presets toy-scd, toy-cd) take it as --teacher (and start from it), TCM takes the
-CT run as --stage1.
+would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow, shortcut models, flow maps
+and the diffusion model start from scratch; the others reuse the runs before them, as the reference does: sCT and CT
+tune the diffusion run (--init), sCD and CD (presets toy-scd, toy-cd) take it as --teacher (and start from it), TCM
+takes the CT run as --stage1.
 
 Score: sliced W2 (256 projections) between 4,096 one-step samples (the diffusion teacher: its many-step sampler)
 and the held-out points, divided by the sliced W2 of a moment-matched Gaussian (same mean and covariance, 4,096
@@ -269,6 +269,7 @@ def baselines(train, held_out, floor_sets, seed=0):
 METHODS = dict(
     meanflow=("--method meanflow --data {data}", None),
     shortcut=("--method shortcut --data {data}", None),
+    flowmap=("--method flowmap --data {data}", None),
     diffusion=("--method diffusion --data {data}", None),
     sct=("--method scm --data {data} --init {dif}", "diffusion"),
     ct=("--method cm --data {data} --init {dif}", "diffusion"),
@@ -276,8 +277,8 @@ METHODS = dict(
     cd=("--method cm --data {data} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
 )
-LABELS = dict(meanflow="MeanFlow", shortcut="shortcut", diffusion="diffusion (teacher, Heun)", sct="sCT (tuning)", ct="CT (tuning)",
-              scd="sCD", cd="CD", tcm="TCM (on CT)")
+LABELS = dict(meanflow="MeanFlow", shortcut="shortcut", flowmap="flow map (LSD)", diffusion="diffusion (teacher, Heun)",
+              sct="sCT (tuning)", ct="CT (tuning)", scd="sCD", cd="CD", tcm="TCM (on CT)")
 
 
 def resolved(flags):
