@@ -135,9 +135,16 @@ def bcast(a, x):
     return a.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
 
 
+def net_u(net, z, t, r, y=None):
+    """u(z, t, r) from the net, times in z's dtype, its shape checked (a wrong one would broadcast in the loss)."""
+    u = net(z, t.to(z.dtype), r.to(z.dtype), y)
+    check_shape(u, z.shape, "flowmap: the net's u must have the shape of z (B, *D)", "one per entry")
+    return u
+
+
 def flow_map(net, z, t, r, y=None):
     """X(z; t, r) = z - (t - r) u(z, t, r)."""
-    return z - bcast(t - r, z) * net(z, t.to(z.dtype), r.to(z.dtype), y)
+    return z - bcast(t - r, z) * net_u(net, z, t, r, y)
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
@@ -180,7 +187,7 @@ def u_and_du(net, z, t, r, y, dz, dt, dr, cfg):
         # Deviation: du is a stop-gradient here (MeanFlow's choice); the fixed point is the same, the gradient is
         # that of regressing u onto a target holding sg(du).
         u, du = fused_call(net, z, t_in, r_in, y, tangents=tangents)
-        check_shape(du, z.shape, "flowmap.loss: the net's du must have the shape of z (B, *D)", "one per entry")
+        check_shape(du, z.shape, "flowmap: the net's du must have the shape of z (B, *D)", "one per entry")
     elif cfg.tangent == "jvp":
         if hasattr(net, "module"):
             raise ValueError("tangent='jvp' differentiates through torch.func.jvp on the bare module, which a DDP "
@@ -195,7 +202,7 @@ def u_and_du(net, z, t, r, y, dz, dt, dr, cfg):
         ups = [net(z + s * h * tangents[0], t_in + s * h * tangents[1], r_in + s * h * tangents[2], y)
                for s in (1, -1)]
         du = (ups[0] - ups[1]) / (2 * h)
-    check_shape(u, z.shape, "flowmap.loss: the net's u must have the shape of z (B, *D)", "one per entry")
+    check_shape(u, z.shape, "flowmap: the net's u must have the shape of z (B, *D)", "one per entry")
     return u, du
 
 
@@ -232,9 +239,7 @@ def offdiag_residual(net, z, t, r, m, h, y, cfg):
             z_m = z - bcast(t - m, z) * u_tm
             u_mr = bare(z_m, m_in, r_in, y)
             u_tgt = bcast(1 - h, z) * u_tm + bcast(h, z) * u_mr
-        u = net(z, t_in, r_in, y)
-        check_shape(u, z.shape, "flowmap.loss: the net's u must have the shape of z (B, *D)", "one per entry")
-        return (u - u_tgt).double()
+        return (net_u(net, z, t, r, y) - u_tgt).double()
     finally:
         bare.train(was_training)
 
@@ -252,8 +257,7 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     n = max(1, int(B * cfg.diag_fraction))
     y_d, y_o = (None, None) if y is None else (y[:n], y[n:])
 
-    u_diag = net(z[:n], t[:n].to(x.dtype), t[:n].to(x.dtype), y_d)  # train mode: losses.py's diagonal_term
-    check_shape(u_diag, z[:n].shape, "flowmap.loss: the net's u must have the shape of z (B, *D)", "one per entry")
+    u_diag = net_u(net, z[:n], t[:n], t[:n], y_d)  # train mode: losses.py's diagonal_term
     err_diag = (u_diag.double() - v[:n].double()).flatten(1)
     # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's), so train.py refuses
     # several processes for this method until DDP's gradient sync is checked with two passes.

@@ -241,11 +241,10 @@ def layer_norm(x, eps=1e-6):
         mean = xf.mean(-1, keepdim=True)
         rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + eps)
         return ((xf - mean) * rstd).to(xp.dtype)
-    with _fp32(xf):
-        if not isinstance(x, Dual):
-            return F.layer_norm(xf, xf.shape[-1:], eps=eps).to(xp.dtype)
-        out, mean, rstd = torch.native_layer_norm(xf, xf.shape[-1:], None, None, eps)  # F.layer_norm's kernel
-    return Dual(out.to(xp.dtype), _norm_tangent(xp, x.d, mean, rstd))
+    with _fp32(xf):  # F.layer_norm's kernel, which also returns the mean and rstd the tangent needs
+        out, mean, rstd = torch.native_layer_norm(xf, xf.shape[-1:], None, None, eps)
+    out = out.to(xp.dtype)
+    return Dual(out, _norm_tangent(xp, x.d, mean, rstd)) if isinstance(x, Dual) else out
 
 
 def pixel_norm(x, dim=1, eps=1e-4):
@@ -354,8 +353,9 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group norm with statistics in fp32. The primal runs F.group_norm, which saves only x and two (B, G) statistics
-    for backward; the fused tangent is computed from the same statistics without a graph. Inside torch.func
+    """Group norm with statistics in fp32. The primal runs F.group_norm's kernel (torch.native_group_norm), which
+    saves only x and two (B, G) statistics for backward and returns them; the fused tangent is computed from those
+    statistics without a graph. Inside torch.func
     transforms it runs written out (see `_in_func_transform`)."""
 
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
@@ -374,22 +374,22 @@ class GroupNorm(nn.Module):
         return (x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)).to(x.dtype)
 
     def _native(self, x):
+        """(out, mean, rstd): F.group_norm's kernel, which also returns the (B, G) statistics the tangent needs."""
         xf = _fp32_stats(x)
+        (B, C), G = xf.shape[:2], self.num_groups
         with _fp32(xf):
-            out = F.group_norm(xf, self.num_groups, self.weight.to(xf.dtype), self.bias.to(xf.dtype), self.eps)
-        return out.to(x.dtype)
+            out, mean, rstd = torch.native_group_norm(xf, self.weight.to(xf.dtype), self.bias.to(xf.dtype), B, C,
+                                                      xf[0, 0].numel(), G, self.eps)
+        return out.to(x.dtype), mean, rstd
 
     def forward(self, x):
         if not isinstance(x, Dual):
-            return self._written_out(x) if _in_func_transform() else self._native(x)
-        xf = _fp32_stats(x.p)
-        (B, C), G = xf.shape[:2], self.num_groups
-        with _fp32(xf):  # F.group_norm's kernel, which also returns the (B, G) mean and rstd the tangent needs
-            out, mean, rstd = torch.native_group_norm(xf, self.weight.to(xf.dtype), self.bias.to(xf.dtype), B, C,
-                                                      xf[0, 0].numel(), G, self.eps)
+            return self._written_out(x) if _in_func_transform() else self._native(x)[0]
+        out, mean, rstd = self._native(x.p)
+        B, G = x.d.shape[0], self.num_groups
         d_hat = _norm_tangent(x.p.reshape(B, G, -1), x.d.reshape(B, G, -1), mean[..., None], rstd[..., None])
         shape = [1, -1] + [1] * (x.d.ndim - 2)
-        return Dual(out.to(x.p.dtype), d_hat.reshape(x.d.shape) * _tan(self.weight).reshape(shape))
+        return Dual(out, d_hat.reshape(x.d.shape) * _tan(self.weight).reshape(shape))
 
 
 def attention(q, k, v):
