@@ -69,19 +69,18 @@ def _write_failed(path, tmp, e):
     return f"cannot write {path} ({e.strerror or e}){kept}"
 
 
-def save_checkpoint(path, net, emas, opt, step, cfg):
-    """state_dicts + the resolved config, saved atomically."""
-    state = dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt.state_dict(), step=step, config=cfg)
-    atomic_save(state, path)
+def save_checkpoint(path, states, step, cfg):
+    """The state_dicts (net, ema: a list, opt) + the resolved config, saved atomically."""
+    atomic_save(dict(net=states["net"], ema=states["ema"], opt=states["opt"], step=step, config=cfg), path)
 
 
-def save_snapshot(out, net, emas, step, cfg):
+def save_snapshot(out, states, step, cfg):
     """The weights alone (online net and EMAs, no optimizer state) as <out>/snapshots/ckpt-STEP.pt, kept: loadable
     wherever a checkpoint is read (--init, --teacher, --stage1, benchmarks/toy_suite.py --curve-every), not by
     --resume."""
     os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
     path = os.path.join(out, "snapshots", f"ckpt-{step:07d}.pt")
-    atomic_save(dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], step=step, config=cfg), path)
+    atomic_save(dict(net=states["net"], ema=states["ema"], step=step, config=cfg), path)
     return path
 
 
@@ -152,9 +151,6 @@ def load_weights(module, weights, what, strict=True):
 def _first(keys, n=3):
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
-
-def all_finite(*modules):
-    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
 
 # --- Nets from configs and from other runs --------------------------------------------------------------------------
 
@@ -310,17 +306,20 @@ def load_resumable(path, device):
     return state
 
 
-def restore(state, net, emas, opt, path):
+def restore_weights(state, net, emas, path):
+    """--resume: the online net and the EMAs (whole; train.py shards them after, under --fsdp)."""
     load_weights(net, state["net"], f"--resume {path}")
     if len(state["ema"]) != len(emas):
         raise UsageError(f"{path} holds {len(state['ema'])} EMAs, this run has {len(emas)}")
     for ema, weights in zip(emas, state["ema"]):
         load_weights(ema, weights, f"--resume {path}")
+
+
+def restore_optimizer(opt, opt_state, path):
     try:
-        opt.load_state_dict(state["opt"])
+        opt.load_state_dict(opt_state)
     except (ValueError, KeyError) as e:
         raise UsageError(f"--resume {path}: the optimizer state does not fit ({e})") from None
-    return state["step"]
 
 # --- Run folders ----------------------------------------------------------------------------------------------------
 

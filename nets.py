@@ -366,7 +366,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def _written_out(self, x):
-        xg = _fp32_stats(x).reshape(x.shape[0], self.num_groups, -1)
+        xg = _fp32_stats(x).reshape(x.shape[0], self.num_groups, math.prod(x.shape[1:]) // self.num_groups)
         mean = xg.mean(dim=2, keepdim=True)
         var = (xg - mean).square().mean(dim=2, keepdim=True)
         x_hat = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
@@ -379,15 +379,15 @@ class GroupNorm(nn.Module):
         (B, C), G = xf.shape[:2], self.num_groups
         with _fp32(xf):
             out, mean, rstd = torch.native_group_norm(xf, self.weight.to(xf.dtype), self.bias.to(xf.dtype), B, C,
-                                                      xf[0, 0].numel(), G, self.eps)
+                                                      math.prod(xf.shape[2:]), G, self.eps)
         return out.to(x.dtype), mean, rstd
 
     def forward(self, x):
         if not isinstance(x, Dual):
             return self._written_out(x) if _in_func_transform() else self._native(x)[0]
         out, mean, rstd = self._native(x.p)
-        B, G = x.d.shape[0], self.num_groups
-        d_hat = _norm_tangent(x.p.reshape(B, G, -1), x.d.reshape(B, G, -1), mean[..., None], rstd[..., None])
+        (B, G), n = (x.d.shape[0], self.num_groups), math.prod(x.d.shape[1:]) // self.num_groups  # B may be 0
+        d_hat = _norm_tangent(x.p.reshape(B, G, n), x.d.reshape(B, G, n), mean[..., None], rstd[..., None])
         shape = [1, -1] + [1] * (x.d.ndim - 2)
         return Dual(out, d_hat.reshape(x.d.shape) * _tan(self.weight).reshape(shape))
 
@@ -438,7 +438,7 @@ class PositionalEmbedding(nn.Module):
 
 def _swap_halves(emb):
     """[cos, sin] -> [sin, cos], as EDM's SongUNet does (needed to load its weights)."""
-    return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
+    return emb.reshape(emb.shape[0], 2, emb.shape[1] // 2).flip(1).reshape(emb.shape)
 
 
 # --- DDPM++ (EDM SongUNet) -------------------------------------------------------------------------------

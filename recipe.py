@@ -84,6 +84,8 @@ def build_parser(method=None, preset=None):
     p.add_argument("--stage1", help="tcm: the stage-1 cm run (online weights start the student, EMAs and a frozen copy)")
     p.add_argument("--seed", type=int, help="default 0, or the resumed run's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the net, its gradients, optimizer state "
+                   "and EMAs over the ranks (FSDP2) instead of replicating them (DDP); checkpoints stay whole")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the loss step (compiled once per input shape: the first steps are slow)")
     p.add_argument("--threads", type=int, default=None,

@@ -167,9 +167,7 @@ def shortcut(net, z, t, d, y, cfg, scale=None):
     check_shape(u, z.shape, "shortcut: the net's u must have the shape of z (B, *D)", "one per entry")
     if y is None or scale is None:
         return u
-    rows = (scale != 1).nonzero().squeeze(1)
-    if len(rows) == 0:
-        return u
+    rows = (scale != 1).nonzero().squeeze(1)  # possibly none: it still runs (a sharded net's forward is collective)
     u_null = net(z[rows], t_in[rows], r_in[rows], torch.zeros_like(y[rows]))
     w = bcast(scale[rows], u)
     return u.index_copy(0, rows, u_null + w * (u[rows] - u_null))
@@ -185,7 +183,7 @@ def bootstrap_target(net, z, t, d, y, cfg):
     bare module, as every no-grad pass in meanflow.py."""
     bare = getattr(net, "module", net)
     h = d / 2
-    scale = torch.where(h * cfg.denoise_timesteps <= 1, cfg.cfg_scale, 1.0)
+    scale = torch.where(h * cfg.denoise_timesteps <= 1, cfg.cfg_scale, 1.0) if cfg.cfg_scale != 1 else None
     c = cfg.bootstrap_clip
     was_training = bare.training
     bare.eval()
@@ -247,7 +245,8 @@ def sample(net, eps, cfg, y=None, steps=None):
         raise ValueError(f"steps must be a power of two, got {N}")
     B = eps.shape[0]
     d = torch.full((B,), 1 / N, device=eps.device, dtype=torch.float64)
-    scale = torch.full((B,), float(cfg.sample_cfg_scale), device=eps.device, dtype=torch.float64)
+    scale = None if cfg.sample_cfg_scale == 1 else torch.full((B,), float(cfg.sample_cfg_scale), device=eps.device,
+                                                              dtype=torch.float64)
     z = eps
     for i in range(N):
         t = torch.full((B,), 1 - i / N, device=eps.device, dtype=torch.float64)

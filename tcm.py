@@ -149,7 +149,7 @@ def route(student, stage1, x, sigma, y, cfg):
     out = torch.empty_like(x)
     masks = []  # the batch's dropout masks, drawn by the first pass and read by the second
     for net, rows in ((stage1, (~is_student).nonzero()[:, 0]), (student, is_student.nonzero()[:, 0])):
-        if len(rows):
+        if len(rows) or net is student:  # a sharded student's forward is collective: every rank calls it
             out[rows] = on_rows(net, x, sigma, y, cfg, rows, masks)
     return out
 

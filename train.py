@@ -3,6 +3,7 @@
     python train.py --method meanflow --data toy                          # 2-D demo, about a minute on 2 CPU cores
     python train.py --method meanflow --data cifar10 --out runs/mf-c10    # one GPU
     torchrun --nproc_per_node=8 train.py --method meanflow --data cifar10 --out runs/mf-c10
+    torchrun --nproc_per_node=8 train.py --method meanflow --data cifar10 --tangent fused --fsdp   # sharded (FSDP2)
     python train.py --method meanflow --data toy --steps 6000 --resume runs/meanflow-toy-000   # continue a run
     python train.py --method meanflow --help                              # every flag, with the preset's values
 
@@ -15,6 +16,8 @@ does not depend on that split (1 process x 2 rounds == 2 processes x 1 round) an
 Gradient sync with a JVP loss: the differentiable forward is the only call that goes through the DDP wrapper;
 every no-grad pass (the JVP, finite differences, guidance) runs on the bare module inside the method file.
 tests/test_train.py checks that 2 gloo ranks end with identical weights, equal to the 1-process run.
+--fsdp shards the net, gradients, optimizer state and EMAs instead (parallel.py; FSDP2 has no wrapper: every pass runs
+on the sharded module, and tests/test_fsdp.py checks every method against the 1-process run).
 """
 import array
 import contextlib
@@ -36,6 +39,7 @@ import checkpoints
 import curves
 import data
 import fid
+import parallel
 import recipe
 import trackers
 from checkpoints import build_net
@@ -78,9 +82,10 @@ def ema_warnings(cfg, given):
 
 @torch.no_grad()
 def update_ema(emas, decays, net):
-    params = [p.detach() for p in net.parameters()]
+    """Each EMA towards the net; under FSDP shard by shard (an EMA is sharded like the net)."""
+    params = [parallel.local(p.detach()) for p in net.parameters()]
     for ema, beta in zip(emas, decays):
-        torch._foreach_lerp_(list(ema.parameters()), params, 1 - beta)
+        torch._foreach_lerp_([parallel.local(p) for p in ema.parameters()], params, 1 - beta)
         for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
             ema_buffer.copy_(buffer)
 
@@ -96,17 +101,19 @@ def learning_rate(cfg, step):
 
 def repair_and_clip(net, max_norm):
     """Zero NaN/Inf gradient entries (as the reference does, but counted: returned for the log), then clip.
-    Returns (grad norm, number of non-finite entries)."""
+    Returns (grad norm, number of non-finite entries). Under FSDP the gradients are shards: the norm is of the whole
+    gradient (an all-reduce), the counts are summed over ranks."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = parallel.full(torch.nn.utils.get_total_norm(grads))
     bad = 0
     if not torch.isfinite(norm):
-        bad = int(sum((~torch.isfinite(g)).sum() for g in grads))
+        bad = parallel.count_nonfinite(grads)
         for g in grads:
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-        norm = torch.nn.utils.get_total_norm(grads)
+            torch.nan_to_num_(parallel.local(g), nan=0.0, posinf=0.0, neginf=0.0)
+        norm = parallel.full(torch.nn.utils.get_total_norm(grads))
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(net.parameters(), max_norm, norm)
+        # clip_grads_with_norm_'s scaling, applied to the local tensors (it cannot mix DTensor shards and a plain norm)
+        torch._foreach_mul_([parallel.local(g) for g in grads], (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return float(norm), bad
 
 
@@ -144,18 +151,6 @@ class IntervalStats:
 # --- Output ----------------------------------------------------------------------------------------------------
 
 
-def check_ranks_identical(net, world):
-    """Per-tensor sums and sums of squares, all-gathered and compared bitwise: ranks whose gradients were not
-    synchronised would have drifted apart."""
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in net.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError("ranks ended with different weights: gradients were not synchronised")
-    if dist.get_rank() == 0:
-        print(f"weights identical on all {world} ranks")
-
-
 def draw_samples(method, method_cfg, net, ds, label_dim, n, seed, device, chunk=256):
     """n samples of `net` (an EMA copy, eval mode) by method.sample with its Config's schedule (one step or a few for
     the consistency methods, Heun's 2 sample_steps - 1 evaluations for diffusion), fixed noise, uniform labels."""
@@ -185,7 +180,8 @@ class Run:
     cfg: dict  # the resolved config, saved with every checkpoint
     method: object  # the method file (a module)
     method_cfg: object  # its Config
-    ddp: bool
+    ddp: bool  # several processes (torchrun)
+    fsdp: bool  # ... with the online net and its EMAs sharded (--fsdp); else DDP
     rank: int
     world: int
     device: torch.device
@@ -219,9 +215,11 @@ def set_up(argv):
         cfg, notices = checkpoints.resume_config(state["config"], cfg, given, args.resume)
     method_cfg = recipe.check_config(args, cfg, method, None if state is None else state["step"])
     ddp, rank, world, device = setup_distributed(args.device)
-    if ddp and cfg["method"] == "flowmap":  # its loss makes two differentiable passes (flowmap.py, loss)
-        raise UsageError("--method flowmap runs on one process for now: its loss makes two differentiable passes of "
-                         "the net, and DDP's gradient sync has not been checked with that")
+    if args.fsdp and cfg.get("tangent") == "jvp":
+        raise UsageError("--fsdp: torch.func.jvp cannot trace a sharded net; pass --tangent fused (the same JVP, "
+                         "computed in the net's forward) or --tangent fd")
+    if args.fsdp and not ddp:
+        raise UsageError("--fsdp shards the net over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     if rank == 0 and state is not None:
         for notice in notices:
             print(f"resume: {notice}")
@@ -259,18 +257,26 @@ def set_up(argv):
     if hasattr(net, "normalize_weights_") and state is None:  # EDM2 nets: unit-norm weights, and after every step
         net.normalize_weights_()
     emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in cfg["ema"]]
+    if state is not None:
+        checkpoints.restore_weights(state, net, emas, args.resume)
+    if args.fsdp:  # after every weight is loaded whole; the optimizer is built on the shards
+        for module in (net, *emas):
+            parallel.shard(module, device, world, bf16=cfg["precision"] == "bf16")
     opt_cls = dict(adam=torch.optim.Adam, adamw=torch.optim.AdamW, radam=torch.optim.RAdam)[cfg["optimizer"]]
     # Adam's (and AdamW's) fused kernel: one pass over all parameters instead of a loop of small ops per tensor (on the
     # toy MLP 0.42 vs 1.30 ms a step on one CPU core); the same update. RAdam has none, nor do some other devices.
     fused = dict(fused=True) if cfg["optimizer"] in ("adam", "adamw") and device.type in ("cpu", "cuda") else {}
     opt = opt_cls(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["adam_eps"],
                   weight_decay=cfg["weight_decay"], **fused)
-    start = 0 if state is None else checkpoints.restore(state, net, emas, opt, args.resume)
+    if state is not None:
+        opt_state = parallel.shard_optimizer_state(opt, state["opt"]) if args.fsdp else state["opt"]
+        checkpoints.restore_optimizer(opt, opt_state, args.resume)
+    start = 0 if state is None else state["step"]
     fid_of = None
     if args.fid_every:  # its reference statistics and detector are inputs too: checked before the run folder
         fid_of = fid.fid_evaluator(args, cfg, ds, label_dim, method, method_cfg, rank, ddp, device)
-    return Run(args, cfg, method, method_cfg, ddp, rank, world, device, batch_gpu, accum, ds, label_dim, net, teacher,
-               emas, opt, ema_offset, start, fid_of)
+    return Run(args, cfg, method, method_cfg, ddp, args.fsdp, rank, world, device, batch_gpu, accum, ds, label_dim, net,
+               teacher, emas, opt, ema_offset, start, fid_of)
 
 # --- The loop: its state, its stages, main ---------------------------------------------------------------------
 
@@ -326,7 +332,8 @@ def train_step(run, loop, step):
             x, aug = augment.augment(x, cfg["augment"], cfg["augment_pipe"],
                                      loop.aug_gen.manual_seed(data.mix_seed(seed, step, m, 4)))
         y = run.ds.one_hot(idx, run.device) if run.label_dim else None
-        sync = not run.ddp or accum_round == run.accum - 1  # DDP syncs gradients in the last round only
+        # DDP syncs gradients in the last round only; FSDP in every round (reduce-scatter: a rank keeps only its shard)
+        sync = not run.ddp or run.fsdp or accum_round == run.accum - 1
         with contextlib.nullcontext() if sync else loop.model.no_sync():
             with loop.autocast, augment.augment_labels(net, aug):
                 per_example, logs = loop.loss_fn(loop.model, x, y, run.method_cfg, step, loop.gen, teacher=run.teacher,
@@ -402,7 +409,7 @@ def log_interval(run, loop, step, lr, grad_norm):
 
 def evaluate_fid(run, loop, step):
     """FID of the first EMA (every rank generates its share), printed and logged; its time is left out of img/s."""
-    fid_t0, value = time.time(), loop.fid_of(run.emas[0])
+    fid_t0, value = time.time(), loop.fid_of(whole_ema(run, keep=True))
     if run.rank == 0:
         print(f"step {step:>7d} | FID {value:.3f} ({run.args.fid_num} samples, ema {run.cfg['ema'][0]}, "
               f"{time.time() - fid_t0:.0f} s)", flush=True)
@@ -417,11 +424,12 @@ def save_checkpoint(run, loop, step):
     after a good step."""
     if run.rank == 0:
         draw_curves(run, loop, step)
-    healthy = loop.bad_run == 0 and checkpoints.all_finite(run.net, *run.emas)  # the same on every rank
+    healthy = loop.bad_run == 0 and parallel.all_finite([run.net, *run.emas], run.fsdp)  # the same on every rank
     if not healthy and (step == run.cfg["steps"] or loop.bad_run == 0):
         raise Diverged(f"step {step}: non-finite weights, loss or gradients; {loop.kept_checkpoint_message()}")
+    states = parallel.states(run.net, run.emas, run.opt, run.fsdp, keep=run.rank == 0) if healthy else None
     if healthy and run.rank == 0:
-        checkpoints.save_checkpoint(os.path.join(loop.out, "ckpt.pt"), run.net, run.emas, run.opt, step, run.cfg)
+        checkpoints.save_checkpoint(os.path.join(loop.out, "ckpt.pt"), states, step, run.cfg)
     elif run.rank == 0:
         print(f"step {step}: no checkpoint (non-finite loss or gradients at this step)")
     loop.saved_step = step if healthy else loop.saved_step
@@ -439,16 +447,30 @@ def draw_curves(run, loop, step):
         print(f"warning: cannot write {os.path.join(loop.out, 'curves.png')} ({e.strerror or e})", flush=True)
 
 
+def whole_ema(run, keep):
+    """The first EMA as one module where `keep`: itself, or under FSDP a plain copy gathered from the shards
+    (collective: every rank calls; None where not kept)."""
+    if not run.fsdp:
+        return run.emas[0]
+    weights = parallel.full_state(run.emas[0], keep)
+    if not keep:
+        return None
+    net = build_net(run.cfg, run.method, run.ds.shape, run.label_dim).to(run.device)
+    net.load_state_dict(weights)
+    return net.eval().requires_grad_(False)
+
+
 def finish(run, loop):
     """The ranks' weights compared; on rank 0 the final samples (samples.npy, samples.png) with the collapse warning."""
     if run.ddp:
-        check_ranks_identical(run.net, run.world)
+        parallel.check_ranks_identical(run.net, run.world, run.opt if run.fsdp else None)
+    ema = whole_ema(run, keep=run.rank == 0)
     if run.rank != 0:
         return
     args, ds, out = run.args, run.ds, loop.out
     grid = ds.is_image or isinstance(ds, data.LatentDataset)  # pictures as grids, not scatters
     n = args.num_samples or (64 if grid else 2048)
-    samples = draw_samples(run.method, run.method_cfg, run.emas[0], ds, run.label_dim, n, run.cfg["seed"], run.device)
+    samples = draw_samples(run.method, run.method_cfg, ema, ds, run.label_dim, n, run.cfg["seed"], run.device)
     if not torch.isfinite(samples).all():
         raise Diverged(f"the EMA's samples are not finite (no samples written); {loop.kept_checkpoint_message()}")
     samples = samples.clamp(-1, 1) if ds.is_image else samples
@@ -466,11 +488,13 @@ def start_loop(run, out, loggers):
     """config.json, the DDP wrapper, the (compiled) loss, the header line and the FID evaluator: the loop's state."""
     args, cfg, ds, device = run.args, run.cfg, run.ds, run.device
     if run.rank == 0:
-        checkpoints.write_config(out, {**cfg, "world_size": run.world, "batch_gpu": run.batch_gpu, "accum": run.accum})
+        checkpoints.write_config(out, {**cfg, "world_size": run.world, "fsdp": run.fsdp, "batch_gpu": run.batch_gpu,
+                                       "accum": run.accum})
     if run.ddp:
         dist.barrier()
     ddp_ids = [device] if device.type == "cuda" else None
-    model = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ddp_ids) if run.ddp else run.net
+    ddp_wrapped = run.ddp and not run.fsdp  # an FSDP net is its own wrapper (fully_shard changed it in place)
+    model = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ddp_ids) if ddp_wrapped else run.net
     # --compile: dynamo compiles the loss (net forward, tangent, loss arithmetic, backward) on the first step and
     # again when an input shape changes; random draws from `gen` stay eager (graph breaks).
     loss_fn = torch.compile(run.method.loss) if args.compile else run.method.loss
@@ -478,7 +502,8 @@ def start_loop(run, out, loggers):
     if run.rank == 0:
         print(f"{args.method} on {cfg['data']} ({len(ds)} samples, shape {ds.shape}) | net {cfg['net']} "
               f"{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M params | batch {cfg['batch']} = {run.world} "
-              f"ranks x {run.accum} rounds x {run.batch_gpu} | {device} {cfg['precision']} | "
+              f"ranks x {run.accum} rounds x {run.batch_gpu}{' | fsdp' if run.fsdp else ''} | {device} "
+              f"{cfg['precision']} | "
               f"preset {cfg['preset']} | out {out}")
     return Loop(out=out, model=model, loss_fn=loss_fn, autocast=autocast, gen=torch.Generator(device),
                 aug_gen=torch.Generator(device), sampler=data.EpochSampler(len(ds), cfg["seed"]), fid_of=run.fid_of,
@@ -488,7 +513,10 @@ def start_loop(run, out, loggers):
 
 def save_sample_grid(run, loop, step):
     """samples-STEP.png: 64 samples of the first EMA (rank 0); none when they are not finite."""
-    samples = draw_samples(run.method, run.method_cfg, run.emas[0], run.ds, run.label_dim, 64, run.cfg["seed"], run.device)
+    ema = whole_ema(run, keep=run.rank == 0)
+    if run.rank != 0:
+        return
+    samples = draw_samples(run.method, run.method_cfg, ema, run.ds, run.label_dim, 64, run.cfg["seed"], run.device)
     if torch.isfinite(samples).all():  # a diverging EMA is stopped by the checks around it
         data.save_picture(os.path.join(loop.out, f"samples-{step:07d}.png"), samples, run.ds)
         loop.loggers.picture("samples", os.path.join(loop.out, f"samples-{step:07d}.png"), step)
@@ -496,8 +524,10 @@ def save_sample_grid(run, loop, step):
 
 def save_snapshot(run, loop, step):
     """snapshots/ckpt-STEP.pt (rank 0), kept, unlike ckpt.pt: quality along the run. None from a non-finite step."""
-    if loop.bad_run == 0 and checkpoints.all_finite(run.net, *run.emas):
-        checkpoints.save_snapshot(loop.out, run.net, run.emas, step, run.cfg)
+    if loop.bad_run == 0 and parallel.all_finite([run.net, *run.emas], run.fsdp):
+        states = parallel.states(run.net, run.emas, None, run.fsdp, keep=run.rank == 0)
+        if run.rank == 0:
+            checkpoints.save_snapshot(loop.out, states, step, run.cfg)
 
 
 def main(argv=None):
@@ -510,13 +540,13 @@ def main(argv=None):
             lr, grad_norm = train_step(run, loop, step)
             if step % args.log_every == 0 or step == last:
                 log_interval(run, loop, step, lr, grad_norm)
-            if rank == 0 and args.sample_every and step % args.sample_every == 0:
+            if args.sample_every and step % args.sample_every == 0:
                 save_sample_grid(run, loop, step)
             if loop.fid_of is not None and (step % args.fid_every == 0 or step == last):
                 evaluate_fid(run, loop, step)
             if step % args.ckpt_every == 0 or step == last:
                 save_checkpoint(run, loop, step)
-            if rank == 0 and args.snapshot_every and step % args.snapshot_every == 0:
+            if args.snapshot_every and step % args.snapshot_every == 0:
                 save_snapshot(run, loop, step)
         finish(run, loop)
     if run.ddp:

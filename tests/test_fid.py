@@ -710,6 +710,7 @@ def test_two_gloo_ranks_calc_multistep(detector, image_run, tmp_path):
     assert np.array_equal(x1, x2) and x1.std() > 0
 
 
+@pytest.mark.slow
 def test_train_fid_every_equals_calc(detector, image_run, tmp_path):
     """train.py --fid-every logs the FID of the first EMA; at the last step it equals `fid.py calc` of the final
     checkpoint (same protocol, same per-image seeds)."""

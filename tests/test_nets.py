@@ -298,3 +298,18 @@ def test_torch_compile_matches_eager(kind):
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)(x, t, r, v)
         for a, b in zip(compiled, eager):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", TINY)
+def test_a_pass_over_no_rows_runs(kind):
+    """A batch of 0 rows (a routed pass with nothing to do still runs under FSDP, where forward is collective): the
+    plain, rows= and fused-tangent passes return empty outputs of the right shape, and draw the masks a pass over the
+    whole batch would."""
+    net = tiny_net(kind)[0].train()
+    x, t, r, y = (v[:0] for v in inputs(TINY[kind][1]))
+    assert net(x, t, r, y).shape == x.shape
+    masks = []
+    assert net(x, t, r, y, rows=(torch.zeros(0, dtype=torch.long), 5, masks)).shape == x.shape
+    assert all(m.shape[0] == 5 for m in masks) and len(masks) > 0
+    out, d_out = net(x, t, r, y, tangents=(x, torch.ones_like(t), torch.zeros_like(r)))
+    assert out.shape == d_out.shape == x.shape

@@ -58,6 +58,7 @@ def lines(capsys, what, unit="images"):
     return found
 
 
+@pytest.mark.slow
 def test_fid_calc_counts_the_images_of_every_repeat(tiny_edm, detector, tmp_path, capsys, every_update):  # noqa: F811
     ckpt = str(tmp_path / "edm.pt")
     convert.convert(tiny_edm[1], ckpt)

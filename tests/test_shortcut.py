@@ -429,6 +429,7 @@ def test_train_py_end_to_end_and_exact_resume(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     """torchrun --nproc_per_node=2 (gloo): the bootstrap passes run on the bare module beside the DDP forward; both
     ranks end bitwise identical and equal, to float rounding, the 1-process run with 2 accumulation rounds. M = 4 and
@@ -454,3 +455,17 @@ def test_help_shows_the_preset(capsys):
         train.main(["--method", "shortcut", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "shortcut.Config (preset toy)" in text and "--bootstrap-every BOOTSTRAP_EVERY >= 1 [preset toy: 4]" in text
+
+
+def test_guidance_pass_runs_even_on_no_rows():
+    """With labels and no row to guide (every scale 1) the null-label pass still runs, on zero rows: under FSDP a
+    net's forward is collective, and a rank that skipped it would hang the others. The output is u_c unchanged."""
+    net = nets.build_net("mlp", (2,), label_dim=3, use_r=True).double()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    z, t = torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.arange(4) % 3, 3).double()
+    cfg = shortcut.Config()
+    u = shortcut.shortcut(net, z, t, t * 0 + 0.25, y, cfg, scale=torch.ones(4, dtype=torch.float64))
+    assert calls == [4, 0]
+    assert torch.equal(u, net(z, t, shortcut.query_r(t, t * 0 + 0.25, cfg), y))

@@ -75,6 +75,7 @@ def test_held_out_clouds_are_fixed_distinct_and_cover_every_family():
         assert min(toy_suite.sliced_w2(sets[a], sets[b]) for b in sets if b != a) > 0.15, a
 
 
+@pytest.mark.slow
 def test_suite_held_out_second_seed_and_spikes(tmp_path):
     """--held-out N trains on held-out clouds (their data files named after them); --second-seed R trains every cell
     above R again with --seed + 1 into its own folder and shows both ratios; --extra-for adds flags to the methods it
@@ -119,6 +120,7 @@ def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, 
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchanged(tmp_path, monkeypatch):
     """A second call reuses finished runs, also from a moved suite folder; a retrained diffusion run retrains the sCT
     run that tunes it; a preset edit changes the key a run is reused by (the command line alone does not show it)."""
@@ -146,6 +148,7 @@ def test_suite_reuses_a_run_only_while_its_command_preset_and_teacher_are_unchan
     assert toy_suite.resolved(cost["command"]) != cost["recipe"]
 
 
+@pytest.mark.slow
 def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tmp_path):
     """--curve-every 2 on a 4-step run: the snapshots of steps 2 and 4 are scored; step 4's EMA ratio is the first
     draw's (samples.npy, drawn from the same weights the same way); the online column samples the online weights (a

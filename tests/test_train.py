@@ -155,14 +155,19 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(a["opt"]["state"][0]["exp_avg_sq"], b["opt"]["state"][0]["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("case", ["meanflow-jvp", "meanflow-fused", "scm-jvp", "scd-fused", "cd", "tcm"])
+@pytest.mark.parametrize("case", ["meanflow-jvp", "tcm", "flowmap-fused",
+                                  *(pytest.param(c, marks=pytest.mark.slow) for c in
+                                    ("meanflow-fused", "scm-jvp", "scd-fused", "cd", "flowmap-psd"))])
 def test_two_gloo_ranks_match_one_process(tmp_path, case):
     """torchrun --nproc_per_node=2 (gloo): both ranks end bitwise identical (train.py all-gathers per-tensor sums
     and fails otherwise) and equal, up to float rounding, the 1-process run with the same global batch split
     into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward;
-    scd and cd add a teacher and --init, tcm a frozen stage-1 net."""
+    scd and cd add a teacher and --init, tcm a frozen stage-1 net; flowmap makes two differentiable passes of the
+    DDP-wrapped net per step (the diagonal and the off-diagonal term), whose gradients DDP still syncs once."""
     method, _, tangent = case.partition("-")
     extra = ["--tangent", tangent] if tangent else []
+    if case == "flowmap-psd":  # no derivative: the semigroup loss
+        extra = ["--loss-kind", "psd"]
     if case in ("scd-fused", "cd"):
         teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", out="dif")
         method, extra = ("scm" if method == "scd" else "cm"), [*extra, "--teacher", teacher, "--init", teacher]
