@@ -10,7 +10,9 @@
 Each step is forward + backward + Adam (fused as in train.py, or --adam loop) on random data. "plain" is diffusion.py's
 EDM step; MeanFlow adds a second time input r to the net and sCM a log-variance head (both negligible in size). CD's
 and sCD's teacher is a second copy of the net in eval mode, TCM's stage-1 net one in train mode. CM is measured at its
-first ECT stage. Variants that need the same kind of net share one copy (and its optimizer): the timings do not depend
+first ECT stage. Shortcut models and flow maps (`flowmap-lsd`, `-esd` with a tangent option, `-psd`) run with their
+Config's defaults (the batch split into flow-matching and self-consistency / off-diagonal rows as in training). Variants
+that need the same kind of net share one copy (and its optimizer): the timings do not depend
 on the weights. The steps are interleaved, one step of each variant per round, so that a change in the machine's load
 hits all of them alike. Prints the median ms per step, the ratio to the plain step of the same code measured in the
 same run and, on CUDA, the peak memory of the whole run. Not a test: the numbers depend on the machine.
@@ -20,7 +22,8 @@ nets.py, loaded as separate modules), named variant@REV, so before and after are
 
 One more, untimed step per variant counts the forward passes of its nets, in batch-equivalents (a pass over some rows
 counts its share): with grad (each followed by its backward), without grad, and tangent passes (a fused tangent, or
-torch.func.jvp's, which also counts as a no-grad forward). "floor" is the step cost those passes imply in units of the
+torch.func.jvp's, which also counts as a forward: no-grad, or with grad where the loss differentiates through it, as
+flow maps' LSD / ESD do with `jvp`). "floor" is the step cost those passes imply in units of the
 plain step, taking a no-grad forward or a tangent as 1/3 of a forward + backward: grad + (no-grad + tangent) / 3.
 --memory adds two device-independent costs of that step:
 - saved MiB: the bytes autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`), each storage counted
@@ -44,14 +47,18 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cm  # noqa: E402
 import diffusion  # noqa: E402
+import flowmap  # noqa: E402
 import meanflow  # noqa: E402
 import nets  # noqa: E402
 import scm  # noqa: E402
+import shortcut  # noqa: E402
 import tcm  # noqa: E402
 
-VARIANTS = ["plain", "ct", "cd", "tcm"] + [f"{m}:{t}" for m in ("meanflow", "sct", "scd") for t in ("jvp", "fused", "fd")]
+VARIANTS = (["plain", "ct", "cd", "tcm"] + [f"{m}:{t}" for m in ("meanflow", "sct", "scd") for t in ("jvp", "fused", "fd")]
+            + ["shortcut"] + [f"flowmap-{k}:{t}" for k in ("lsd", "esd") for t in ("jvp", "fused", "fd")] + ["flowmap-psd"])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = dict(nets=nets, plain=diffusion, ct=cm, cd=cm, tcm=tcm, meanflow=meanflow, sct=scm, scd=scm)
+MODULES = {"nets": nets, "plain": diffusion, "ct": cm, "cd": cm, "tcm": tcm, "meanflow": meanflow, "sct": scm,
+           "scd": scm, "shortcut": shortcut, **{f"flowmap-{k}": flowmap for k in ("lsd", "esd", "psd")}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,11 +66,14 @@ def load_revision(rev):
     """MODULES as the files were at git revision `rev`: each file executed as a module "<name>@<rev>" whose own
     project imports (tcm's `import cm`) resolve to the same revision. For before -> after timings in one process."""
     loaded = {}
-    outer = {name: sys.modules.get(name) for name in ("nets", "diffusion", "cm", "tcm", "scm", "meanflow")}
+    outer = {name: sys.modules.get(name) for name in ("nets", "diffusion", "cm", "tcm", "scm", "meanflow", "shortcut",
+                                                      "flowmap")}
     try:
         for name in outer:  # an order in which every file's project imports come first
-            src = subprocess.run(["git", "show", f"{rev}:{name}.py"], cwd=ROOT, capture_output=True, text=True,
-                                 check=True).stdout
+            shown = subprocess.run(["git", "show", f"{rev}:{name}.py"], cwd=ROOT, capture_output=True, text=True)
+            if shown.returncode:  # a method added after that revision: its variants cannot run @rev
+                continue
+            src = shown.stdout
             module = types.ModuleType(f"{name}@{rev}")
             module.__file__ = f"{rev}:{name}.py"
             sys.modules[module.__name__] = sys.modules[name] = module
@@ -75,7 +85,7 @@ def load_revision(rev):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
-    return {key: loaded[m.__name__] for key, m in MODULES.items()}
+    return {key: loaded[m.__name__] for key, m in MODULES.items() if m.__name__ in loaded}
 
 
 def setup(variant, args, shape, device, shared=None):
@@ -102,7 +112,10 @@ def setup(variant, args, shape, device, shared=None):
     if name == "tcm":  # the frozen stage-1 copy runs in train mode (dropout on)
         teacher = cached((rev, "stage1"), lambda: build_net(args.net, shape, dropout=args.dropout).to(device).train()
                          .requires_grad_(False))
-    cfg = module.Config(tangent=tangent) if tangent else module.Config()
+    options = dict(tangent=tangent) if tangent else {}
+    if name.startswith("flowmap-"):  # flowmap-lsd / -esd / -psd: the off-diagonal loss
+        options["loss_kind"] = name.partition("-")[2]
+    cfg = module.Config(**options)
 
     def step_loss(x, gen):
         return module.loss(net, x, None, cfg, 1, gen, teacher=teacher, images=0)[0]
@@ -118,7 +131,7 @@ def count_passes(modules, batch):
     def hook(module, args, kwargs):
         share = args[0].shape[0] / batch
         in_func = torch._C._functorch.get_dynamic_layer_stack_depth() > 0
-        counts["grad" if torch.is_grad_enabled() and not in_func else "nograd"] += share
+        counts["grad" if torch.is_grad_enabled() else "nograd"] += share  # a jvp under grad (flowmap LSD) is a grad pass
         if in_func or kwargs.get("tangents") is not None:
             counts["tangent"] += share
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
@@ -132,9 +145,13 @@ def saved_bytes_and_flops(step_loss, x, gen, modules):
     saved = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved[storage.data_ptr()] = storage.nbytes()
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a torch.func wrapper (flowmap's differentiable jvp) has no storage: its own bytes
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in own:
+            saved[key] = size
         return t
 
     with FlopCounterMode(display=False) as flops:
