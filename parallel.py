@@ -89,9 +89,10 @@ def states(net, emas, opt, sharded, keep):
     """The state_dicts a checkpoint holds (net, ema: a list, opt unless None) in the one-process layout: as they are, or
     under FSDP gathered whole (collective; rank 0 keeps them, the others get None)."""
     if not sharded:
-        return dict(net=net.state_dict(), ema=[e.state_dict() for e in emas], opt=opt and opt.state_dict())
+        return dict(net=net.state_dict(), ema=[e.state_dict() for e in emas],
+                    opt=None if opt is None else opt.state_dict())
     out = dict(net=full_state(net, keep), ema=[full_state(e, keep) for e in emas],
-               opt=opt and full_optimizer_state(opt, net, keep))
+               opt=None if opt is None else full_optimizer_state(opt, net, keep))
     return out if keep else None
 
 
