@@ -71,7 +71,7 @@ def _write_failed(path, tmp, e):
 
 def save_checkpoint(path, states, step, cfg):
     """The state_dicts (net, ema: a list, opt) + the resolved config, saved atomically."""
-    atomic_save(dict(net=states["net"], ema=states["ema"], opt=states["opt"], step=step, config=cfg), path)
+    atomic_save(dict(states, step=step, config=cfg), path)
 
 
 def save_snapshot(out, states, step, cfg):

@@ -259,8 +259,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
 
     u_diag = net_u(net, z[:n], t[:n], t[:n], y_d)  # train mode: losses.py's diagonal_term
     err_diag = (u_diag.double() - v[:n].double()).flatten(1)
-    # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's), so train.py refuses
-    # several processes for this method until DDP's gradient sync is checked with two passes.
+    # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's); DDP syncs the gradients
+    # of both once (tests/test_train.py, flowmap cases).
     L_off = x.new_zeros(0, dtype=torch.float64)
     if n < B:
         res = offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg)

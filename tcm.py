@@ -30,7 +30,6 @@ What TCM reuses from cm.py (imported below, unchanged): the consistency function
 log-Student-t time distribution, the boundary set, routing. Presets and the sweeps behind the toy one: docs/presets.md.
 """
 import functools
-import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -154,6 +153,12 @@ def route(student, stage1, x, sigma, y, cfg):
     return out
 
 
+def takes_rows(net):
+    """Whether net.forward has a `rows` argument (nets.py's nets do), read from its code object: its own parameters."""
+    code = getattr(net.forward, "__code__", None)
+    return code is not None and "rows" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
 def on_rows(net, x, sigma, y, cfg, rows, masks):
     """f(x, sigma)[rows] with the dropout masks the gradient pass will draw for these rows: the RNG is forked (each
     pass starts from the state the gradient pass starts from; the nets share an architecture) and the net is told which
@@ -162,7 +167,7 @@ def on_rows(net, x, sigma, y, cfg, rows, masks):
     takes no `rows` runs on the whole batch."""
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices):
-        if "rows" not in inspect.signature(net.forward).parameters:
+        if not takes_rows(net):
             return consistency_fn(net, x, sigma, y, cfg)[rows]
         net_on_rows = functools.partial(net, rows=(rows, x.shape[0], masks))
         return consistency_fn(net_on_rows, x[rows], sigma[rows], None if y is None else y[rows], cfg)

@@ -148,7 +148,7 @@ MUTATIONS = {
          "a pass over some rows draws masks for those rows alone, not the whole batch's"),
         ("functools.partial(net, rows=(rows, x.shape[0], masks))", "functools.partial(net, rows=(rows, x.shape[0], []))",
          "each routed pass draws the batch's masks again"),
-        ('if "rows" not in inspect.signature(net.forward).parameters:', "if True:",
+        ("if not takes_rows(net):", "if True:",
          "both nets on the whole batch (FastGen's two passes)"),
         ("None if y is None else y[rows], cfg)", "y, cfg)", "labels of the whole batch on a pass over some rows"),
         ("k = math.floor(cfg.boundary_prob * n)", "k = math.ceil(cfg.boundary_prob * n)", "boundary count rounded up"),

@@ -75,10 +75,10 @@ def load(out):
 def assert_same_checkpoint(a, b, exact):
     check = torch.equal if exact else (lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-6))
     assert a["step"] == b["step"]
-    for part in ("net", *[("ema", i) for i in range(len(a["ema"]))]):
-        sa, sb = (a[part], b[part]) if part == "net" else (a["ema"][part[1]], b["ema"][part[1]])
+    assert len(a["ema"]) == len(b["ema"])
+    for i, (sa, sb) in enumerate([(a["net"], b["net"]), *zip(a["ema"], b["ema"])]):  # the net, then each EMA
         assert sa.keys() == sb.keys()
-        assert all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and check(sa[k], sb[k]) for k in sa), part
+        assert all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and check(sa[k], sb[k]) for k in sa), i
     assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
     for i, s in a["opt"]["state"].items():
         assert all(check(v, b["opt"]["state"][i][k]) for k, v in s.items()), i
