@@ -686,10 +686,37 @@ class MLPBlock(nn.Module):
         return x + self.fc1(dropout(h, self.dropout, self.training))
 
 
-class MLP(nn.Module):
-    """Residual MLP with the same time/label conditioning as SongUNet, for N-D point data."""
+class FourierFeatures(nn.Module):
+    """[x, sin(2 pi x B), cos(2 pi x B)] with a fixed Gaussian B (dim, n), std `scale`: random Fourier features of the
+    input (Tancik et al. 2020, arXiv:2006.10739, Sec. 6), so that a small MLP can fit thin, curved structure in a
+    low-dimensional input. B is drawn from its own seeded generator: the other weights' init is unchanged."""
 
-    def __init__(self, dim=2, width=256, depth=4, time_channels=64, label_dim=0, dropout=0.0, use_r=False, logvar=False):
+    def __init__(self, dim, num_freqs, scale):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", 2 * math.pi * scale * torch.randn(dim, num_freqs, generator=g))
+
+    def project(self, v, dtype):
+        """v B as a broadcast product and a sum: elementwise ops, which autocast leaves in dtype."""
+        return (v.to(dtype)[:, :, None] * self.freqs.to(dtype)).sum(1)
+
+    def forward(self, x):
+        xp = x.p if isinstance(x, Dual) else x
+        dtype = torch.promote_types(xp.dtype, torch.float32)  # fp32 at least: bf16 phases of |arg| ~ 20 are off by ~0.1
+        arg = self.project(xp, dtype)
+        out = torch.cat([xp.to(dtype), arg.sin(), arg.cos()], dim=1)
+        if not isinstance(x, Dual):
+            return out
+        d_arg, a = self.project(x.d, dtype), _tan(arg)
+        return Dual(out, torch.cat([x.d.to(dtype), a.cos() * d_arg, -a.sin() * d_arg], dim=1))
+
+
+class MLP(nn.Module):
+    """Residual MLP with the same time/label conditioning as SongUNet, for N-D point data; with fourier > 0 its input
+    is x and `fourier` random Fourier features of x (FourierFeatures)."""
+
+    def __init__(self, dim=2, width=256, depth=4, time_channels=64, label_dim=0, dropout=0.0, use_r=False, logvar=False,
+                 fourier=0, fourier_scale=1.0):
         super().__init__()
         self.dim, self.label_dim, self.use_r = dim, label_dim, use_r
         cond_channels = time_channels * (2 if use_r else 1)
@@ -698,7 +725,8 @@ class MLP(nn.Module):
         self.map_layer0 = Linear(cond_channels, width, init_mode="xavier_uniform")
         self.map_layer1 = Linear(width, width, init_mode="xavier_uniform")
         self.logvar_linear = Linear(time_channels, 1) if logvar else None
-        self.fc_in = Linear(dim, width, init_mode="xavier_uniform")
+        self.fourier = FourierFeatures(dim, fourier, fourier_scale) if fourier else None
+        self.fc_in = Linear(dim + 2 * fourier, width, init_mode="xavier_uniform")
         self.blocks = nn.ModuleList([MLPBlock(width, width, dropout) for _ in range(depth)])
         # Not the image nets' near-zero inits of the residual branches' outputs (fc1) and of the output layer: on data
         # whose covariance is sigma_data^2 I (an isotropic cloud standardised to unit variance, sigma_data 1) c_skip x
@@ -717,7 +745,7 @@ class MLP(nn.Module):
             y = _null_label(self, x) if y is None else y
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
-        x = self.fc_in(x)
+        x = self.fc_in(x if self.fourier is None else self.fourier(x))
         for block in self.blocks:
             x = block(x, emb)
         x = self.fc_out(silu(x))
@@ -1110,6 +1138,9 @@ NETS = {
     "dit-tiny": (DiT, dict(hidden_size=32, depth=2, num_heads=4, patch_size=2)),
     "mlp": (MLP, dict(width=256, depth=4)),
     "mlp-small": (MLP, dict(width=128, depth=4)),  # ~1/4 of mlp's FLOPs per point: 4x the batch in the same time
+    # with 64 random Fourier features of the input (FourierFeatures): the toy presets' nets
+    "mlp-fourier": (MLP, dict(width=256, depth=4, fourier=64, fourier_scale=1.0)),
+    "mlp-small-fourier": (MLP, dict(width=128, depth=4, fourier=64, fourier_scale=1.0)),
 }
 
 

@@ -21,19 +21,20 @@ import parallel  # noqa: E402
 STEPS, B = 2, 8  # optimizer steps; global batch (4 rows per rank)
 POINTS, IMAGES = (2,), (3, 8, 8)
 
-# name: (method, net, data shape, Config overrides, teacher: None | "diffusion" | "stage1", label_dim)
+# name: (method, net, data shape, Config overrides, teacher: None | "diffusion" | "stage1", label_dim); the point cases
+# mix the toy presets' nets (with Fourier features) and the plain MLP
 CASES = {
-    "diffusion": ("diffusion", "mlp", POINTS, {}, None, 0),
+    "diffusion": ("diffusion", "mlp-fourier", POINTS, {}, None, 0),
     "ct": ("cm", "mlp", POINTS, {}, None, 0),
     "cd": ("cm", "mlp", POINTS, dict(batch_target=False), "diffusion", 0),
-    "sct-fused": ("scm", "mlp", POINTS, dict(tangent="fused"), None, 0),
+    "sct-fused": ("scm", "mlp-fourier", POINTS, dict(tangent="fused"), None, 0),
     "sct-fd": ("scm", "mlp", POINTS, dict(tangent="fd"), None, 0),
     "scd-fused": ("scm", "mlp", POINTS, dict(tangent="fused", batch_target=False), "diffusion", 0),
     "tcm": ("tcm", "ddpmpp-tiny", IMAGES, {}, "stage1", 0),
-    "meanflow-fused": ("meanflow", "mlp", POINTS, dict(tangent="fused"), None, 0),
+    "meanflow-fused": ("meanflow", "mlp-small-fourier", POINTS, dict(tangent="fused"), None, 0),
     "meanflow-fd": ("meanflow", "mlp", POINTS, dict(tangent="fd"), None, 0),
     "shortcut": ("shortcut", "mlp", POINTS, dict(cfg_scale=2.0, label_dropout=0.2), None, 4),
-    "flowmap-lsd-fused": ("flowmap", "mlp", POINTS, dict(loss_kind="lsd", tangent="fused"), None, 0),
+    "flowmap-lsd-fused": ("flowmap", "mlp-small-fourier", POINTS, dict(loss_kind="lsd", tangent="fused"), None, 0),
     "flowmap-esd-fd": ("flowmap", "mlp", POINTS, dict(loss_kind="esd", tangent="fd"), None, 0),
     "flowmap-psd": ("flowmap", "mlp", POINTS, dict(loss_kind="psd"), None, 0),
     "meanflow-edm2": ("meanflow", "edm2-tiny", (4, 8, 8), dict(tangent="fused"), None, 0),

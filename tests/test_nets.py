@@ -8,7 +8,7 @@ import nets
 from conftest import randomize_
 
 TINY = dict(ddpmpp=("ddpmpp-tiny", (3, 16, 16)), mlp=("mlp", (3,)), adm=("adm-tiny", (3, 16, 16)),
-            edm2=("edm2-tiny", (3, 16, 16)), dit=("dit-tiny", (4, 8, 8)))
+            edm2=("edm2-tiny", (3, 16, 16)), dit=("dit-tiny", (4, 8, 8)), mlp_fourier=("mlp-small-fourier", (3,)))
 
 
 def tiny_net(kind, seed=0, dropout=0.2, label_dim=4):
@@ -313,3 +313,26 @@ def test_a_pass_over_no_rows_runs(kind):
     assert all(m.shape[0] == 5 for m in masks) and len(masks) > 0
     out, d_out = net(x, t, r, y, tangents=(x, torch.ones_like(t), torch.zeros_like(r)))
     assert out.shape == d_out.shape == x.shape
+
+
+def test_fourier_features_are_x_then_sines_and_cosines_of_a_fixed_projection():
+    """FourierFeatures: [x, sin(x B), cos(x B)], B = 2 pi scale N(0, 1) from its own seeded generator (the same B in
+    every build, whatever the global seed, and the other weights drawn as without it), phases in fp32 under bf16
+    autocast; an MLP without features keeps its input layer's shape (old checkpoints load)."""
+    torch.manual_seed(1)
+    a = nets.build_net("mlp-fourier", (2,))
+    torch.manual_seed(2)
+    b = nets.build_net("mlp-small-fourier", (2,))
+    torch.testing.assert_close(a.fourier.freqs, b.fourier.freqs, rtol=0, atol=0)
+    freqs = a.fourier.freqs.double()
+    assert freqs.shape == (2, 64) and 0.8 < freqs.std().item() / (2 * torch.pi) < 1.2
+    x = torch.randn(5, 2, dtype=torch.float64)
+    arg = x @ freqs
+    torch.testing.assert_close(a.double().fourier(x), torch.cat([x, arg.sin(), arg.cos()], 1), rtol=1e-12, atol=1e-12)
+    plain, fourier = nets.build_net("mlp", (2,)), nets.build_net("mlp-fourier", (2,), fourier_scale=2.0)
+    assert plain.fc_in.weight.shape == (256, 2) and fourier.fc_in.weight.shape == (256, 2 + 128)
+    torch.testing.assert_close(fourier.fourier.freqs.double(), 2 * freqs)  # scale multiplies B
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = a.float().fourier(x.float())
+    assert feats.dtype == torch.float32
+    torch.testing.assert_close(feats.double(), a.double().fourier(x), rtol=0, atol=1e-5)

@@ -44,14 +44,38 @@ def test_baselines_bracket_the_ratio():
     """On a thin-structured cloud the moment-matched Gaussian is far and a second draw of the data is close."""
     train, test, floor = (toy_suite.standardize(toy_suite.draw("arms_ring", n, s), toy_suite.draw("arms_ring", 4000, 1))
                           for n, s in ((4000, 1), (2048, 2), (2048, 3)))
-    gauss, data_floor = toy_suite.baselines(train, test, [floor])
+    one = toy_suite.baselines(train, test, [floor])
+    gauss, data_floor = one["gaussian"], one["floor"]
     assert data_floor < 0.4 * gauss
+    assert 0.85 < one["floor_precision"] < 1 and 0.85 < one["floor_recall"] < 1
     # more draws average: the first draw's numbers plus the others', in order
     two = toy_suite.baselines(train, test, [floor, test[::-1]])
-    assert two[1] == pytest.approx(data_floor / 2, rel=1e-12)  # the held-out set against itself scores 0
-    second_gauss = 2 * two[0] - gauss  # the first Gaussian draw is the same: seeded
+    assert two["floor"] == pytest.approx(data_floor / 2, rel=1e-12)  # the held-out set against itself scores 0
+    assert two["floor_precision"] == pytest.approx((one["floor_precision"] + 1) / 2, rel=1e-12)  # ... and 1, 1
+    assert two["floor_recall"] == pytest.approx((one["floor_recall"] + 1) / 2, rel=1e-12)
+    second_gauss = 2 * two["gaussian"] - gauss  # the first Gaussian draw is the same: seeded
     assert second_gauss != gauss and second_gauss == pytest.approx(gauss, rel=0.3)
     assert toy_suite.sliced_w2(np.zeros_like(test), test) > gauss  # a point mass is worse than the Gaussian
+
+
+def test_precision_and_recall_count_the_points_inside_the_other_sets_balls():
+    """By hand on 1-D sets (k = 1: each point's ball reaches its nearest neighbour): real {0, 1, 2} has radii
+    1, 1, 1; fake {0.5, 0.8, 10, 10.3} has radii 0.3 each. Samples inside a real ball: 0.5 and 0.8: precision 1/2;
+    real points inside a fake ball: only 1 (0.2 from 0.8): recall 1/3. Then the failure it is there for: a
+    Gaussian blob on a thin spiral keeps its recall but loses its precision, while sliced W2 hardly tells them apart."""
+    real, fake = np.array([[0.0], [1.0], [2.0]]), np.array([[0.5], [0.8], [10.0], [10.3]])
+    assert toy_suite.precision_recall(real, fake, k=1) == pytest.approx((1 / 2, 1 / 3), abs=1e-12)
+    assert toy_suite.precision_recall(fake, real, k=1) == pytest.approx((1 / 3, 1 / 2), abs=1e-12)  # roles swap
+    assert toy_suite.precision_recall(real, fake, k=2)[1] == 1  # k = 2: the balls reach across the gap
+    train, test, floor = (toy_suite.standardize(toy_suite.draw("thin_spirals", n, s), toy_suite.draw("thin_spirals", 4000, 1))
+                          for n, s in ((4000, 1), (2048, 2), (2048, 3)))
+    blob = np.random.default_rng(0).multivariate_normal(train.mean(0), np.cov(train.T), size=2048)
+    p_blob, r_blob = toy_suite.precision_recall(test, blob)
+    p_data, r_data = toy_suite.precision_recall(test, floor)
+    assert p_data > 0.9 and r_data > 0.9 and p_blob < 0.5 and r_blob > 0.9
+    half = floor[floor[:, 0] > 0]  # half the spiral: on the data, but covering half of it
+    p_half, r_half = toy_suite.precision_recall(test, half)
+    assert p_half > 0.9 and 0.4 < r_half < 0.65
 
 
 def test_held_out_clouds_are_fixed_distinct_and_cover_every_family():
