@@ -173,12 +173,12 @@ PRESETS = {
         optimizer="adam", lr=1e-3, betas=(0.9, 0.999), adam_eps=1e-8, lr_warmup=19_531, ema=(0.9999,),
     ),
     # 2-D points on CPU: the teacher and --init of the toy sCD / CD / sCT / CT runs. 4000 steps, about a minute with
-    # train.py --threads 2; 32 Heun steps reach a benchmarks/toy_suite.py ratio <= 0.24 on every cloud, its sCD and CD
-    # students <= 0.28. sigma_data 1: the toy points have unit variance per axis (EDM: the data's std). Deviation:
-    # P_mean -0.5, EDM's -1.2 plus ln 2, so that sigma / sigma_data is drawn as in EDM (arms_ring: 0.21, with -1.2
-    # 0.23). The sweep: docs/presets.md.
+    # train.py --threads 2. The net takes Fourier features of the point (mlp-fourier): the plain MLP never leaves the
+    # best linear denoiser on thin spirals. sigma_data 1: the toy points have unit variance per axis (EDM: the data's
+    # std). Deviation: P_mean -0.5, EDM's -1.2 plus ln 2, so that sigma / sigma_data is drawn as in EDM. The numbers
+    # behind both: docs/presets.md.
     "toy": dict(
-        net="mlp", cond=False, batch=256, steps=4000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
+        net="mlp-fourier", cond=False, batch=256, steps=4000, optimizer="adam", lr=1e-3, lr_warmup=100, ema=(0.999,),
         ema_warmup=True, sample_steps=32, sigma_data=1.0, P_mean=-0.5,
     ),
 }

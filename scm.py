@@ -355,8 +355,8 @@ EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # three constant EMAs, the first evaluat
 # 1: the points have unit variance per axis. Deviations, chosen on benchmarks/toy_suite.py (docs/presets.md): P_mean
 # 1.7 = 1.0 + ln 2 (P_mean 1.0 at sigma_data 0.5: more weight on large sigma; the CIFAR -1.0 / 1.4 left sCD blurred,
 # swissroll 1.04 -> 0.33), P_std 1.6, sigma_max 80, lr 1e-4 and a 625-step tangent warm-up (sCD with lr 3e-4 and a
-# 1000-step warm-up: arms_ring 0.87 against 0.67), a short warmed-up EMA.
-TOY_RECIPE = dict(net="mlp", cond=False, batch=256, steps=3000, optimizer="adam", lr=1e-4, betas=(0.9, 0.99),
+# 1000-step warm-up: arms_ring 0.87 against 0.67), a short warmed-up EMA. The net is the diffusion run's (mlp-fourier).
+TOY_RECIPE = dict(net="mlp-fourier", cond=False, batch=256, steps=3000, optimizer="adam", lr=1e-4, betas=(0.9, 0.99),
                   lr_warmup=100, ema=(0.999,), ema_warmup=True, sigma_max=80.0, P_mean=1.7, P_std=1.6,
                   tangent_warmup=625, tangent="fused", sigma_data=1.0, tangent_norm_c=1.0)
 PRESETS = {

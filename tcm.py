@@ -228,10 +228,10 @@ PRESETS = {
     # 2-D points on CPU on top of the cm.py toy run, 2500 steps. Deviations for a short run: ratio limit 0.99 (with
     # 0.999 the 1-step sample first gets worse, sliced W2 0.05 -> 0.17 after 1000 steps); the stage-1 EMA starts
     # everything (a short run's online weights score 0.23, its EMA 0.05); batch_target as cm.py's toy preset (worst
-    # cell of benchmarks/toy_suite.py 0.41 -> 0.30, a cell the mean of 8 draws). sigma_data 1 as the cm.py toy run's
-    # (the --stage1 check requires it). The numbers in full: docs/presets.md.
+    # cell of benchmarks/toy_suite.py 0.41 -> 0.30, a cell the mean of 8 draws). sigma_data 1 and the net
+    # (mlp-fourier) as the cm.py toy run's (the --stage1 check requires them). The numbers in full: docs/presets.md.
     "toy": dict(
-        net="mlp", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999), ema=(0.999,),
-        ema_warmup=True, ratio_limit=0.99, stage1_weights="ema", sigma_data=1.0, batch_target=True,
+        net="mlp-fourier", cond=False, batch=256, steps=2500, optimizer="adam", lr=5e-5, betas=(0.9, 0.999),
+        ema=(0.999,), ema_warmup=True, ratio_limit=0.99, stage1_weights="ema", sigma_data=1.0, batch_target=True,
     ),
 }
