@@ -62,7 +62,8 @@ def test_precision_and_recall_count_the_points_inside_the_other_sets_balls():
     """By hand on 1-D sets (k = 1: each point's ball reaches its nearest neighbour): real {0, 1, 2} has radii
     1, 1, 1; fake {0.5, 0.8, 10, 10.3} has radii 0.3 each. Samples inside a real ball: 0.5 and 0.8: precision 1/2;
     real points inside a fake ball: only 1 (0.2 from 0.8): recall 1/3. Then the failure it is there for: a
-    Gaussian blob on a thin spiral keeps its recall but loses its precision, while sliced W2 hardly tells them apart."""
+    Gaussian blob on a thin spiral keeps its recall but loses its precision; half the spiral keeps its precision
+    and loses half its recall."""
     real, fake = np.array([[0.0], [1.0], [2.0]]), np.array([[0.5], [0.8], [10.0], [10.3]])
     assert toy_suite.precision_recall(real, fake, k=1) == pytest.approx((1 / 2, 1 / 3), abs=1e-12)
     assert toy_suite.precision_recall(fake, real, k=1) == pytest.approx((1 / 3, 1 / 2), abs=1e-12)  # roles swap
