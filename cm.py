@@ -326,8 +326,7 @@ EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # FastGen's three constant EMAs, the fir
 IMAGENET64_EDM2 = dict(cond=True, batch=1024, steps=150_000, optimizer="adam", betas=(0.9, 0.99), lr_ref_steps=2000,
                        ema=(0.01, 0.05, 0.10), ema_kind="power", P_mean=-0.8, P_std=1.6, q=4.0, kimg_per_stage=3200.0,
                        ratio_limit=0.9961, huber_c=0.06, weighting="inv_c_out_sq", sample_sigmas=(79.5638, 0.0))
-# The 2-D toy recipe (presets toy, toy-cd below): the diffusion.py toy run's net (mlp-fourier), which CT tunes and CD
-# distils.
+# The 2-D toy recipe (presets toy, toy-cd): the net of the diffusion.py toy run that CT tunes and CD distils.
 TOY_RECIPE = dict(net="mlp-fourier", cond=False, batch=256, steps=3200, optimizer="adam", lr=1e-4, betas=(0.9, 0.999),
                   lr_warmup=100, ema=(0.999,), ema_warmup=True, kimg_per_stage=50.0, sigma_data=1.0)
 PRESETS = {

@@ -597,8 +597,9 @@ def main():
     save_grid(os.path.join(args.out, "grid.png"), dists, methods, held_out, samples, ratios, pr)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(args=vars(args), baselines=base,
-                       runs={f"{d}/{m}": dict(r, ratio=ratios.get((d, m)), precision=pr.get((d, m), (None,))[0],
-                                              recall=pr.get((d, m), (None, None))[1]) for (d, m), r in results.items()},
+                       runs={f"{d}/{m}": dict(r, ratio=ratios.get((d, m)),
+                                              **dict(zip(("precision", "recall"), pr.get((d, m), (None, None)))))
+                             for (d, m), r in results.items()},
                        second_seed={f"{d}/{m}": r for (d, m), r in second.items()}), f, indent=1)
     print(f"wrote {args.out}/grid.png, {args.out}/results.json")
 
