@@ -244,6 +244,8 @@ def sample(net, eps, cfg, y=None, steps=None):
     if not is_power_of_two(N):
         raise ValueError(f"steps must be a power of two, got {N}")
     B = eps.shape[0]
+    # Deviation: for N > M helper_inference.py asks for the level log2 N, which the net never trained on; here a step
+    # of 1/N < 1/M queries r = t (query_r), the velocity. For N <= M the two are the same.
     d = torch.full((B,), 1 / N, device=eps.device, dtype=torch.float64)
     scale = None if cfg.sample_cfg_scale == 1 else torch.full((B,), float(cfg.sample_cfg_scale), device=eps.device,
                                                               dtype=torch.float64)
