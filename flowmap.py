@@ -31,6 +31,12 @@ Network call: `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw)
 also needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py). The same net as meanflow.py's.
 Implemented: losses.py's three terms with its stop-gradients (LSD and PSD "convex", ESD "full" as in
 cifar10_paper.py), the diagonal / off-diagonal batch split, uniform or midpoint PSD, N-step flow-map sampler.
+Flow-map distillation (`teacher`): a frozen flow teacher's velocity v_T(z, t) = u_T(z, t, t) (a MeanFlow, shortcut or
+flow-map net) takes the place of the net's own diagonal, which is how the self-distillation paper derives its losses
+from the distillation ones (Boffi, Albergo, Vanden-Eijnden 2024, "Flow map matching", arXiv:2406.07507: Lagrangian
+and Eulerian map distillation; in Align Your Flow, Sabour, Fidler, Kreis 2025, arXiv:2506.14603, AYF-LMD / AYF-EMD):
+LSD's v(X, r) and ESD's v(z, t) become the teacher's, and the diagonal rows regress onto v_T(z, t) instead of the
+single-sample eps - x. PSD has no velocity besides the diagonal's, so there the teacher acts on the diagonal rows.
 Not implemented: the learned time weight exp(-w_{s,t}) L + w_{s,t} (network.use_weight; nets.py's log-variance head
 takes one time, not two), class-conditional training, losses.py's other regularisers (constraints, two-stage).
 """
@@ -93,7 +99,7 @@ class Config:
 RANGES = dict(diag_fraction="in (0, 1]", fd_step="in (0, 1)", sample_steps=">= 1")  # as each field's comment states
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
-TEACHERS = ()  # self-distillation: trains from data only
+TEACHERS = ("meanflow", "shortcut", "flowmap")  # --teacher: a net whose diagonal u(z, t, t) is a flow velocity
 INIT = ("flowmap", "meanflow", "shortcut")  # checkpoints train.py accepts as --init: the same u(z, t, r) net
 NEEDS_INIT = False  # trains from scratch
 
@@ -206,10 +212,12 @@ def u_and_du(net, z, t, r, y, dz, dt, dr, cfg):
     return u, du
 
 
-def offdiag_residual(net, z, t, r, m, h, y, cfg):
+def offdiag_residual(net, z, t, r, m, h, y, cfg, teacher=None):
     """The paper's self-distillation residual on rows with r < t (B_off, *D), float64; the teacher side of each
-    runs on the bare module in eval mode under no grad (losses.py: teacher_params = params, train=False)."""
+    runs on the bare module in eval mode under no grad (losses.py: teacher_params = params, train=False), or, for
+    LSD's and ESD's velocity, on `teacher` (flow-map distillation)."""
     bare = getattr(net, "module", net)
+    vel = bare if teacher is None else teacher  # whose diagonal u(z, t, t) is the velocity
     was_training = bare.training
     bare.eval()
     try:
@@ -218,13 +226,13 @@ def offdiag_residual(net, z, t, r, m, h, y, cfg):
             u, du_r = u_and_du(net, z, t, r, y, None, None, torch.ones_like(r.to(z.dtype)), cfg)
             with torch.no_grad():
                 X = z - bcast(t - r, z) * u
-                v_X = bare(X, r.to(z.dtype), r.to(z.dtype), y)
+                v_X = vel(X, r.to(z.dtype), r.to(z.dtype), y)
             return (u - bcast(t - r, z) * du_r - v_X).double()
         if cfg.loss_kind == "esd":
             # Eulerian: -d_t X = u + (t - r) d_t u carries the gradient; the advective term
             # grad_z X v = v - (t - r) grad_z u v is a stop-gradient (esd_term, "full" in cifar10_paper.py)
             with torch.no_grad():
-                v = bare(z, t.to(z.dtype), t.to(z.dtype), y)
+                v = vel(z, t.to(z.dtype), t.to(z.dtype), y)
             if cfg.tangent == "fused":
                 u, du = u_and_du(net, z, t, r, y, v, torch.ones_like(t.to(z.dtype)), None, cfg)  # d_t u + grad u v
                 return (u + bcast(t - r, z) * du - v).double()
@@ -246,9 +254,11 @@ def offdiag_residual(net, z, t, r, m, h, y, cfg):
 
 def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None, gen: torch.Generator
-    for t, r, h and eps. step, teacher and images are unused: the signature is the same in every method.
-    Rows 0 .. n_diag - 1: |u(z, t, t) - v|^2 (diagonal_term); the others: |residual|^2 (lsd/esd/psd_term); squares
-    summed over dimensions, every row weighted alike (setup_loss: the batch mean of both parts)."""
+    for t, r, h and eps. teacher: None (self-distillation), or a frozen net in eval mode whose velocity u(z, t, t, y)
+    is distilled. step and images are unused: the signature is the same in every method.
+    Rows 0 .. n_diag - 1: |u(z, t, t) - v|^2 (diagonal_term; v = eps - x, or the teacher's v_T(z, t)); the others:
+    |residual|^2 (lsd/esd/psd_term); squares summed over dimensions, every row weighted alike (setup_loss: the batch
+    mean of both parts)."""
     B = x.shape[0]
     t, r, m, h = sample_times(B, cfg, gen, x.device)  # float64
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -257,13 +267,19 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     n = max(1, int(B * cfg.diag_fraction))
     y_d, y_o = (None, None) if y is None else (y[:n], y[n:])
 
+    v_diag = v[:n]
+    # Deviation: with a teacher the diagonal rows stay and regress onto its velocity (the distillation losses of
+    # arXiv:2406.07507 have no diagonal term); the same fixed point, and u(z, t, t) is learned directly.
+    if teacher is not None:
+        with torch.no_grad():
+            v_diag = net_u(teacher, z[:n], t[:n], t[:n], y_d)
     u_diag = net_u(net, z[:n], t[:n], t[:n], y_d)  # train mode: losses.py's diagonal_term
-    err_diag = (u_diag.double() - v[:n].double()).flatten(1)
+    err_diag = (u_diag.double() - v_diag.double()).flatten(1)
     # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's); DDP syncs the gradients
     # of both once (tests/test_train.py, flowmap cases).
     L_off = x.new_zeros(0, dtype=torch.float64)
     if n < B:
-        res = offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg)
+        res = offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg, teacher)
         L_off = res.flatten(1).square().sum(dim=1)
     L = torch.cat([err_diag.square().sum(dim=1), L_off])  # (B,), summed over dimensions
     Ld = L.detach()

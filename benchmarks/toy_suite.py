@@ -377,9 +377,6 @@ def run_all(args, dists, methods, files):
     """Runs in dependency order (teachers and stage-1 runs first), --jobs at a time."""
     jobs = [(d, m) for d in dists for m in methods]
     need = {(d, m): (d, METHODS[m][1]) for d, m in jobs if METHODS[m][1]}
-    for d, m in need.values():
-        if m not in methods:
-            raise SystemExit(f"toy_suite.py: error: {METHODS[m][0].split()[1]} runs need --methods to include {m}")
     done, trained, results = set(), set(), {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         pending = {}
@@ -540,6 +537,11 @@ def main():
     if args.curve_every < 0 or args.draws < 1 or args.held_out < 0:
         raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1")
     methods = [m for m in METHODS if m in methods]  # dependency order
+    for m in methods:  # before any data is drawn or scored
+        needs = METHODS[m][1]
+        if needs and needs not in methods:
+            raise SystemExit(f"toy_suite.py: error: {m} runs start from {needs} runs: they need --methods to "
+                             f"include {needs}")
     extra_for = {}
     for item in args.extra_for:
         names, sep, flags = item.partition("=")

@@ -312,3 +312,81 @@ def test_train_py_end_to_end_and_exact_resume(tmp_path):
     assert b["step"] == 4 and a["config"]["loss_kind"] == "esd"
     for k in a["net"]:
         assert torch.equal(a["net"][k], b["net"][k]) and torch.equal(a["ema"][0][k], b["ema"][0][k]), k
+
+
+# --- Flow-map distillation: a frozen teacher's velocity in place of the net's own diagonal ---------------------------
+
+
+def run_distill(student, teacher, x, cfg, seed=1):
+    L, logs = flowmap.loss(student, x, None, cfg, 1, torch.Generator().manual_seed(seed), teacher=teacher)
+    return L, logs, flowmap.sample_times(x.shape[0], cfg, torch.Generator().manual_seed(seed), x.device)
+
+
+@pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused")])
+def test_distillation_from_the_exact_velocity(kind, tangent):
+    """Teacher = the exact Gaussian velocity. The exact student: every row's loss 0 (the diagonal exactly, as its
+    target is now v_T(z, t), not eps - x) and zero gradient. The student u + delta: diagonal delta, LSD
+    (1 + (t - r) a_r) delta, ESD delta (the teacher's v, not the student's, enters), PSD unchanged h (t - m) c(m, r)
+    delta, per dimension; rel. 1e-8 (fd 1e-5)."""
+    std, delta, n = 0.5, 0.3, 16
+    cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, fd_step=1e-4)
+    teacher = GaussianOracle(std=std).requires_grad_(False)
+    exact = GaussianOracle(std=std)
+    L, logs, _ = run_distill(exact, teacher, data(64), cfg)
+    assert logs["L_diag"][:n].abs().max() == 0 and L.max() < (1e-7 if tangent == "fd" else 1e-10)
+    L.sum().backward()
+    assert exact.mean.grad.abs() < 1e-4 and exact.std.grad.abs() < 1e-4
+    with torch.no_grad():
+        L, _, (t, r, m, h) = run_distill(GaussianOracle(std=std, delta=delta), teacher, data(64), cfg)
+    t, r, m, h = t[n:], r[n:], m[n:], h[n:]
+    res = dict(lsd=(1 + (t - r) * a_of(r, std)) * delta, esd=torch.full_like(t, delta),
+               psd=h * (t - m) * c_of(m, r, std) * delta)[kind]
+    rel = 1e-5 if tangent == "fd" else 1e-8
+    torch.testing.assert_close(L[:n], torch.full((n,), D * delta ** 2, dtype=L.dtype), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L[n:], D * res ** 2, rtol=rel, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lsd", "esd", "psd"])
+def test_distillation_teacher_gets_no_gradient_and_the_student_its_own(kind):
+    """A teacher with trainable parameters gets no gradient; the student's gradient equals the one computed with the
+    teacher's outputs as constants (a frozen copy of the teacher: the same numbers, 1e-12)."""
+    cfg = flowmap.Config(loss_kind=kind, tangent="jvp", diag_fraction=0.25)
+    grads = []
+    for frozen in (False, True):
+        teacher = GaussianOracle(mean=0.6, std=0.55).requires_grad_(not frozen)
+        student = GaussianOracle(delta=0.2)
+        L, _, _ = run_distill(student, teacher, data(64), cfg)
+        grads.append(torch.stack(torch.autograd.grad(L.sum(), [student.mean, student.std])))
+        if not frozen:
+            L, _, _ = run_distill(student, teacher, data(64), cfg)
+            L.sum().backward()
+            assert teacher.mean.grad is None and teacher.std.grad is None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert grads[0].abs().max() > 0
+
+
+def test_train_py_distils_from_a_meanflow_or_shortcut_run(tmp_path, capsys):
+    """--teacher: a MeanFlow or shortcut run's EMA is the frozen teacher and, without --init, the student's start
+    (lr 0 keeps it there); the logged diagonal loss is then |u - v_T|^2 (0 at the start, student = teacher); a
+    diffusion run is refused in one line."""
+    import json
+    import os
+
+    import train
+    common = ["--data", "toy", "--batch", "16", "--threads", "1", "--num-samples", "16"]
+    runs = {m: str(tmp_path / m) for m in ("meanflow", "shortcut", "diffusion")}
+    for m, out in runs.items():
+        train.cli(["--method", m, *common, "--steps", "2", "--out", out])
+    for m in ("meanflow", "shortcut"):
+        out = str(tmp_path / f"fm-{m}")
+        train.cli(["--method", "flowmap", *common, "--steps", "1", "--lr", "0", "--log-every", "1",
+                   "--tangent", "fd", "--teacher", runs[m], "--out", out])
+        assert f"initialised from {runs[m]}" in capsys.readouterr().out
+        got, teacher = (torch.load(os.path.join(p, "ckpt.pt"), weights_only=True) for p in (out, runs[m]))
+        for k, v in teacher["ema"][0].items():
+            assert torch.equal(got["net"][k], v), k
+        rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+        assert rec["L_diag"] == 0 and rec["L_off"] > 0
+    with pytest.raises(SystemExit, match="cannot use a diffusion checkpoint as --teacher"):
+        train.cli(["--method", "flowmap", *common, "--steps", "1", "--teacher", runs["diffusion"],
+                   "--out", str(tmp_path / "refused")])
