@@ -38,7 +38,8 @@ and Eulerian map distillation; in Align Your Flow, Sabour, Fidler, Kreis 2025, a
 LSD's v(X, r) and ESD's v(z, t) become the teacher's, and the diagonal rows regress onto v_T(z, t) instead of the
 single-sample eps - x. PSD has no velocity besides the diagonal's, so there the teacher acts on the diagonal rows.
 Not implemented: the learned time weight exp(-w_{s,t}) L + w_{s,t} (network.use_weight; nets.py's log-variance head
-takes one time, not two), class-conditional training, losses.py's other regularisers (constraints, two-stage).
+takes one time, not two), label dropout and guidance (labels, with --cond, reach every pass with their rows: a
+class-conditional flow map), losses.py's other regularisers (constraints, two-stage).
 """
 import math
 from dataclasses import dataclass, fields

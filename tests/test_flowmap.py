@@ -390,3 +390,27 @@ def test_train_py_distils_from_a_meanflow_or_shortcut_run(tmp_path, capsys):
     with pytest.raises(SystemExit, match="cannot use a diffusion checkpoint as --teacher"):
         train.cli(["--method", "flowmap", *common, "--steps", "1", "--teacher", runs["diffusion"],
                    "--out", str(tmp_path / "refused")])
+
+
+@pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused")])
+@pytest.mark.parametrize("distil", [False, True])
+def test_labels_reach_every_pass_with_their_rows(kind, tangent, distil):
+    """--cond: every call of the student and of the teacher gets the one-hot labels of the rows it sees (the diagonal
+    rows' or the others'), so the flow map is class-conditional (no label dropout, no guidance)."""
+    B, n, K = 16, 4, 3
+    y = torch.nn.functional.one_hot(torch.arange(B) % K, K).double()
+
+    class Recording(GaussianOracle):
+        def forward(self, z, t, r, y=None, tangents=None):
+            seen.append((self, y))
+            return super().forward(z, t, r, None, tangents)
+    seen = []
+    student, teacher = Recording(delta=0.1), Recording() if distil else None
+    cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=n / B)
+    flowmap.loss(student, data(B), y, cfg, 1, torch.Generator().manual_seed(0), teacher=teacher)
+    assert len(seen) >= 2 and all(lab is not None and (torch.equal(lab, y[:n]) or torch.equal(lab, y[n:]))
+                                  for _, lab in seen)
+    assert any(torch.equal(lab, y[:n]) for _, lab in seen) and any(torch.equal(lab, y[n:]) for _, lab in seen)
+    if distil:
+        assert {torch.equal(lab, y[:n]) for net, lab in seen if net is teacher} == (
+            {True} if kind == "psd" else {True, False})
