@@ -24,8 +24,9 @@ to place a cell against a threshold. The data-vs-data floor (as many further dra
 for scale: a ratio near floor/gaussian is as good as this metric can tell. Sliced W2 sees only 1-D projections, and
 thin structure projects like a filled blob (on thin_spirals a blob and a clean spiral both score 0.43-0.47), so each
 cell also gets precision and recall (k-nearest-neighbour balls, `precision_recall`): the share of samples that land
-on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). Cost is the wall-clock time of each
-train.py process (CPU time, user + sys, is in results.json; the extra draws are not counted). The budget the presets
+on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). Cost is the
+wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not counted).
+The budget the presets
 are sized for is one minute on two CPU cores, hence the defaults: one run at a time with `train.py --threads 2`
 (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios equal up to run-to-run noise
 and each run taking ~1.5x longer). A finished run is reused while its command line and resolved recipe are
@@ -34,9 +35,9 @@ unchanged (code edits need --force); the suite folder and the checkout may move.
 Tuning and judging: the presets are tuned on the named distributions (`thin_spirals`, added after the held-out
 spirals failed, is one no preset passes yet); `--held-out N` replaces them by the first N held-out clouds, random
 members of six families (mixtures, curves, spirals, rings, grids, filled shapes, each turned and stretched at random;
-see `held_out_cloud`) that no preset was tuned on. `--second-seed R` trains every
-cell above R (or with precision below PRECISION_GOAL) again with the next training seed (a recipe whose outcome depends on the seed shows it). Stability is
-measured too, from train.py's metrics.jsonl: each method's largest `grad_norm_growth` (a log interval's largest
+see `held_out_cloud`) that no preset was tuned on. `--second-seed R` trains every cell above R (or with precision
+below PRECISION_GOAL) again with the next training seed (a recipe whose outcome depends on the seed shows it).
+Stability is measured too, from train.py's metrics.jsonl: each method's largest `grad_norm_growth` (a log interval's largest
 gradient norm over the median of all norms since the warm-ups ended) and `grad_norm_spike` (over the median of the
 1000 norms before the interval; above 100 train.py warns).
 
@@ -292,7 +293,8 @@ def baselines(train, held_out, floor_sets, seed=0):
     return dict(gaussian=float(np.mean(gauss)), **dict(zip(("floor", "floor_precision", "floor_recall"),
                                                              map(float, np.mean(floor, axis=0)))))
 
-# Our bar for precision (the data floor is 0.95-0.98 on every tuning and held-out cloud): at least 4 of 5 samples on the data.
+# Our bar for precision (the data floor is 0.95-0.98 on every tuning and held-out cloud): at least 4 of 5 samples on
+# the data.
 PRECISION_GOAL = 0.8
 
 # --- Runs ----------------------------------------------------------------------------------------------------------
@@ -515,7 +517,8 @@ def main():
     p.add_argument("--n", type=int, default=20_000, help="training points per distribution")
     p.add_argument("--seed", type=int, default=0, help="train.py --seed")
     p.add_argument("--second-seed", type=float, metavar="RATIO", help="train every cell above RATIO (or with "
-                   "precision below 0.8) again with --seed + 1 (from the same upstream runs) and show both scores")
+                   f"precision below {PRECISION_GOAL}) again with --seed + 1 (from the same upstream runs) and show "
+                   "both scores")
     p.add_argument("--jobs", type=int, default=1, help="train.py processes at a time (more than one: the times are "
                    "no longer those of an idle machine)")
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")

@@ -56,9 +56,9 @@ def data(B, mean=0.7, std=0.5, seed=0):
     return mean + std * torch.randn(B, D, generator=g, dtype=torch.float64)
 
 
-def run(net, x, cfg, seed=1):
+def run(net, x, cfg, seed=1, teacher=None):
     gen = torch.Generator().manual_seed(seed)
-    L, logs = flowmap.loss(net, x, None, cfg, 1, gen)
+    L, logs = flowmap.loss(net, x, None, cfg, 1, gen, teacher=teacher)
     times = flowmap.sample_times(x.shape[0], cfg, torch.Generator().manual_seed(seed), x.device)
     return L, logs, times
 
@@ -317,11 +317,6 @@ def test_train_py_end_to_end_and_exact_resume(tmp_path):
 # --- Flow-map distillation: a frozen teacher's velocity in place of the net's own diagonal ---------------------------
 
 
-def run_distill(student, teacher, x, cfg, seed=1):
-    L, logs = flowmap.loss(student, x, None, cfg, 1, torch.Generator().manual_seed(seed), teacher=teacher)
-    return L, logs, flowmap.sample_times(x.shape[0], cfg, torch.Generator().manual_seed(seed), x.device)
-
-
 @pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused")])
 def test_distillation_from_the_exact_velocity(kind, tangent):
     """Teacher = the exact Gaussian velocity. The exact student: every row's loss 0 (the diagonal exactly, as its
@@ -332,12 +327,12 @@ def test_distillation_from_the_exact_velocity(kind, tangent):
     cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, fd_step=1e-4)
     teacher = GaussianOracle(std=std).requires_grad_(False)
     exact = GaussianOracle(std=std)
-    L, logs, _ = run_distill(exact, teacher, data(64), cfg)
+    L, logs, _ = run(exact, data(64), cfg, teacher=teacher)
     assert logs["L_diag"][:n].abs().max() == 0 and L.max() < (1e-7 if tangent == "fd" else 1e-10)
     L.sum().backward()
     assert exact.mean.grad.abs() < 1e-4 and exact.std.grad.abs() < 1e-4
     with torch.no_grad():
-        L, _, (t, r, m, h) = run_distill(GaussianOracle(std=std, delta=delta), teacher, data(64), cfg)
+        L, _, (t, r, m, h) = run(GaussianOracle(std=std, delta=delta), data(64), cfg, teacher=teacher)
     t, r, m, h = t[n:], r[n:], m[n:], h[n:]
     res = dict(lsd=(1 + (t - r) * a_of(r, std)) * delta, esd=torch.full_like(t, delta),
                psd=h * (t - m) * c_of(m, r, std) * delta)[kind]
@@ -355,10 +350,10 @@ def test_distillation_teacher_gets_no_gradient_and_the_student_its_own(kind):
     for frozen in (False, True):
         teacher = GaussianOracle(mean=0.6, std=0.55).requires_grad_(not frozen)
         student = GaussianOracle(delta=0.2)
-        L, _, _ = run_distill(student, teacher, data(64), cfg)
+        L, _, _ = run(student, data(64), cfg, teacher=teacher)
         grads.append(torch.stack(torch.autograd.grad(L.sum(), [student.mean, student.std])))
         if not frozen:
-            L, _, _ = run_distill(student, teacher, data(64), cfg)
+            L, _, _ = run(student, data(64), cfg, teacher=teacher)
             L.sum().backward()
             assert teacher.mean.grad is None and teacher.std.grad is None
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
