@@ -1,5 +1,6 @@
 """What the commands share (train.py, fid.py, convert.py): the one-line error for bad input and run_main, which
-reports it, flag parsers, the device flag and the process group. It imports nothing of the project.
+reports it and ends a torchrun rank, flag parsers, the device flag and the process group. It imports nothing of the
+project.
 """
 import argparse
 import os
@@ -14,13 +15,31 @@ class UsageError(Exception):
     """Bad input: reported as one line and exit status 1, before anything is written."""
 
 
-def run_main(main, prog, errors, argv=None):
-    """main(argv), with the exceptions in `errors` reported as one line on stderr ("PROG: error: ...") and exit
-    status 1; anything else keeps its traceback."""
+def report_errors(main, prog, errors, argv):
     try:
         return main(argv)
     except errors as e:
         sys.exit(f"{prog}: error: {e}")
+
+
+def run_main(main, prog, errors, argv=None):
+    """main(argv), with the exceptions in `errors` reported as one line on stderr ("PROG: error: ...") and exit
+    status 1; anything else keeps its traceback. A torchrun rank (RANK set) leaves through os._exit once main() has
+    returned or exited: interpreter teardown would free whatever still holds the Gloo process group's threads (its C++
+    objects outlive destroy_process_group while anything references them), and a thread destroyed unjoined there
+    aborts the rank ("terminate called without an active exception") after its work is done."""
+    if "RANK" not in os.environ:
+        return report_errors(main, prog, errors, argv)
+    try:
+        report_errors(main, prog, errors, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
 def parse_as(kind):

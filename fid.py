@@ -164,13 +164,20 @@ class FeatureStats:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), float64. S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is
-    symmetric PSD: its eigenvalues (eigvalsh, clipped at 0 against rounding) give the trace without sqrtm.
-    Clamped at 0: for two nearly equal sets (tiny tests) rounding can otherwise leave a value like -1e-9."""
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), float64. With S = R R^T for either covariance, S S' is
+    similar to the symmetric PSD R^T S' R, whose eigenvalues (eigvalsh, clipped at 0 against rounding) give the trace
+    without sqrtm. R is a Cholesky factor where one covariance is positive definite (a reference over 50k images is);
+    where neither is (a handful of images), V sqrt(w) from S1's eigendecomposition. Clamped at 0: for two nearly equal
+    sets (tiny tests) rounding can otherwise leave a value like -1e-9."""
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, sigma1, mu2, sigma2))
-    w, V = torch.linalg.eigh(sigma1)
-    root1 = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T  # sqrt(S1)
-    M = root1 @ sigma2 @ root1
+    for S, other in ((sigma2, sigma1), (sigma1, sigma2)):
+        R, info = torch.linalg.cholesky_ex(S)
+        if info == 0:
+            break
+    else:
+        w, V = torch.linalg.eigh(sigma1)
+        R, other = V * w.clamp(min=0).sqrt(), sigma2
+    M = R.T @ other @ R
     tr_sqrt = torch.linalg.eigvalsh((M + M.T) / 2).clamp(min=0).sqrt().sum()
     return max(0.0, float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt))
 
@@ -636,10 +643,19 @@ def main(argv=None):
     check_outputs(args)  # every rank: all refuse alike, before any work
     ddp, rank, world, device = setup_distributed(args.device)
     try:
+        failed = None
         if rank == 0:  # download the detector once, before the other ranks look for it
-            fetch_detector(args.detector, args.cache)
-        if ddp:
-            dist.barrier()
+            try:
+                fetch_detector(args.detector, args.cache)
+            except UsageError as e:
+                failed = e
+        if ddp:  # the others wait for it, and stop with it where it failed
+            flag = torch.tensor([failed is not None], dtype=torch.int32, device=device)
+            dist.broadcast(flag, 0)
+            if flag.item() and rank != 0:
+                raise UsageError("rank 0 could not fetch the detector (its error above)")
+        if failed is not None:
+            raise failed
         return (run_ref if args.command == "ref" else run_calc)(args, rank, world, device)
     finally:
         if ddp:
@@ -647,7 +663,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with bad input reported as one line on stderr and exit status 1."""
+    """main() with bad input reported as one line on stderr and exit status 1 (a torchrun rank leaves through
+    os._exit: cli.run_main)."""
     return run_main(main, "fid.py", (UsageError, data.DataError), argv)
 
 

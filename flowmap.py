@@ -9,7 +9,7 @@ Convention: rectified-flow time as meanflow.py, t = 0 is data and t = 1 is noise
 runs time the other way (tau = 0 noise, tau = 1 data, I_tau = (1 - tau) x_0 + tau x_1, x_0 the noise): tau = 1 - t.
 Its flow map X_{s,t}(x) = x + (t - s) v_{s,t}(x), s <= t, is here X(z; t, r) = z - (t - r) u(z, t, r) with
 t = 1 - s_paper >= r = 1 - t_paper, so v_{s,t} = -u(z, t, r) and the velocity b = v_{t,t} = -u(z, t, t) = -v.
-The paper's three characterisations of the flow map (Eulerian, Lagrangian, progressive), in these symbols (X = X(z; t, r), v(z, t) = u(z, t, t)):
+The paper's three characterisations of the flow map, in these symbols (X = X(z; t, r), v(z, t) = u(z, t, t)):
     LSD (Lagrangian):  d_r X = -v(X, r)     <=>  u - (t - r) d_r u = v(X, r)
     ESD (Eulerian):    d_t X + grad_z X v(z, t) = 0  <=>  u + (t - r) (d_t u + grad_z u v) = v(z, t)   (MeanFlow's)
     PSD (progressive): X(.; t, r) = X(X(.; t, m); m, r)  <=>  u(z, t, r) = (1 - h) u(z, t, m) + h u(z', m, r),
@@ -31,12 +31,10 @@ Network call: `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw)
 also needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py). The same net as meanflow.py's.
 Implemented: losses.py's three terms with its stop-gradients (LSD and PSD "convex", ESD "full" as in
 cifar10_paper.py), the diagonal / off-diagonal batch split, uniform or midpoint PSD, N-step flow-map sampler.
-Flow-map distillation (`teacher`): a frozen flow teacher's velocity v_T(z, t) = u_T(z, t, t) (a MeanFlow, shortcut or
-flow-map net) takes the place of the net's own diagonal, which is how the self-distillation paper derives its losses
-from the distillation ones (Boffi, Albergo, Vanden-Eijnden 2024, "Flow map matching", arXiv:2406.07507: Lagrangian
-and Eulerian map distillation; in Align Your Flow, Sabour, Fidler, Kreis 2025, arXiv:2506.14603, AYF-LMD / AYF-EMD):
-LSD's v(X, r) and ESD's v(z, t) become the teacher's, and the diagonal rows regress onto v_T(z, t) instead of the
-single-sample eps - x. PSD has no velocity besides the diagonal's, so there the teacher acts on the diagonal rows.
+Flow-map distillation (`teacher`): a frozen teacher's velocity v_T(z, t) = u_T(z, t, t) (a MeanFlow, shortcut or
+flow-map net) replaces the net's own diagonal: in LSD's v(X, r), in ESD's v(z, t), and as the diagonal rows' target
+(Lagrangian / Eulerian map distillation, "Flow map matching", arXiv:2406.07507; AYF-LMD / EMD in "Align Your Flow",
+arXiv:2506.14603). PSD has no velocity besides the diagonal's: there the teacher acts on the diagonal rows only.
 Not implemented: the learned time weight exp(-w_{s,t}) L + w_{s,t} (network.use_weight; nets.py's log-variance head
 takes one time, not two), label dropout and guidance (labels, with --cond, reach every pass with their rows: a
 class-conditional flow map), losses.py's other regularisers (constraints, two-stage).
@@ -108,9 +106,9 @@ NEEDS_INIT = False  # trains from scratch
 
 
 def sample_times(n, cfg, gen, device):
-    """(t, r, m), float64, shape (n,), as loss_args.py: the first max(1, int(n diag_fraction)) rows have r = t,
+    """(t, r, m, h), float64, shape (n,), as loss_args.py: the first max(1, int(n diag_fraction)) rows have r = t,
     t ~ U(0, 1); the others t = max(a, b), r = min(a, b), a, b ~ U(0, 1) (uniform on the triangle r <= t); PSD's
-    m = h t + (1 - h) r with h ~ U(0, 1) ("uniform") or h = 1/2 ("midpoint"). Returns h as well: (t, r, m, h)."""
+    m = h t + (1 - h) r with h ~ U(0, 1) ("uniform") or h = 1/2 ("midpoint")."""
     n_diag = max(1, int(n * cfg.diag_fraction))
     t_diag = torch.rand(n_diag, generator=gen, device=device, dtype=torch.float64)
     a = torch.rand(n - n_diag, generator=gen, device=device, dtype=torch.float64)
@@ -268,12 +266,10 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     n = max(1, int(B * cfg.diag_fraction))
     y_d, y_o = (None, None) if y is None else (y[:n], y[n:])
 
-    v_diag = v[:n]
     # Deviation: with a teacher the diagonal rows stay and regress onto its velocity (the distillation losses of
     # arXiv:2406.07507 have no diagonal term); the same fixed point, and u(z, t, t) is learned directly.
-    if teacher is not None:
-        with torch.no_grad():
-            v_diag = net_u(teacher, z[:n], t[:n], t[:n], y_d)
+    with torch.no_grad():
+        v_diag = v[:n] if teacher is None else net_u(teacher, z[:n], t[:n], t[:n], y_d)
     u_diag = net_u(net, z[:n], t[:n], t[:n], y_d)  # train mode: losses.py's diagonal_term
     err_diag = (u_diag.double() - v_diag.double()).flatten(1)
     # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's); DDP syncs the gradients
@@ -310,9 +306,9 @@ def sample(net, eps, cfg, y=None, steps=None):
 
 
 PRESETS = {
-    # cifar10_paper.py (the paper's CIFAR-10 runs; flow-maps.github.io: LSD FID 3.33 at 8 steps): batch 512, 204.8M samples (400k steps), Adam
-    # lr 1e-2 with inverse-sqrt decay after 35k steps (EDM2's schedule), gradient clip 1, EMA 0.999 / 0.9999 (FID on
-    # the second). Deviation: nets.py's ddpmpp with dropout 0.13, not the EDM2 U-Net (channels 128, mult 2-2-2,
+    # cifar10_paper.py (the paper's CIFAR-10 runs; flow-maps.github.io: LSD FID 3.33 at 8 steps): batch 512, 204.8M
+    # samples (400k steps), Adam lr 1e-2 with inverse-sqrt decay after 35k steps (EDM2's schedule), gradient clip 1,
+    # EMA 0.999 / 0.9999 (FID on the second). Deviation: nets.py's ddpmpp with dropout 0.13, not the EDM2 U-Net (channels 128, mult 2-2-2,
     # 4 blocks, its magnitude-preserving layers need lr 1e-2); lr 2e-4 as EDM/DDPM++; no learned time weight.
     "cifar10": dict(
         net="ddpmpp", dropout=0.13, cond=False, xflip=True, batch=512, steps=400_000,

@@ -560,22 +560,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with bad input and divergence reported as one line on stderr and exit status 1. A torchrun rank leaves
-    through os._exit once main() has returned or exited: interpreter teardown would free whatever still holds the Gloo
-    process group's threads (its C++ objects outlive destroy_process_group while anything references them), and a
-    thread destroyed unjoined there aborts the rank ("terminate called without an active exception") after "done"."""
-    if "RANK" not in os.environ:
-        return run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
-    try:
-        run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 1 if code else 0)
+    """main() with bad input and divergence reported as one line on stderr and exit status 1 (a torchrun rank leaves
+    through os._exit: cli.run_main)."""
+    return run_main(main, "train.py", (UsageError, Diverged, data.DataError), argv)
 
 
 if __name__ == "__main__":

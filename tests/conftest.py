@@ -1,3 +1,4 @@
+import concurrent.futures
 import math
 import os
 import sys
@@ -8,6 +9,41 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+# --- Background work: subprocess-only fixtures start once the tests that need them are collected ----------------
+# Most of the suite runs on one core; a fixture registered here (its result a function of a fresh folder) runs on a
+# background thread, its subprocesses on the other core, while the first tests run, and the fixture waits for it. One
+# task at a time, in registration order (test modules are imported in file order).
+BACKGROUND = {}
+_started = {}
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+def background(name):
+    """Decorator: fn(folder) computes the value of the fixture `name`, which calls waited(name, ...)."""
+    def register(fn):
+        BACKGROUND[name] = fn
+        return fn
+    return register
+
+
+def pytest_collection_finish(session):
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for name, fn in BACKGROUND.items():
+        if name in needed:
+            _started[name] = _pool.submit(fn, session.config._tmp_path_factory.mktemp(name))
+
+
+def pytest_sessionfinish(session):
+    _pool.shutdown(wait=False, cancel_futures=True)  # a stopped run (-x, Ctrl-C) waits for the running task only
+
+
+def waited(name, tmp_path_factory):
+    """The value of the background fixture `name` (started now where the collection hook did not start it)."""
+    if name not in _started:
+        _started[name] = _pool.submit(BACKGROUND[name], tmp_path_factory.mktemp(name))
+    return _started[name].result()
 
 
 def randomize_(net, seed=0):
@@ -58,7 +94,7 @@ def train_toy(method, cfg, net, steps, lr, teacher=None, betas=(0.9, 0.99)):
     min(0.99, (1+k)/(10+k))) that is returned."""
     import copy
     import data
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=betas)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=betas, foreach=True)  # one op per update, not one per tensor
     points = data.toy_points(100_000, seed=0)
     gen = torch.Generator().manual_seed(0)
     ema = copy.deepcopy(net).eval()
@@ -69,8 +105,7 @@ def train_toy(method, cfg, net, steps, lr, teacher=None, betas=(0.9, 0.99)):
         per_example.mean().backward()
         opt.step()
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - min(0.99, (1 + step) / (10 + step)))
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(0.99, (1 + step) / (10 + step)))
     return ema
 
 
@@ -150,5 +185,6 @@ def detector(tmp_path_factory):
 def tiny_ref(path):
     g = np.random.default_rng(0)
     A = g.normal(size=(2048, 64)) * 0.01
-    np.savez(path, mu=g.normal(size=2048) * 0.1, sigma=A @ A.T)  # EDM's format: mu, sigma
+    sigma = A @ A.T + 1e-4 * np.eye(2048)  # full rank, as a reference over 50k images
+    np.savez(path, mu=g.normal(size=2048) * 0.1, sigma=sigma)  # EDM's format: mu, sigma
     return str(path)

@@ -162,7 +162,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-    # As train.py's cli: leave through os._exit, since interpreter teardown can destroy the Gloo group's threads
+    # As cli.run_main: leave through os._exit, since interpreter teardown can destroy the Gloo group's threads
     # unjoined and abort a rank ("terminate called without an active exception") after the results are written.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, background, waited
 
 EXAMPLES = os.path.join(ROOT, "examples")
 # Each example and the repository files it may import: its method file, diffusion.py where the method needs a teacher
@@ -68,14 +68,29 @@ def test_example_imports_only_its_allowed_files(script):
     assert allowed <= imported
 
 
+@background("smoke_runs")
+def run_every_example(folder):
+    """Every example's smoke run, each alone in a folder of its own: {script: CompletedProcess}."""
+    runs = {}
+    for script in ALLOWED:
+        os.makedirs(folder / script[:-3])
+        for name in (script, *ALLOWED[script]):
+            shutil.copy(os.path.join(EXAMPLES if name == script else ROOT, name), folder / script[:-3] / name)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        runs[script] = subprocess.run([sys.executable, script, "--smoke"], cwd=folder / script[:-3], env=env,
+                                      capture_output=True, text=True, timeout=300)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    return waited("smoke_runs", tmp_path_factory)
+
+
 @pytest.mark.parametrize("script", sorted(ALLOWED))
-def test_example_runs_next_to_its_files_alone(script, tmp_path):
-    for name in (script, *ALLOWED[script]):
-        shutil.copy(os.path.join(EXAMPLES if name == script else ROOT, name), tmp_path / name)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, script, "--smoke"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+def test_example_runs_next_to_its_files_alone(script, smoke_runs):
+    p = smoke_runs[script]
     assert p.returncode == 0, p.stderr[-3000:]
     found = re.findall(r"^ratio (\S+) ", p.stdout, flags=re.M)
     assert len(found) == (2 if script in ("shortcut_2d.py", "flowmap_2d.py") else 1), p.stdout[-2000:]  # 1 and 8 steps

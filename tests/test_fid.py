@@ -94,6 +94,21 @@ def test_frechet_singular_covariances_stay_finite():
     assert fid.frechet_distance(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
+def test_frechet_factors_whichever_covariance_is_positive_definite():
+    """One covariance singular (rank 3, as a handful of images), the other positive definite, in both orders: the
+    Cholesky factor of the definite one gives what the non-symmetric product's three nonzero eigenvalues give; so does
+    S1's eigendecomposition where both are singular. Tolerance 1e-5 absolute on a value of ~120: the 37 zero
+    eigenvalues come out as +-1e-15, and the square roots of those the function keeps add up to ~1e-6."""
+    g = torch.Generator().manual_seed(4)
+    d = 40
+    low, full = random_cov(d, 3, g), random_cov(d, 4 * d, g) + 0.1 * torch.eye(d)
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    for s1, s2 in ((low, full), (full, low), (low, random_cov(d, 5, g))):
+        lam = torch.linalg.eigvals(s1 @ s2).real  # rank 3: 3 eigenvalues, the rest rounding (whose sqrt is not small)
+        eig = lam[lam > 1e-9 * lam.max()].sqrt().sum()
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(fid_direct(mu1, s1, mu2, s2, eig), abs=1e-5)
+
+
 def test_feature_stats_match_numpy_for_any_batch_split():
     g = torch.Generator().manual_seed(3)
     f = torch.randn(37, 2048, generator=g) * 3 + 1  # float32 features, as the detector gives
@@ -691,6 +706,20 @@ def test_two_gloo_ranks_match_one_process(detector, image_run, tmp_path):
     assert np.abs(s1).max() > 0
     np.testing.assert_allclose(mu2, mu1, rtol=1e-12, atol=1e-12 * np.abs(mu1).max())
     np.testing.assert_allclose(s2, s1, rtol=1e-12, atol=1e-12 * np.abs(s1).max())
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stop_in_one_line_each_when_rank_0_cannot_fetch_the_detector(tmp_path):
+    """Rank 0 fetches the detector for all; where that fails, rank 1 stops with a line of its own instead of a
+    broken-pipe traceback from the barrier it waited in."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fid.py",
+                        "ref", "--data", str(tmp_path / "none.zip"), "--out", str(tmp_path / "r.npz"), "--detector",
+                        str(tmp_path / "none.pth"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode != 0
+    assert f"fid.py: error: no detector file {tmp_path / 'none.pth'}; fetch" in p.stderr
+    assert "fid.py: error: rank 0 could not fetch the detector (its error above)" in p.stderr
+    assert "[rank1]" not in p.stderr and not os.path.exists(tmp_path / "r.npz")
 
 
 @pytest.mark.slow

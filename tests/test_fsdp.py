@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT
+from conftest import ROOT, background, waited
 from fsdp_worker import CASES
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -24,11 +24,15 @@ def torchrun(*args, timeout=300):
     return p.stdout
 
 
+@background("worker")
+def run_worker(folder):
+    torchrun(os.path.join("tests", "fsdp_worker.py"), str(folder / "results.json"), timeout=600)
+    return json.loads((folder / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "results.json"
-    torchrun(os.path.join("tests", "fsdp_worker.py"), str(out), timeout=600)
-    return json.loads(out.read_text())
+    return waited("worker", tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("-bf16")])
@@ -84,18 +88,29 @@ def assert_same_checkpoint(a, b, exact):
         assert all(check(v, b["opt"]["state"][i][k]) for k, v in s.items()), i
 
 
-def test_fsdp_run_equals_one_process_and_resumes_across_wrappers(tmp_path):
+@background("fsdp_run")
+def run_fsdp(folder):
+    """6 steps of COMMON under FSDP, a snapshot and samples every 3: (folder, stdout)."""
+    return str(folder / "f6"), torchrun("train.py", *COMMON, "--steps", "6", "--fsdp", "--sample-every", "3",
+                                        "--snapshot-every", "3", "--out", str(folder / "f6"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_and_one_process_runs(tmp_path_factory):
+    """The FSDP run (f6) and the same 6 steps on one process (s6)."""
+    f6, stdout = waited("fsdp_run", tmp_path_factory)
+    s6 = str(tmp_path_factory.mktemp("one-process") / "s6")
+    train.cli([*COMMON, "--steps", "6", "--snapshot-every", "3", "--out", s6])
+    return f6, s6, stdout
+
+
+def test_fsdp_run_equals_one_process_and_resumes_on_one_process(fsdp_and_one_process_runs, tmp_path):
     """6 steps under FSDP equal 6 on one process (same global batch: 2 ranks x 2 rounds vs 4 rounds, gradient clipping
-    active; weights, EMA, Adam
-    state, the logged loss and gradient norm, a snapshot, the final samples of the EMA gathered whole); the checkpoint
-    has the one-process layout. Resume is exact under FSDP (3 + 3 steps == 6, bitwise), a one-process checkpoint
-    resumes under FSDP, and an FSDP checkpoint resumes on one process."""
-    f6, f3, s3, s6 = (str(tmp_path / name) for name in ("f6", "f3", "s3", "s6"))
-    stdout = torchrun("train.py", *COMMON, "--steps", "6", "--fsdp", "--sample-every", "3", "--snapshot-every", "3",
-                      "--out", f6)
+    active; weights, EMA, Adam state, the logged loss and gradient norm, a snapshot, the final samples of the EMA
+    gathered whole); the checkpoint has the one-process layout, and it resumes on one process."""
+    f6, s6, stdout = fsdp_and_one_process_runs
     assert "2 ranks x 2 rounds x 4 | fsdp |" in stdout and "replicated state identical on all 2 ranks" in stdout
     assert json.load(open(os.path.join(f6, "config.json")))["fsdp"] is True
-    train.cli([*COMMON, "--steps", "6", "--snapshot-every", "3", "--out", s6])
     assert_same_checkpoint(load(f6), load(s6), exact=False)
     assert os.path.exists(os.path.join(f6, "samples-0000003.png")) and os.path.exists(os.path.join(f6, "samples.png"))
     snapshots = [torch.load(os.path.join(out, "snapshots", "ckpt-0000003.pt"), weights_only=True) for out in (f6, s6)]
@@ -107,15 +122,22 @@ def test_fsdp_run_equals_one_process_and_resumes_across_wrappers(tmp_path):
     for a, b in zip(*logged):  # the whole gradient's norm (clipped to 0.1 here), not a shard's
         assert b["grad_norm"] > 0.1 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    train.cli([*COMMON, "--steps", "9", "--resume", f6, "--out", str(tmp_path / "f6s9")])
+    train.cli([*COMMON, "--steps", "9", "--resume", s6, "--out", str(tmp_path / "s6s9")])
+    assert_same_checkpoint(load(tmp_path / "f6s9"), load(tmp_path / "s6s9"), exact=False)
+
+
+@pytest.mark.slow  # three more two-rank runs (~15 s); resume on one process is exact by test_train, FSDP's save above
+def test_fsdp_resume_is_exact_and_takes_a_one_process_checkpoint(fsdp_and_one_process_runs, tmp_path):
+    """Resume is exact under FSDP (3 + 3 steps == 6, bitwise), and a one-process checkpoint resumes under FSDP."""
+    f6 = fsdp_and_one_process_runs[0]
+    f3, s3 = str(tmp_path / "f3"), str(tmp_path / "s3")
     torchrun("train.py", *COMMON, "--steps", "3", "--fsdp", "--out", f3)
     torchrun("train.py", *COMMON, "--steps", "6", "--fsdp", "--resume", f3)
     assert_same_checkpoint(load(f3), load(f6), exact=True)
     train.cli([*COMMON, "--steps", "3", "--out", s3])
     torchrun("train.py", *COMMON, "--steps", "6", "--fsdp", "--resume", s3, "--out", str(tmp_path / "s3f6"))
     assert_same_checkpoint(load(tmp_path / "s3f6"), load(f6), exact=False)
-    train.cli([*COMMON, "--steps", "9", "--resume", f6, "--out", str(tmp_path / "f6s9")])
-    train.cli([*COMMON, "--steps", "9", "--resume", s6, "--out", str(tmp_path / "s6s9")])
-    assert_same_checkpoint(load(tmp_path / "f6s9"), load(tmp_path / "s6s9"), exact=False)
 
 
 @pytest.mark.parametrize("args, message", [

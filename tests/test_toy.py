@@ -135,14 +135,14 @@ def test_suite_held_out_second_seed_and_spikes(tmp_path):
 
 @pytest.mark.parametrize("method, needs", [("sct", "diffusion"), ("ct", "diffusion"), ("scd", "diffusion"),
                                            ("cd", "diffusion"), ("tcm", "ct")])
-def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, method, needs):
+def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, monkeypatch, method, needs):
     """sCT and CT tune the diffusion run, as the reference's results do; sCD / CD distil it; TCM continues CT. Asking
-    for one without the run it starts from is refused before anything trains."""
-    suite = os.path.join(ROOT, "benchmarks", "toy_suite.py")
-    p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", method, "--n", "500", "--steps", "1",
-                        "--out", str(tmp_path)], capture_output=True, text=True)
-    assert p.returncode != 0 and f"need --methods to include {needs}" in p.stderr
-    assert not os.path.exists(tmp_path / "runs")
+    for one without the run it starts from is refused before anything is written."""
+    monkeypatch.setattr(sys, "argv", ["toy_suite.py", "--dists", "moons", "--methods", method, "--n", "500", "--steps",
+                                      "1", "--out", str(tmp_path / "suite")])
+    with pytest.raises(SystemExit, match=f"need --methods to include {needs}$"):
+        toy_suite.main()
+    assert not os.path.exists(tmp_path / "suite")
 
 
 @pytest.mark.slow
