@@ -454,7 +454,7 @@ def test_help_shows_the_preset(capsys):
     with pytest.raises(SystemExit):
         train.main(["--method", "shortcut", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "shortcut.Config (preset toy)" in text and "--bootstrap-every BOOTSTRAP_EVERY >= 1 [preset toy: 4]" in text
+    assert "shortcut.Config (preset toy)" in text and "--bootstrap-every BOOTSTRAP_EVERY >= 1 [preset toy: 2]" in text
 
 
 def test_guidance_pass_runs_even_on_no_rows():
