@@ -29,6 +29,8 @@ def background(name):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     for name, fn in BACKGROUND.items():
         if name in needed:

@@ -90,7 +90,7 @@ def assert_same_checkpoint(a, b, exact):
 
 @background("fsdp_run")
 def run_fsdp(folder):
-    """6 steps of COMMON under FSDP, a snapshot and samples every 3: (folder, stdout)."""
+    """6 steps of COMMON under FSDP, a snapshot and samples every 3: (its run folder, stdout)."""
     return str(folder / "f6"), torchrun("train.py", *COMMON, "--steps", "6", "--fsdp", "--sample-every", "3",
                                         "--snapshot-every", "3", "--out", str(folder / "f6"))
 
