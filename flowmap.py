@@ -314,10 +314,12 @@ PRESETS = {
         net="ddpmpp", dropout=0.13, cond=False, xflip=True, batch=512, steps=400_000,
         optimizer="adam", lr=2e-4, betas=(0.9, 0.999), ema=(0.9999, 0.999), tangent="fused",
     ),
-    # 2-D points on CPU. Deviation: meanflow.py's toy recipe (mlp-small, batch 1024, 2800 steps, Adam lr 2e-3,
-    # warm-up 100, EMA 0.999 warmed up), not the paper's 2-D setting (checker, batch 100, lr 3e-4).
+    # 2-D points on CPU. Deviation: meanflow.py's toy recipe (mlp-small, batch 1024, Adam lr 2e-3, warm-up 100, EMA
+    # 0.999 warmed up) for 5000 steps, not the paper's 2-D setting (checker, batch 100, lr 3e-4). 5000 steps, not
+    # 2800: held-out clouds of benchmarks/toy_suite.py at or below 0.35 on 11 of 12 (9), worst 0.48 (0.62), at about
+    # 330 CPU-seconds a run instead of 190 (docs/presets.md).
     "toy": dict(
-        net="mlp-small", cond=False, batch=1024, steps=2800, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
+        net="mlp-small", cond=False, batch=1024, steps=5000, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
         lr_warmup=100, ema=(0.999,), ema_warmup=True,
     ),
 }
