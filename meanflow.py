@@ -19,9 +19,10 @@ the instantaneous velocity v. Training uses the MeanFlow identity (Eq. 6):
 | v          | v           | conditional velocity eps - x                       | (B, *D)    |
 | v~         | v_tgt       | target velocity: v, CFG-mixed v, or a teacher's v  | (B, *D)    |
 | u_theta    | u           | network output                                     | (B, *D)    |
-| du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r)             | (B, *D)    |
+| du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r) (*)         | (B, *D)    |
 | u_tgt      | u_tgt       | sg(v~ - (t - r) du/dt)                             | (B, *D)    |
 | v(z, t)    | velocity()  | a net's instantaneous velocity u(z, t, t)          | (B, *D)    |
+(*) along (sg v(z, t), 1, 0), the net's own velocity, with tangent_v="net" (as Improved MeanFlow, arXiv:2512.02012).
 
 Network call (student and teacher): `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled),
 y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
@@ -29,7 +30,8 @@ y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preco
 
 Implemented: (t, r) sampling as mean_flow.py, training-time CFG with omega/kappa on a t-interval and label dropout,
 distillation from a teacher velocity with guidance, three tangents (torch.func.jvp; fused in the net;
-finite differences), tangent warm-up, adaptive loss weight, 1-step and multi-step samplers.
+finite differences), along v~ or the net's own velocity, tangent warm-up, adaptive loss weight, 1-step and multi-step
+samplers.
 Not implemented: mean_flow.py's "opt_grad" loss variant (MeanFlowModel._mf_pred_to_loss), which no MeanFlow
 config there uses.
 """
@@ -76,6 +78,8 @@ class Config:
     norm_c: float = 1e-3  # > 0
     # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
     tangent: str = "jvp"  # jvp, fused or fd
+    # the tangent's z-direction: "target" the target velocity v~ (mean_flow.py) | "net" the net's own sg u(z, t, t)
+    tangent_v: str = "target"  # target or net
     fd_step: float = 1e-4  # in (0, 1); absolute step in t for tangent="fd" (config_mean_flow.py)
     # steps over which the du/dt term ramps from 0 to 1 (0: off, as config_mean_flow.py)
     tangent_warmup: int = 0  # >= 0
@@ -93,6 +97,8 @@ class Config:
     def __post_init__(self):
         if self.tangent not in ("jvp", "fused", "fd"):
             raise ValueError(f"unknown tangent {self.tangent!r}; choose jvp, fused or fd")
+        if self.tangent_v not in ("target", "net"):
+            raise ValueError(f"unknown tangent_v {self.tangent_v!r}; choose target or net")
         check_ranges(self, RANGES)
         if not self.cfg_t_min <= self.cfg_t_max:
             raise ValueError(f"cfg_t_min must be <= cfg_t_max, got {self.cfg_t_min} and {self.cfg_t_max}")
@@ -295,8 +301,17 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
         y_mixed = torch.where(dropped[:, None], torch.zeros_like(y), y)
     with torch.no_grad():
         v_tgt = target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher)
+        dz = v_tgt
+        if cfg.tangent_v == "net":
+            # tangent_v="net" (not in mean_flow.py; no preset sets it): du/dt along the net's own velocity
+            # sg u(z, t, t) in eval mode instead of the one-sample v~, the JVP input of Improved MeanFlow
+            # (arXiv:2512.02012; its v-loss form, guidance input and in-context conditioning are not here). At the
+            # optimum u(z, t, t) = E[v~ | z]: the same fixed point, without eps's noise in the Jacobian term.
+            with eval_mode(getattr(net, "module", net)) as bare:
+                dz = velocity(bare, z, t.to(z.dtype), y_mixed).to(z.dtype)
+            torch.clear_autocast_cache()  # as in target_velocity
 
-    u, dudt = u_and_dudt(net, z, t, r, y_mixed, v_tgt, cfg)
+    u, dudt = u_and_dudt(net, z, t, r, y_mixed, dz, cfg)
     rho = min(1.0, step / cfg.tangent_warmup) if cfg.tangent_warmup > 0 else 1.0
     u_tgt = v_tgt.double() - rho * bcast(t - r, dudt) * dudt  # MeanFlow identity, Eq. 6 (arXiv:2505.13447v1)
 

@@ -170,6 +170,10 @@ def test_autocast_cache_cleared_between_guidance_and_gradient_passes(monkeypatch
     x, y = data()
     meanflow.loss(net, x, y, meanflow.Config(cfg_omega=1.5, tangent="fused"), 1, torch.Generator().manual_seed(0))
     assert events == ["nograd", "nograd", "clear", "grad"]
+    events.clear()  # tangent_v="net" (ours, not FastGen's): its velocity pass is cleared after as well
+    meanflow.loss(net, x, y, meanflow.Config(cfg_omega=1.5, tangent="fused", tangent_v="net"), 1,
+                  torch.Generator().manual_seed(0))
+    assert events == ["nograd", "nograd", "clear", "nograd", "clear", "grad"]
 
 
 # --- Config defaults and presets (FastGen's config_mean_flow.py and its MeanFlow experiment configs) ------------
@@ -180,6 +184,7 @@ def test_config_defaults_are_the_reference_cifar10_values():
     assert (c.norm_p, c.norm_c, c.tangent_warmup, c.fd_step) == (0.75, 1e-3, 0, 1e-4)
     assert (c.label_dropout, c.cfg_omega, c.cfg_kappa, c.cfg_t_min, c.cfg_t_max, c.guidance_scale) == (0, 1, 0, 0, 1, 1)
     assert c.sample_ts == (0.999, 0.0)
+    assert c.tangent_v == "target"  # the reference's tangent, along v~
 
 
 EMA_DECAYS = (0.9999, 0.99995, 0.9996)

@@ -136,6 +136,31 @@ def test_gaussian_exact_teacher_target_equals_u(tangent):
     assert logs["L"].mean() > 1e-3
 
 
+@pytest.mark.parametrize("tangent", TANGENTS)
+def test_tangent_v_net_leaves_only_the_noise_of_eps(tangent):
+    """tangent_v="net" on Gaussian data with the exact u as the net: du/dt runs along u(z, t, t), the exact velocity,
+    so u - u_tgt = v(z, t) - (eps - x) on every row (the MeanFlow identity holds along the true velocity), the
+    per-example loss is |v(z, t) - (eps - x)|^2 and no Jacobian term is left. Along v~ = eps - x (the default) the
+    r != t rows keep (t - r) grad_z u (eps - x - v), which this test tells apart."""
+    x = S * torch.randn(256, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = {}
+    for tangent_v in ("net", "target"):
+        cfg = cfg_for(tangent, tangent_v=tangent_v, norm_p=0.0)
+        got[tangent_v], _ = meanflow.loss(Oracle(gauss_u), x, None, cfg, 1, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)  # the loss's draws, in its order
+    t, r = meanflow.sample_t_r(256, cfg, gen, "cpu")
+    eps = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    z = bc(1 - t, x) * x + bc(t, x) * eps
+    expected = (gauss_v(z, t) - (eps - x)).square().sum(dim=1)
+    tol = 1e-10 if tangent != "fd" else 1e-6
+    torch.testing.assert_close(got["net"], expected, rtol=tol, atol=tol)
+    off = r < t
+    assert (got["target"][off] - expected[off]).abs().mean() > 0.05
+    torch.testing.assert_close(got["target"][~off], expected[~off], rtol=tol, atol=tol)  # r = t: no tangent term
+    with pytest.raises(ValueError, match="tangent_v"):
+        meanflow.Config(tangent_v="v")
+
+
 def test_tangent_warmup_scales_the_derivative_term():
     """rho_k = min(1, k / warmup): before the end of warm-up the exact Gaussian pair no longer has zero loss."""
     x = S * torch.randn(128, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -146,17 +171,19 @@ def test_tangent_warmup_scales_the_derivative_term():
     assert losses[0] > 1e-4 and losses[1] < 1e-20 and losses[2] < 1e-20
 
 
+@pytest.mark.parametrize("tangent_v", ["target", "net"])
 @pytest.mark.parametrize("tangent", ["fused", "fd"])
-def test_tangent_options_agree_on_a_real_net(tangent):
+def test_tangent_options_agree_on_a_real_net(tangent, tangent_v):
     """On a random MLP with dropout, per-example losses from the fused path and FD match torch.func.jvp. This
-    also shows the JVP pass and the gradient pass share dropout masks (else the fused path would differ)."""
+    also shows the JVP pass and the gradient pass share dropout masks (else the fused path would differ), with
+    tangent_v="net"'s extra eval-mode pass in between."""
     torch.manual_seed(0)
     net = randomize_(nets.build_net("mlp", (3,), use_r=True, dropout=0.2).double()).train()
     x = torch.randn(64, 3, dtype=torch.float64)
     torch.manual_seed(5)  # dropout masks
-    ref, _ = meanflow.loss(net, x, None, cfg_for("jvp"), 1, torch.Generator().manual_seed(1))
+    ref, _ = meanflow.loss(net, x, None, cfg_for("jvp", tangent_v=tangent_v), 1, torch.Generator().manual_seed(1))
     torch.manual_seed(5)
-    got, _ = meanflow.loss(net, x, None, cfg_for(tangent), 1, torch.Generator().manual_seed(1))
+    got, _ = meanflow.loss(net, x, None, cfg_for(tangent, tangent_v=tangent_v), 1, torch.Generator().manual_seed(1))
     tol = 1e-10 if tangent == "fused" else 1e-5
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
@@ -225,19 +252,24 @@ def test_teacher_guidance():
     torch.testing.assert_close(v_tgt[:, 0], torch.tensor([1.0, 1 + 2 * 2, 3.0], dtype=torch.float64))
 
 
-def test_label_dropout_nulls_the_front_of_the_batch():
-    seen = {}
+@pytest.mark.parametrize("tangent_v", ["target", "net"])
+def test_label_dropout_nulls_the_front_of_the_batch(tangent_v):
+    """Every pass (the fused one, and tangent_v="net"'s velocity pass in eval mode) sees the labels after dropout."""
+    seen = []
 
     class Spy(nn.Module):
         def forward(self, z, t, r, y=None, tangents=None):
-            seen["y"] = y
+            seen.append((y, self.training))
             return torch.zeros_like(z) if tangents is None else (torch.zeros_like(z), torch.zeros_like(z))
     x = torch.randn(1000, 2, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.randint(5, (1000,)), 5).double()
-    meanflow.loss(Spy(), x, y, meanflow.Config(label_dropout=0.1, tangent="fused"), 1, torch.Generator().manual_seed(0))
-    null = seen["y"].sum(dim=1) == 0
-    n_drop = int(null.sum())
-    assert 60 < n_drop < 140 and null[:n_drop].all() and not null[n_drop:].any()
+    cfg = meanflow.Config(label_dropout=0.1, tangent="fused", tangent_v=tangent_v)
+    meanflow.loss(Spy().train(), x, y, cfg, 1, torch.Generator().manual_seed(0))
+    assert [mode for _, mode in seen] == ([False, True] if tangent_v == "net" else [True])
+    for y_seen, _ in seen:
+        null = y_seen.sum(dim=1) == 0
+        n_drop = int(null.sum())
+        assert 60 < n_drop < 140 and null[:n_drop].all() and not null[n_drop:].any()
 
 
 # --- Sampler -----------------------------------------------------------------------------------------------------------
