@@ -95,10 +95,9 @@ class Config:
     sample_ts: tuple = (0.999, 0.0)  # decreasing, in [0, 1]
 
     def __post_init__(self):
-        if self.tangent not in ("jvp", "fused", "fd"):
-            raise ValueError(f"unknown tangent {self.tangent!r}; choose jvp, fused or fd")
-        if self.tangent_v not in ("target", "net"):
-            raise ValueError(f"unknown tangent_v {self.tangent_v!r}; choose target or net")
+        for name, choices in (("tangent", ("jvp", "fused", "fd")), ("tangent_v", ("target", "net"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose {', '.join(choices)}")
         check_ranges(self, RANGES)
         if not self.cfg_t_min <= self.cfg_t_max:
             raise ValueError(f"cfg_t_min must be <= cfg_t_max, got {self.cfg_t_min} and {self.cfg_t_max}")
@@ -302,11 +301,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     with torch.no_grad():
         v_tgt = target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher)
         dz = v_tgt
-        if cfg.tangent_v == "net":
-            # tangent_v="net" (not in mean_flow.py; no preset sets it): du/dt along the net's own velocity
-            # sg u(z, t, t) in eval mode instead of the one-sample v~, the JVP input of Improved MeanFlow
-            # (arXiv:2512.02012; its v-loss form, guidance input and in-context conditioning are not here). At the
-            # optimum u(z, t, t) = E[v~ | z]: the same fixed point, without eps's noise in the Jacobian term.
+        if cfg.tangent_v == "net":  # not in mean_flow.py: Improved MeanFlow's JVP input (arXiv:2512.02012; not its
+            # v-loss form or guidance input). The target keeps v~; at the optimum u(z, t, t) = E[v~ | z].
             with eval_mode(getattr(net, "module", net)) as bare:
                 dz = velocity(bare, z, t.to(z.dtype), y_mixed).to(z.dtype)
             torch.clear_autocast_cache()  # as in target_velocity
