@@ -146,11 +146,6 @@ def net_u(net, z, t, r, y=None):
     check_shape(u, z.shape, "flowmap: the net's u must have the shape of z (B, *D)", "one per entry")
     return u
 
-
-def flow_map(net, z, t, r, y=None):
-    """X(z; t, r) = z - (t - r) u(z, t, r)."""
-    return z - bcast(t - r, z) * net_u(net, z, t, r, y)
-
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
 
@@ -274,11 +269,9 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     err_diag = (u_diag.double() - v_diag.double()).flatten(1)
     # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's); DDP syncs the gradients
     # of both once (tests/test_train.py, flowmap cases).
-    L_off = x.new_zeros(0, dtype=torch.float64)
-    if n < B:
-        res = offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg, teacher)
-        L_off = res.flatten(1).square().sum(dim=1)
-    L = torch.cat([err_diag.square().sum(dim=1), L_off])  # (B,), summed over dimensions
+    res = (offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg, teacher) if n < B
+           else x.new_zeros((0, *x.shape[1:]), dtype=torch.float64))
+    L = torch.cat([err_diag.square().sum(dim=1), res.flatten(1).square().sum(dim=1)])  # (B,), summed over dims
     Ld = L.detach()
     is_diag = torch.arange(B, device=x.device) < n
     logs = dict(t=t, L_diag=torch.where(is_diag, Ld, 0.0), L_off=torch.where(is_diag, 0.0, Ld))  # sum to the loss
@@ -293,12 +286,10 @@ def sample(net, eps, cfg, y=None, steps=None):
     z <- X(z; t_i, t_{i+1}) = z - (t_i - t_{i+1}) u(z, t_i, t_{i+1}) (flow_map.py, sample). Call with the EMA net in
     eval mode."""
     N = cfg.sample_steps if steps is None else steps
-    B = eps.shape[0]
     z = eps
     for i in range(N):
-        t = torch.full((B,), 1 - i / N, device=eps.device, dtype=torch.float64)
-        r = torch.full((B,), 1 - (i + 1) / N, device=eps.device, dtype=torch.float64)
-        z = flow_map(net, z, t, r, y)
+        t, r = (torch.full(eps.shape[:1], 1 - j / N, device=eps.device, dtype=torch.float64) for j in (i, i + 1))
+        z = z - bcast(t - r, z) * net_u(net, z, t, r, y)
     return z
 
 # --- Presets ----------------------------------------------------------------------------------------------------------
