@@ -30,8 +30,8 @@ y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preco
 
 Implemented: (t, r) sampling as mean_flow.py, training-time CFG with omega/kappa on a t-interval and label dropout,
 distillation from a teacher velocity with guidance, three tangents (torch.func.jvp; fused in the net;
-finite differences), along v~ or the net's own velocity, tangent warm-up, adaptive loss weight, 1-step and multi-step
-samplers.
+finite differences), along v~ or the net's own velocity, tangent warm-up, adaptive loss weight (per row, or one
+for the r = t rows), 1-step and multi-step samplers.
 Not implemented: mean_flow.py's "opt_grad" loss variant (MeanFlowModel._mf_pred_to_loss), which no MeanFlow
 config there uses.
 """
@@ -76,6 +76,8 @@ class Config:
     # Loss: w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2 (mean_flow.py, MeanFlowModel._mf_pred_to_loss)
     norm_p: float = 0.75  # >= 0
     norm_c: float = 1e-3  # > 0
+    # the r = t rows' weight: "row" each its own (mean_flow.py) | "mean" one for all, 1 / (mean sg(L) + c)^p
+    norm_r_eq_t: str = "row"  # row or mean
     # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
     tangent: str = "jvp"  # jvp, fused or fd
     # the tangent's z-direction: "target" the target velocity v~ (mean_flow.py) | "net" the net's own sg u(z, t, t)
@@ -95,7 +97,8 @@ class Config:
     sample_ts: tuple = (0.999, 0.0)  # decreasing, in [0, 1]
 
     def __post_init__(self):
-        for name, choices in (("tangent", ("jvp", "fused", "fd")), ("tangent_v", ("target", "net"))):
+        for name, choices in (("tangent", ("jvp", "fused", "fd")), ("tangent_v", ("target", "net")),
+                              ("norm_r_eq_t", ("row", "mean"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose {', '.join(choices)}")
         check_ranges(self, RANGES)
@@ -314,6 +317,10 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     err = (u.double() - u_tgt).flatten(1)
     L = err.square().sum(dim=1)  # (B,), summed over dimensions
     w = 1 / (L.detach() + cfg.norm_c) ** cfg.norm_p  # adaptive weight, sg(L)
+    if cfg.norm_r_eq_t == "mean":  # not in mean_flow.py: a weight per row makes the r = t rows a robust fit whose
+        # minimiser is not E[v~ | z]; one weight for all of them keeps u(z, t, t) the least-squares velocity
+        eq = t == r
+        w = torch.where(eq, 1 / ((L.detach() * eq).sum() / eq.sum().clamp_min(1) + cfg.norm_c) ** cfg.norm_p, w)
     logs = dict(t=t, mse_v=(u.detach().double() - v.double()).flatten(1).square().mean(dim=1), L=L.detach())
     return w * L, logs
 

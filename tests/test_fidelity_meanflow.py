@@ -185,6 +185,7 @@ def test_config_defaults_are_the_reference_cifar10_values():
     assert (c.label_dropout, c.cfg_omega, c.cfg_kappa, c.cfg_t_min, c.cfg_t_max, c.guidance_scale) == (0, 1, 0, 0, 1, 1)
     assert c.sample_ts == (0.999, 0.0)
     assert c.tangent_v == "target"  # the reference's tangent, along v~
+    assert c.norm_r_eq_t == "row"  # the reference's weight, one per row
 
 
 EMA_DECAYS = (0.9999, 0.99995, 0.9996)

@@ -161,6 +161,46 @@ def test_tangent_v_net_leaves_only_the_noise_of_eps(tangent):
         meanflow.Config(tangent_v="v")
 
 
+def test_norm_r_eq_t_mean_weighs_the_r_eq_t_rows_alike():
+    """norm_r_eq_t="mean": each r != t row keeps 1 / (L + c)^p of its own loss, every r = t row gets
+    1 / (mean of the r = t rows' L + c)^p; "row" (mean_flow.py) gives every row its own."""
+    x = S * torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    net = Oracle(lambda z, t, r: 0.7 * gauss_u(z, t, r))  # a wrong net: every row has a loss
+    got = {}
+    for kind in ("row", "mean"):
+        cfg = cfg_for("jvp", norm_p=0.5, norm_c=0.3, norm_r_eq_t=kind, ratio_r_neq_t=0.5)
+        got[kind], logs = meanflow.loss(net, x, None, cfg, 1, torch.Generator().manual_seed(1))
+    L = logs["L"]
+    t, r = meanflow.sample_t_r(256, cfg, torch.Generator().manual_seed(1), "cpu")
+    eq = t == r
+    assert 50 < eq.sum() < 206
+    torch.testing.assert_close(got["row"], L / (L + 0.3) ** 0.5, rtol=1e-12, atol=0)
+    w = torch.where(eq, 1 / (L[eq].mean() + 0.3) ** 0.5, 1 / (L + 0.3) ** 0.5)
+    torch.testing.assert_close(got["mean"], w * L, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="norm_r_eq_t"):
+        meanflow.Config(norm_r_eq_t="all")
+
+
+@pytest.mark.parametrize("kind", ["row", "mean"])
+def test_norm_r_eq_t_mean_keeps_the_velocity_a_least_squares_fit(kind):
+    """All rows r = t and a net that outputs one learnable vector c: at c = the batch mean of v~ = eps - x the gradient
+    vanishes with one weight for all rows (the least-squares velocity), and not with a weight per row (skewed data:
+    a robust fit, whose minimiser is not the mean)."""
+    x = torch.randn(512, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).exp()  # skewed
+    cfg = cfg_for("jvp", norm_p=0.5, norm_c=0.1, norm_r_eq_t=kind, ratio_r_neq_t=0.0)
+    gen = torch.Generator().manual_seed(1)  # the loss's draws, in its order
+    meanflow.sample_t_r(512, cfg, gen, "cpu")
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64) - x
+    c = nn.Parameter(v.mean(dim=0))
+    net = Oracle(lambda z, t, r: c.expand_as(z))
+    per_row, _ = meanflow.loss(net, x, None, cfg, 1, torch.Generator().manual_seed(1))
+    per_row.mean().backward()
+    if kind == "mean":
+        assert c.grad.abs().max() < 1e-12
+    else:
+        assert c.grad.abs().max() > 1e-2
+
+
 def test_tangent_warmup_scales_the_derivative_term():
     """rho_k = min(1, k / warmup): before the end of warm-up the exact Gaussian pair no longer has zero loss."""
     x = S * torch.randn(128, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
