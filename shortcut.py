@@ -34,12 +34,13 @@ Base case: the step sizes are 1, 1/2, ..., 1/M, and targets_shortcut.py gives th
 steps of the smallest shortcut (d = 2/M) the same level log2 M; here that level is d = 0, r = t (the paper's base
 case, s(x_t, t, 0) = the flow velocity): every query of a step d <= 1/M is a query at r = t (query_r).
 
-Implemented: targets_shortcut.py's batch layout (self-consistency rows first, dyadic step sizes in equal counts, t on
-the grid of each row's step), bootstrap targets under no grad with z' and the target clipped, guidance baked into
-the smallest shortcut's targets (bootstrap_cfg), label dropout on flow rows, the mean-over-dimensions MSE of
-train.py's loss_fn, and helper_inference.py's N-step Euler sampler with optional CFG.
-Not implemented: bootstrap_dt_bias (its default 0 is the layout here), the EMA as the bootstrap net (see loss), the
-1e-5 of targets_shortcut.py's x_t = (1 - (1 - 1e-5) t') x_0 + t' x_1 (the path is meanflow.py's exactly linear one).
+Implemented: targets_shortcut.py's batch layout (self-consistency rows first, dyadic step sizes in equal counts or
+weighted to the largest two (bootstrap_dt_bias), t on the grid of each row's step), bootstrap targets under no grad
+with z' and the target clipped, guidance baked into the smallest shortcut's targets (bootstrap_cfg), label dropout on
+flow rows, the mean-over-dimensions MSE of train.py's loss_fn, and helper_inference.py's N-step Euler sampler with
+optional CFG.
+Not implemented: the EMA as the bootstrap net (see loss), the 1e-5 of targets_shortcut.py's
+x_t = (1 - (1 - 1e-5) t') x_0 + t' x_1 (the path is meanflow.py's exactly linear one).
 """
 import math
 from dataclasses import dataclass, fields
@@ -78,6 +79,9 @@ class Config:
     # B // bootstrap_every rows of each batch get self-consistency targets: 4 is the paper's Table 3 (ratio of
     # empirical to bootstrap targets 0.75); train.py's default is 8, which its README commands keep
     bootstrap_every: int = 4  # >= 1
+    # False: the self-consistency rows split evenly over the log2 M step sizes; True: half of them on d = 1/2 and 1
+    # (a quarter each, plus the remainder on d = 1), the other half evenly over 2/M .. 1/4 (train.py bootstrap_dt_bias)
+    bootstrap_dt_bias: bool = False  # bool
     # label dropout on the flow-matching rows (train.py class_dropout_prob; ImageNet 0.1); self-consistency rows keep
     # their labels (targets_shortcut.py)
     label_dropout: float = 0.0  # in [0, 1)
@@ -105,8 +109,8 @@ class Config:
         return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
 
-RANGES = dict(denoise_timesteps=">= 2", bootstrap_every=">= 1", label_dropout="in [0, 1)", cfg_scale=">= 0",
-              bootstrap_clip="> 0", sample_steps=">= 1", sample_cfg_scale=">= 0")  # as each field's comment states
+RANGES = dict(denoise_timesteps=">= 2", bootstrap_every=">= 1", bootstrap_dt_bias="bool", label_dropout="in [0, 1)",
+              cfg_scale=">= 0", bootstrap_clip="> 0", sample_steps=">= 1", sample_cfg_scale=">= 0")  # as commented
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r = t - d
 TEACHERS = ()  # trains from data only
@@ -119,12 +123,17 @@ NEEDS_INIT = False  # trains from scratch
 def sample_t_d(n, cfg, gen, device):
     """(t, d), float64, shape (n,), as targets_shortcut.py: the first n // bootstrap_every rows are self-consistency
     rows, n_k = that // log2 M of them with step d = 2^-k for k = log2 M - 1, ..., 0 (smallest first), the remainder
-    with d = 1; t is uniform on {d, 2d, ..., 1}. The other rows are flow-matching rows, d = 0, t uniform on
+    with d = 1 (bootstrap_dt_bias: (that // 2) // log2 M for k = log2 M - 1, ..., 2, then that // 4 with d = 1/2, the
+    rest d = 1); t is uniform on {d, 2d, ..., 1}. The other rows are flow-matching rows, d = 0, t uniform on
     {1/M, 2/M, ..., 1}. (t = 1 is the paper's t' = 0: pure noise; t = 0 is never drawn, as t' = 1 is not.)"""
     M = cfg.denoise_timesteps
     levels = int(math.log2(M))
     n_boot = n // cfg.bootstrap_every
-    k = torch.arange(levels - 1, -1, -1, device=device).repeat_interleave(n_boot // levels)
+    if cfg.bootstrap_dt_bias:
+        k = torch.arange(levels - 1, 1, -1, device=device).repeat_interleave((n_boot // 2) // levels)
+        k = torch.cat([k, torch.ones(n_boot // 4, dtype=k.dtype, device=device)])
+    else:
+        k = torch.arange(levels - 1, -1, -1, device=device).repeat_interleave(n_boot // levels)
     k = torch.cat([k, torch.zeros(n_boot - len(k), dtype=k.dtype, device=device)])
     d_boot = 2.0 ** -k.double()
     # Deviation: t of the two kinds of rows are independent draws; targets_shortcut.py draws both from one key.

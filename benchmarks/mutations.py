@@ -169,6 +169,12 @@ MUTATIONS = {
         ("lr_ref_steps=8000", "lr_ref_steps=2000", "stage-1 (CM) inverse-sqrt reference steps"),
     ],
     "shortcut": [
+        ("repeat_interleave((n_boot // 2) // levels)", "repeat_interleave(n_boot // levels)",
+         "bootstrap_dt_bias: the small steps get a full share"),
+        ("k = torch.cat([k, torch.ones(n_boot // 4,", "k = torch.cat([k, torch.ones(n_boot // 2,",
+         "bootstrap_dt_bias: half the rows on d = 1/2"),
+        ("    if cfg.bootstrap_dt_bias:", "    if False:", "bootstrap_dt_bias ignored"),
+        ("bootstrap_dt_bias: bool = False", "bootstrap_dt_bias: bool = True", "bootstrap_dt_bias on by default"),
         ("@torch.no_grad()\ndef bootstrap_target(", "def bootstrap_target(", "bootstrap target without stop-gradient"),
         ("    h = d / 2\n", "    h = d\n", "half steps as long as the trained step (d, not d / 2)"),
         ("z_mid = (z - bcast(h, z) * u_1)", "z_mid = (z + bcast(h, z) * u_1)", "first half step taken backwards"),

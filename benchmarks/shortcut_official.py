@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shortcut  # noqa: E402
 
 SHAPE, K, H = (2, 2, 2), 10, 32  # image (C, H, W), classes, hidden width
-CASES = [(cond, every, M) for cond in (False, True) for every in (4, 8) for M in (128, 8)]  # cond: bootstrap_cfg 1
+# cond: bootstrap_cfg 1; bias: bootstrap_dt_bias
+CASES = [(cond, every, M, bias) for cond in (False, True) for every in (4, 8) for M in (128, 8) for bias in (0, 1)]
 SCALE = 1.5  # cfg_scale of the conditional case (the README's ImageNet command)
 
 
@@ -93,29 +94,30 @@ def one_hot(labels, cond):
     return (labels[:, None] == torch.arange(K)).double() if cond else None  # label K (null) -> zero row
 
 
-def draw(get_targets, B, cond, every, M, seed=0):
+def draw(get_targets, B, cond, every, M, bias, seed=0):
     """get_targets on random images (B, C, H, W): its outputs as numpy, the inputs, and our Config of the setting."""
     import jax
     rng = np.random.default_rng(seed + 1)
     images = rng.normal(size=(B, *SHAPE)) * 1.5
     labels = rng.integers(0, K, size=B) if cond else np.zeros(B, dtype=np.int64)
     flags = SimpleNamespace(batch_size=B, model=dict(
-        denoise_timesteps=M, bootstrap_every=every, bootstrap_dt_bias=0, bootstrap_ema=1, bootstrap_cfg=int(cond),
+        denoise_timesteps=M, bootstrap_every=every, bootstrap_dt_bias=bias, bootstrap_ema=1, bootstrap_cfg=int(cond),
         cfg_scale=SCALE, num_classes=K, class_dropout_prob=0.3 if cond else 0.0))
     out = get_targets(flags, jax.random.PRNGKey(seed), OfficialState(M, cond), jax.numpy.asarray(images),
                       jax.numpy.asarray(labels))
     o = dict(zip(("x_t", "v_t", "tp", "dt_base", "labels"), (np.array(a) for a in out[:5])), images=images)
     o["labels_in"] = labels
-    return o, shortcut.Config(denoise_timesteps=M, bootstrap_every=every, cfg_scale=SCALE if cond else 1.0)
+    return o, shortcut.Config(denoise_timesteps=M, bootstrap_every=every, bootstrap_dt_bias=bool(bias),
+                              cfg_scale=SCALE if cond else 1.0)
 
 
-def check_layout(get_targets, cond, every, M):
+def check_layout(get_targets, cond, every, M, bias):
     """d of sample_t_d against 2^-level row by row (B = 128 and a large B), and on the large B the set of t of each
     step against 1 - t' and the whole grid {d, 2d, ..., 1} (flow rows: {1/M, ..., 1})."""
     levels = int(math.log2(M))
     rows = []
     for B in (128, every * (levels * 1024 + 3)):  # 1024 rows a step hit all of <= 64 points; 3 rows with d = 1
-        o, cfg = draw(get_targets, B, cond, every, M)
+        o, cfg = draw(get_targets, B, cond, every, M, bias)
         n_boot = B // every
         t, d = (a.numpy() for a in shortcut.sample_t_d(B, cfg, torch.Generator().manual_seed(0), "cpu"))
         d_off = np.where(np.arange(B) < n_boot, 2.0 ** -o["dt_base"], 0.0)  # flow rows: level log2 M, ours d = 0
@@ -127,10 +129,10 @@ def check_layout(get_targets, cond, every, M):
     return rows
 
 
-def check_targets_and_loss(get_targets, cond, every, M, B=128):
+def check_targets_and_loss(get_targets, cond, every, M, bias, B=128):
     """On the official draws: bootstrap targets, flow targets and the per-row loss."""
     import jax.numpy as jnp
-    o, cfg = draw(get_targets, B, cond, every, M)
+    o, cfg = draw(get_targets, B, cond, every, M, bias)
     n_boot = B // every
     z, v_t = torch.from_numpy(o["x_t"]), torch.from_numpy(o["v_t"])
     t = torch.from_numpy(1 - o["tp"].astype(np.float64))  # ours t = 1 - t'
@@ -189,16 +191,17 @@ def main():
     get_targets = load_official(args.official)
     torch.set_num_threads(1)
     rows = []
-    for cond, every, M in CASES:
-        case = f"{'cond cfg 1.5' if cond else 'uncond'}, every {every}, M {M}"
+    for cond, every, M, bias in CASES:
+        case = f"{'cond cfg 1.5' if cond else 'uncond'}, every {every}, M {M}{', dt bias' if bias else ''}"
         print(case)
-        checks = check_layout(get_targets, cond, every, M) + check_targets_and_loss(get_targets, cond, every, M)
+        checks = (check_layout(get_targets, cond, every, M, bias)
+                  + check_targets_and_loss(get_targets, cond, every, M, bias))
         rows += [(case, *c) for c in checks]
     rows += [(f"{'cond cfg 1.5' if cond else 'uncond'}, M {M}", *c) for cond in (False, True) for M in (128, 8)
              for c in check_sampler(cond, M)]
-    print(f"{'case':29s} {'check':44s} {'max |diff|':>10s} {'tol':>6s}")
+    print(f"{'case':38s} {'check':44s} {'max |diff|':>10s} {'tol':>6s}")
     for case, name, diff, tol in rows:
-        print(f"{case:29s} {name:44s} {diff:10.2e} {tol:6.0e}{'' if diff <= tol else '  FAIL'}")
+        print(f"{case:38s} {name:44s} {diff:10.2e} {tol:6.0e}{'' if diff <= tol else '  FAIL'}")
     failed = [f"{case}: {name}" for case, name, diff, tol in rows if not diff <= tol]
     if failed:
         sys.exit(f"{len(failed)} checks failed, the first: {failed[0]}")

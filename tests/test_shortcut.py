@@ -195,6 +195,23 @@ def test_batch_split_and_step_sizes(B, every, counts):
     assert (d[:n_boot].diff() >= 0).all() and (d[n_boot:] == 0).all()
 
 
+@pytest.mark.parametrize("B, every, counts", [
+    # n = 64 self-consistency rows: (64 // 2) // 7 = 4 for d = 1/64 .. 1/4, 64 // 4 = 16 for d = 1/2, the rest d = 1
+    (256, 4, {1 / 64: 4, 1 / 32: 4, 1 / 16: 4, 1 / 8: 4, 1 / 4: 4, 1 / 2: 16, 1.0: 28, 0.0: 192}),
+    (512, 2, {1 / 64: 18, 1 / 32: 18, 1 / 16: 18, 1 / 8: 18, 1 / 4: 18, 1 / 2: 64, 1.0: 102, 0.0: 256}),
+])
+def test_batch_split_with_bootstrap_dt_bias(B, every, counts):
+    """targets_shortcut.py with bootstrap_dt_bias: (n // 2) // log2 M rows for each of the log2 M - 2 smallest steps
+    (smallest first), then n // 4 with d = 1/2, the remainder d = 1."""
+    cfg = shortcut.Config(bootstrap_every=every, bootstrap_dt_bias=True)
+    t, d = shortcut.sample_t_d(B, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert {v: int((d == v).sum()) for v in d.unique().tolist()} == counts
+    n_boot = B - counts[0.0]
+    assert (d[:n_boot].diff() >= 0).all() and (d[n_boot:] == 0).all()
+    j = t[:n_boot] / d[:n_boot]  # t on the grid of each row's step
+    assert (j == j.round()).all() and (j >= 1).all() and (t <= 1).all()
+
+
 def test_times_lie_on_the_grid_of_their_step():
     """Self-consistency rows: t uniform on {d, 2d, ..., 1} (t' = 0 .. 1 - d in the paper's time); flow rows: t uniform
     on {1/M, ..., 1}. Every grid value appears and no count is further than 5 standard errors from uniform."""
@@ -346,6 +363,7 @@ def test_sampler_guidance():
 def test_config_defaults_and_checks():
     c = shortcut.Config()
     assert (c.denoise_timesteps, c.bootstrap_every, c.bootstrap_clip) == (128, 4, 4.0)
+    assert c.bootstrap_dt_bias is False  # train.py's bootstrap_dt_bias 0: equal counts
     assert (c.label_dropout, c.cfg_scale) == (0, 1)
     assert (c.sample_steps, c.sample_cfg_scale) == (1, 1)
     for field in ("denoise_timesteps", "sample_steps"):

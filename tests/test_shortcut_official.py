@@ -33,10 +33,10 @@ def assert_within(rows):
     assert not failed, failed
 
 
-@pytest.mark.parametrize("cond, every, M", bench.CASES)
-def test_layout_targets_and_loss_match_the_official_code(get_targets, cond, every, M):
-    assert_within(bench.check_layout(get_targets, cond, every, M))
-    assert_within(bench.check_targets_and_loss(get_targets, cond, every, M))
+@pytest.mark.parametrize("cond, every, M, bias", bench.CASES)
+def test_layout_targets_and_loss_match_the_official_code(get_targets, cond, every, M, bias):
+    assert_within(bench.check_layout(get_targets, cond, every, M, bias))
+    assert_within(bench.check_targets_and_loss(get_targets, cond, every, M, bias))
 
 
 @pytest.mark.parametrize("cond", [False, True])
