@@ -7,10 +7,11 @@
     python benchmarks/toy_suite.py --dists arms_ring --methods diffusion,ct --curve-every 200   # ratio vs steps
     python benchmarks/toy_suite.py --held-out 12 --jobs 2 --threads 1 --second-seed 0.3   # judge on unseen clouds
     python benchmarks/toy_suite.py --held-out 12 --dists held03-rings,held07-curves --methods diffusion,sct  # subset
+    python benchmarks/toy_suite.py --held-out 12 --dists held02-spiral --eval-points 16384  # the same runs, more points
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
-on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user
-would: `python train.py --method M --data <name>.npy` with its toy preset. MeanFlow, shortcut models, flow maps
+on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user would:
+`python train.py --method M --data <name>.npy` with its toy preset. MeanFlow, shortcut models, flow maps
 and the diffusion model start from scratch; the others reuse the runs before them, as the reference does: sCT and CT
 tune the diffusion run (--init), sCD and CD (presets toy-scd, toy-cd) take it as --teacher (and start from it), TCM
 takes the CT run as --stage1.
@@ -24,7 +25,8 @@ to place a cell against a threshold. The data-vs-data floor (as many further dra
 for scale: a ratio near floor/gaussian is as good as this metric can tell. Sliced W2 sees only 1-D projections, and
 thin structure projects like a filled blob (on thin_spirals a blob and a clean spiral both score 0.43-0.47), so each
 cell also gets precision and recall (k-nearest-neighbour balls, `precision_recall`): the share of samples that land
-on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). Cost is the
+on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). With
+`--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards). Cost is the
 wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not counted).
 The budget the presets
 are sized for is one minute on two CPU cores, hence the defaults: one run at a time with `train.py --threads 2`
@@ -275,11 +277,13 @@ def precision_recall(real, fake, k=3):
     only 1-D projections, in which a blob and a thin spiral look alike; precision sees samples that fall off thin
     structure (a blob on thin_spirals: 0.41, data against data: 0.95)."""
     real, fake = (torch.tensor(np.ascontiguousarray(a), dtype=torch.float64) for a in (real, fake))
-    radius_real = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # k + 1: each point is its own nearest
-    radius_fake = torch.cdist(fake, fake).kthvalue(k + 1, dim=1).values
-    dist = torch.cdist(fake, real)
-    return (float((dist <= radius_real[None, :]).any(1).double().mean()),
-            float((dist <= radius_fake[:, None]).any(0).double().mean()))
+
+    def chunks(a):  # 4,096 rows at a time: 4,096 x N distances in memory, whatever N
+        return (a[i:i + 4096] for i in range(0, len(a), 4096))
+    radius_real, radius_fake = (torch.cat([torch.cdist(c, a).kthvalue(k + 1, dim=1).values for c in chunks(a)])
+                                for a in (real, fake))  # k + 1: each point is its own nearest
+    return tuple(float(torch.cat([(torch.cdist(c, b) <= radius[None, :]).any(1) for c in chunks(a)]).double().mean())
+                 for a, b, radius in ((fake, real, radius_real), (real, fake, radius_fake)))
 
 
 def baselines(train, held_out, floor_sets, seed=0):
@@ -429,20 +433,21 @@ def scores(x, held_out, gaussian):
 
 def draw_scores(run, held_out, gaussian, draws):
     """Scores (ratio, precision, recall) of `draws` sets of len(held_out) samples from a finished run's EMA: its
-    samples.npy (train.py's), then draws - 1 more drawn the same way from ckpt.pt with the seeds mix_seed(run seed, k),
-    k = 1, 2, ...; returns the first set and the per-draw scores, shape (draws, 3)."""
+    samples.npy (train.py's, when it holds len(held_out) points), then more drawn the same way from ckpt.pt with the
+    seeds mix_seed(run seed, k), k = 1, 2, ...; returns the first set and the per-draw scores, shape (draws, 3)."""
     import data
     import train
-    first = np.load(os.path.join(run, "samples.npy")).astype(np.float64)
-    rows = [scores(first, held_out, gaussian)]
-    if draws > 1:
+    sets = [np.load(os.path.join(run, "samples.npy")).astype(np.float64)]
+    if len(sets[0]) != len(held_out):  # --eval-points other than train.py's 4,096: every set from ckpt.pt
+        sets = []
+    if len(sets) < draws:
         state, method, method_cfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
-        for k in range(1, draws):
+        for k in range(1, draws + 1 - len(sets)):
             seed = data.mix_seed(state["config"]["seed"], k)
             with torch.no_grad():
                 x = train.draw_samples(method, method_cfg, net, ds, label_dim, len(held_out), seed, "cpu", chunk=4096)
-            rows.append(scores(x.double().numpy(), held_out, gaussian))
-    return first, np.array(rows)
+            sets.append(x.double().numpy())
+    return sets[0], np.array([scores(x, held_out, gaussian) for x in sets])
 
 
 def curve(run, held_out, gaussian):
@@ -523,8 +528,11 @@ def main():
                    "no longer those of an idle machine)")
     p.add_argument("--threads", type=int, default=2, help="train.py --threads: CPU threads per run")
     p.add_argument("--nice", type=int, default=0, help="niceness of the train.py processes")
-    p.add_argument("--draws", type=int, default=8, help="sets of 4,096 one-step samples scored per run (the table "
+    p.add_argument("--draws", type=int, default=8, help="sets of --eval-points one-step samples scored per run (the table "
                    "shows their mean ratio; the baselines are averaged alike): one set's ratio varies by ~0.04 (std)")
+    p.add_argument("--eval-points", type=int, default=4096, help="held-out points, samples per draw and points per "
+                   "data-floor set: the data floor (a perfect sampler's ratio) falls with more; any value but 4,096 "
+                   "draws every set from ckpt.pt (train.py's samples.npy holds 4,096)")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
                    "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
@@ -537,8 +545,9 @@ def main():
         bad = [v for v in values if v not in known]
         if bad:
             raise SystemExit(f"toy_suite.py: error: unknown --{name} {bad}; choose from {', '.join(known)}")
-    if args.curve_every < 0 or args.draws < 1 or args.held_out < 0:
-        raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1")
+    if args.curve_every < 0 or args.draws < 1 or args.held_out < 0 or args.eval_points < 16:
+        raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1, "
+                         "--eval-points >= 16")
     methods = [m for m in METHODS if m in methods]  # dependency order
     for m in methods:  # before any data is drawn or scored
         needs = METHODS[m][1]
@@ -561,8 +570,8 @@ def main():
     files, held_out, base = {}, {}, {}
     for d in dists:
         i = list(pool).index(d)  # the same points whatever subset runs
-        train, test, floor = (draw(d, n, seed, pool) for n, seed in ((args.n, 1000 + i), (4096, 2000 + i),
-                                                                    (4096 * args.draws, 3000 + i)))
+        train, test, floor = (draw(d, n, seed, pool) for n, seed in ((args.n, 1000 + i), (args.eval_points, 2000 + i),
+                                                                    (args.eval_points * args.draws, 3000 + i)))
         train, test, floor = (standardize(x, train) for x in (train, test, floor))
         files[d] = os.path.join(args.out, "data", f"{d}.npy")
         np.save(files[d], train.astype(np.float32))
@@ -620,9 +629,9 @@ def largest(run, key):
 
 def print_precision_recall(dists, methods, base, pr, second):
     """The precision / recall table (a second seed's in brackets), its worst cells and the cells below the goal."""
-    print("\nprecision / recall (k = 3 nearest-neighbour balls, 4,096 samples against the held-out points; the data "
-          "floor is data against data): precision is the share of samples on the data, recall the share of the data "
-          "covered; a second seed's in brackets")
+    print("\nprecision / recall (k = 3 nearest-neighbour balls, one-step samples against as many held-out points; the "
+          "data floor is data against data): precision is the share of samples on the data, recall the share of the "
+          "data covered; a second seed's in brackets")
     print("| distribution | data floor | " + " | ".join(LABELS[m] for m in methods) + " |")
     print("|---|---|" + "---|" * len(methods))
 

@@ -203,7 +203,24 @@ def test_suite_curve_scores_each_snapshot_as_the_run_scores_its_final_samples(tm
     i = list(toy_suite.DISTS).index("moons")
     train, test = (toy_suite.draw("moons", n, seed) for n, seed in ((500, 1000 + i), (4096, 2000 + i)))
     train, test = toy_suite.standardize(train, train), toy_suite.standardize(test, train)
-    gaussian = toy_suite.baselines(train, test, [test] * 3)[0]
+    gaussian = toy_suite.baselines(train, test, [test] * 3)["gaussian"]
     assert gaussian == pytest.approx(results["baselines"]["moons"]["gaussian"], rel=1e-12)
     [(_, ema, _)] = toy_suite.curve(str(tmp_path / "swapped"), test, gaussian)
     assert ema == pytest.approx(online4, rel=1e-9, abs=0)
+
+    # --eval-points 1000: the same run (reused, not retrained) scored on 1,000 held-out points, its three sets drawn
+    # from ckpt.pt (samples.npy holds 4,096), the baselines on 1,000-point sets
+    p = subprocess.run([sys.executable, suite, "--dists", "moons", "--methods", "meanflow", "--n", "500", "--steps", "4",
+                        "--curve-every", "2", "--draws", "3", "--threads", "1", "--out", str(tmp_path),
+                        "--eval-points", "1000"], capture_output=True, text=True)
+    assert p.returncode == 0 and "moons  meanflow: reused" in p.stdout, p.stderr[-2000:]
+    again = json.load(open(tmp_path / "results.json"))
+    run1000 = again["runs"]["moons/meanflow"]
+    assert len(set(run1000["ratios"])) == 3 and not set(run1000["ratios"]) & set(run["ratios"])
+    raw = toy_suite.draw("moons", 500, 1000 + i)  # the training points before standardising
+    test1000 = toy_suite.standardize(toy_suite.draw("moons", 1000, 2000 + i), raw)
+    assert toy_suite.baselines(train, test1000, [test1000] * 3)["gaussian"] == pytest.approx(
+        again["baselines"]["moons"]["gaussian"], rel=1e-12)
+    bad = subprocess.run([sys.executable, suite, "--eval-points", "8", "--out", str(tmp_path / "y")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--eval-points >= 16" in bad.stderr and not os.path.exists(tmp_path / "y")
