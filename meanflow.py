@@ -76,7 +76,8 @@ class Config:
     # Loss: w = 1 / (sg(L) + c)^p, L = sum over dims of (u - u_tgt)^2 (mean_flow.py, MeanFlowModel._mf_pred_to_loss)
     norm_p: float = 0.75  # >= 0
     norm_c: float = 1e-3  # > 0
-    # the r = t rows' weight: "row" each its own (mean_flow.py) | "mean" one for all, 1 / (mean sg(L) + c)^p
+    # the r = t rows' weight: "row" each its own (mean_flow.py) | "mean" one for all of a micro-batch's r = t rows,
+    # 1 / (their mean sg(L) + c)^p
     norm_r_eq_t: str = "row"  # row or mean
     # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": finite difference
     tangent: str = "jvp"  # jvp, fused or fd

@@ -79,8 +79,8 @@ class Config:
     # B // bootstrap_every rows of each batch get self-consistency targets: 4 is the paper's Table 3 (ratio of
     # empirical to bootstrap targets 0.75); train.py's default is 8, which its README commands keep
     bootstrap_every: int = 4  # >= 1
-    # False: the self-consistency rows split evenly over the log2 M step sizes; True: half of them on d = 1/2 and 1
-    # (a quarter each, plus the remainder on d = 1), the other half evenly over 2/M .. 1/4 (train.py bootstrap_dt_bias)
+    # False: the self-consistency rows split evenly over the log2 M step sizes; True: (n / 2) // log2 M of them for
+    # each of d = 2/M .. 1/4, n / 4 for d = 1/2, the rest for d = 1 (39 % at M = 128) (train.py bootstrap_dt_bias)
     bootstrap_dt_bias: bool = False  # bool
     # label dropout on the flow-matching rows (train.py class_dropout_prob; ImageNet 0.1); self-consistency rows keep
     # their labels (targets_shortcut.py)
