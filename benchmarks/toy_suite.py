@@ -26,13 +26,12 @@ for scale: a ratio near floor/gaussian is as good as this metric can tell. Slice
 thin structure projects like a filled blob (on thin_spirals a blob and a clean spiral both score 0.43-0.47), so each
 cell also gets precision and recall (k-nearest-neighbour balls, `precision_recall`): the share of samples that land
 on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). With
-`--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards). Cost is the
-wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not counted).
-The budget the presets
-are sized for is one minute on two CPU cores, hence the defaults: one run at a time with `train.py --threads 2`
-(--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios equal up to run-to-run noise
-and each run taking ~1.5x longer). A finished run is reused while its command line and resolved recipe are
-unchanged (code edits need --force); the suite folder and the checkout may move.
+`--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards). Cost
+is the wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not
+counted). The budget the presets are sized for is one minute on two CPU cores, hence the defaults: one run at a time
+with `train.py --threads 2` (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios
+equal up to run-to-run noise and each run taking ~1.5x longer). A finished run is reused while its command line and
+resolved recipe are unchanged (code edits need --force); the suite folder and the checkout may move.
 
 Tuning and judging: the presets are tuned on the named distributions (`thin_spirals`, added after the held-out
 spirals failed, is one no preset passes yet); `--held-out N` replaces them by the first N held-out clouds, random
@@ -437,9 +436,8 @@ def draw_scores(run, held_out, gaussian, draws):
     seeds mix_seed(run seed, k), k = 1, 2, ...; returns the first set and the per-draw scores, shape (draws, 3)."""
     import data
     import train
-    sets = [np.load(os.path.join(run, "samples.npy")).astype(np.float64)]
-    if len(sets[0]) != len(held_out):  # --eval-points other than train.py's 4,096: every set from ckpt.pt
-        sets = []
+    first = np.load(os.path.join(run, "samples.npy")).astype(np.float64)
+    sets = [first] if len(first) == len(held_out) else []  # other --eval-points: every set from ckpt.pt
     if len(sets) < draws:
         state, method, method_cfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
         for k in range(1, draws + 1 - len(sets)):
