@@ -349,7 +349,7 @@ def sample(net, eps, cfg, y=None, ts=None, euler=False):
 EMA_DECAYS = (0.9999, 0.99995, 0.9996)  # three constant EMAs, the first evaluated (FastGen's EMA_CONST_CALLBACKS)
 # ImageNet-256 on SD-VAE latents (data.py encode-latents): config_mf_b.py. bf16 with tangent="jvp": the JVP pass runs
 # fully in fp32, as config_mf_b.py's; "fused" under bf16 would linearise around the bf16 primal instead (a few % off,
-# README "Precision").
+# docs/training.md "Precision").
 IMAGENET256_DIT = dict(cond=True, batch=1024, steps=1_200_000, optimizer="adam", lr=1e-4, betas=(0.9, 0.95),
                        ema=EMA_DECAYS, precision="bf16", tangent="jvp", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4,
                        P_std_r=1.0, ratio_r_neq_t=0.25, norm_p=1.0, norm_c=1.0, label_dropout=0.1)

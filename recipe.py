@@ -242,8 +242,8 @@ def config_warnings(args, cfg, method, ds, resumed):
         std = data.rms_spread(ds.x) / math.sqrt(ds.shape[0])  # per axis, on average
         if not 0.5 <= std / cfg["sigma_data"] <= 2:
             messages.append(f"the points' standard deviation per axis is {std:.3g} and sigma_data is "
-                            f"{cfg['sigma_data']:g}: standardise the points (see README, Point data) or pass "
-                            f"--sigma-data {std:.3g}")
+                            f"{cfg['sigma_data']:g}: standardise the points (see docs/training.md, \"Point data\") "
+                            f"or pass --sigma-data {std:.3g}")
     if method.NEEDS_INIT and not resumed and not args.init and not args.teacher:
         messages.append(f"{args.method} usually starts from a pretrained diffusion model (--init PATH); training from scratch")
     return messages

@@ -374,7 +374,7 @@ PRESETS = {
     # sCD on ImageNet-64 with EDM's ADM: config_scd_in64.py (teacher: convert.py on edm-imagenet-64x64-cond-adm.pkl).
     # bf16 with an fp32 JVP, hence tangent="jvp" ("fused" under bf16 linearises around the bf16 primal: on this
     # full-size net its dF differs from the fp32 JVP by 1.7-2.0 %, its g by up to 1.4 %; benchmarks/bf16_tangent.py,
-    # README "Precision").
+    # docs/training.md "Precision").
     "imagenet64-scd": dict(
         net="adm", dropout=0.0, cond=True, distill=True, batch=1024, steps=600_000, optimizer="adam", lr=7e-5,
         betas=(0.9, 0.99), adam_eps=1e-11, lr_ref_steps=35_000, grad_clip=10.0, precision="bf16", ema=EMA_DECAYS,

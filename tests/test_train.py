@@ -365,7 +365,7 @@ def test_points_far_from_sigma_data_warn(tmp_path, capsys):
     common = ("--method", "diffusion", "--steps", "1", "--batch", "8")
     run(tmp_path, *common, "--data", str(tmp_path / "wide.npy"), out="wide")
     assert f"warning: the points' standard deviation per axis is {std:.3g} and sigma_data is 1: standardise the " \
-           f"points (see README, Point data) or pass --sigma-data {std:.3g}" in capsys.readouterr().out
+           f"points (see docs/training.md, \"Point data\") or pass --sigma-data {std:.3g}" in capsys.readouterr().out
     for i, extra in enumerate([("--data", "toy"), ("--data", str(tmp_path / "wide.npy"), "--sigma-data", "5")]):
         run(tmp_path, *common, *extra, out=f"quiet{i}")
         assert "warning" not in capsys.readouterr().out, extra
