@@ -8,6 +8,8 @@
     python benchmarks/toy_suite.py --held-out 12 --jobs 2 --threads 1 --second-seed 0.3   # judge on unseen clouds
     python benchmarks/toy_suite.py --held-out 12 --dists held03-rings,held07-curves --methods diffusion,sct  # subset
     python benchmarks/toy_suite.py --held-out 12 --dists held02-spiral --eval-points 16384  # the same runs, more points
+    python benchmarks/toy_suite.py --held-out 12 --methods meanflow,shortcut --sample-steps 4   # the same runs, 4 steps
+    python benchmarks/toy_suite.py --held-out 12 --methods meanflow --sample-steps 128 --velocity  # as a plain flow
 
 Each distribution is drawn once (20,000 training points standardised to zero mean and unit variance per axis
 on average, saved as `<out>/data/<name>.npy`, plus 4,096 held-out points) and each method is run as a user would:
@@ -26,7 +28,10 @@ for scale: a ratio near floor/gaussian is as good as this metric can tell. Slice
 thin structure projects like a filled blob (on thin_spirals a blob and a clean spiral both score 0.43-0.47), so each
 cell also gets precision and recall (k-nearest-neighbour balls, `precision_recall`): the share of samples that land
 on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). With
-`--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards). Cost
+`--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards).
+`--sample-steps N` scores the same runs with N-step samples (MeanFlow, shortcut models, flow maps; the diffusion
+teacher with N Heun steps), and with `--velocity` N Euler steps of the velocity u(z, t, t) the map was trained
+along: where a one-step miss starts, in the map or in the flow under it. Cost
 is the wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not
 counted). The budget the presets are sized for is one minute on two CPU cores, hence the defaults: one run at a time
 with `train.py --threads 2` (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios
@@ -430,16 +435,51 @@ def scores(x, held_out, gaussian):
     return (sliced_w2(x, held_out) / gaussian, *precision_recall(held_out, x))
 
 
-def draw_scores(run, held_out, gaussian, draws):
+# Methods whose sampler takes a step count (--sample-steps), and those whose net gives the velocity u(z, t, t)
+# (--velocity): MeanFlow, shortcut models and flow maps share the call net(z, t, r).
+STEPPED = ("meanflow", "shortcut", "flowmap", "diffusion")
+VELOCITY = ("meanflow", "shortcut", "flowmap")
+
+
+def sampler(method, method_cfg, steps=None, velocity=False):
+    """(object with .sample, config) for train.draw_samples: the run's own sampler (steps None); its sampler with
+    `steps` steps (meanflow: the uniform grid from sample_ts[0] to 0; shortcut, flowmap: sample_steps; diffusion:
+    Heun's sample_steps); or with velocity=True `steps` Euler steps of the velocity u(z, t, t) from z = t_0 eps,
+    t_0 = sample_ts[0] for MeanFlow (its sampler's start) and 1 for the others."""
+    import dataclasses
+    import types
+    name = method.__name__
+    if velocity:
+        t0 = method_cfg.sample_ts[0] if name == "meanflow" else 1.0
+
+        def flow(net, eps, cfg, y=None):
+            z = t0 * eps
+            for i in range(steps):
+                t = torch.full(eps.shape[:1], t0 * (1 - i / steps), device=eps.device, dtype=torch.float64)
+                z = z - (t0 / steps) * net(z, t, t, y)
+            return z
+        return types.SimpleNamespace(sample=flow), method_cfg
+    if steps is None:
+        return method, method_cfg
+    if name == "meanflow":
+        t0 = method_cfg.sample_ts[0]
+        return method, dataclasses.replace(method_cfg, sample_ts=tuple(t0 * (1 - i / steps) for i in range(steps + 1)))
+    return method, dataclasses.replace(method_cfg, sample_steps=steps)
+
+
+def draw_scores(run, held_out, gaussian, draws, steps=None, velocity=False):
     """Scores (ratio, precision, recall) of `draws` sets of len(held_out) samples from a finished run's EMA: its
-    samples.npy (train.py's, when it holds len(held_out) points), then more drawn the same way from ckpt.pt with the
-    seeds mix_seed(run seed, k), k = 1, 2, ...; returns the first set and the per-draw scores, shape (draws, 3)."""
+    samples.npy (train.py's, when it holds len(held_out) points and the run's own sampler is asked for), then more
+    drawn the same way from ckpt.pt with the seeds mix_seed(run seed, k), k = 1, 2, ..., by `sampler(steps,
+    velocity)`; returns the first set and the per-draw scores, shape (draws, 3)."""
     import data
     import train
     first = np.load(os.path.join(run, "samples.npy")).astype(np.float64)
-    sets = [first] if len(first) == len(held_out) else []  # other --eval-points: every set from ckpt.pt
+    # other --eval-points, --sample-steps or --velocity: every set from ckpt.pt
+    sets = [first] if len(first) == len(held_out) and steps is None and not velocity else []
     if len(sets) < draws:
         state, method, method_cfg, ds, label_dim, net = load_run(os.path.join(run, "ckpt.pt"))
+        method, method_cfg = sampler(method, method_cfg, steps, velocity)
         for k in range(1, draws + 1 - len(sets)):
             seed = data.mix_seed(state["config"]["seed"], k)
             with torch.no_grad():
@@ -531,6 +571,10 @@ def main():
     p.add_argument("--eval-points", type=int, default=4096, help="held-out points, samples per draw and points per "
                    "data-floor set: the data floor (a perfect sampler's ratio) falls with more; any value but 4,096 "
                    "draws every set from ckpt.pt (train.py's samples.npy holds 4,096)")
+    p.add_argument("--sample-steps", type=int, metavar="N", help="score N-step samples instead of each method's own "
+                   f"sampler ({', '.join(STEPPED)}): rescores the same runs")
+    p.add_argument("--velocity", action="store_true", help="score --sample-steps Euler steps of the velocity u(z, t, t) "
+                   f"instead, the flow the map was trained along ({', '.join(VELOCITY)})")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
                    "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
@@ -547,6 +591,14 @@ def main():
         raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1, "
                          "--eval-points >= 16")
     methods = [m for m in METHODS if m in methods]  # dependency order
+    for flag, value, allowed in (("--sample-steps", args.sample_steps, STEPPED), ("--velocity", args.velocity, VELOCITY)):
+        if value and [m for m in methods if m not in allowed]:
+            raise SystemExit(f"toy_suite.py: error: {flag} applies to {', '.join(allowed)}; pick them with --methods")
+    if (args.sample_steps is not None and args.sample_steps < 1) or (args.velocity and not args.sample_steps):
+        raise SystemExit("toy_suite.py: error: --sample-steps must be >= 1 (and --velocity needs it)")
+    if args.sample_steps and "shortcut" in methods and not args.velocity and args.sample_steps & (args.sample_steps - 1):
+        raise SystemExit(f"toy_suite.py: error: shortcut models sample in a power of two steps, got --sample-steps "
+                         f"{args.sample_steps}")
     for m in methods:  # before any data is drawn or scored
         needs = METHODS[m][1]
         if needs and needs not in methods:
@@ -581,7 +633,8 @@ def main():
     torch.set_num_threads(args.threads)
     for (d, m), r in results.items():
         if r["rc"] == 0:
-            samples[d, m], rows = draw_scores(r["out"], held_out[d], base[d]["gaussian"], args.draws)
+            samples[d, m], rows = draw_scores(r["out"], held_out[d], base[d]["gaussian"], args.draws,
+                                              args.sample_steps, args.velocity)
             r["ratios"], r["precisions"], r["recalls"] = rows.T.tolist()
             ratios[d, m], pr[d, m] = float(rows[:, 0].mean()), tuple(map(float, rows[:, 1:].mean(0)))
             r["growth"], r["spike"] = largest(r["out"], "grad_norm_growth"), largest(r["out"], "grad_norm_spike")
@@ -593,7 +646,8 @@ def main():
             for (d, m), (rc, cost, out, _) in zip(again, runs):
                 print(f"{d:>14s} {m:>9s}: seed {args.seed + 1} {'ok' if rc == 0 else f'FAILED (rc {rc})'}", flush=True)
                 if rc == 0:
-                    _, rows = draw_scores(out, held_out[d], base[d]["gaussian"], args.draws)
+                    _, rows = draw_scores(out, held_out[d], base[d]["gaussian"], args.draws, args.sample_steps,
+                                          args.velocity)
                     ratio, precision, recall = map(float, rows.mean(0))
                     second[d, m] = dict(out=out, ratio=ratio, precision=precision, recall=recall,
                                         growth=largest(out, "grad_norm_growth"), spike=largest(out, "grad_norm_spike"),
@@ -627,7 +681,7 @@ def largest(run, key):
 
 def print_precision_recall(dists, methods, base, pr, second):
     """The precision / recall table (a second seed's in brackets), its worst cells and the cells below the goal."""
-    print("\nprecision / recall (k = 3 nearest-neighbour balls, one-step samples against as many held-out points; the "
+    print("\nprecision / recall (k = 3 nearest-neighbour balls, the samples against as many held-out points; the "
           "data floor is data against data): precision is the share of samples on the data, recall the share of the "
           "data covered; a second seed's in brackets")
     print("| distribution | data floor | " + " | ".join(LABELS[m] for m in methods) + " |")
@@ -653,7 +707,10 @@ def print_precision_recall(dists, methods, base, pr, second):
 def print_tables(args, dists, methods, base, results, ratios, second):
     """The Markdown table (ratio, a second seed's after a slash, wall-clock seconds), the worst cell, the share of
     cells at or below 0.35, the gradient-norm spikes and the spread of draws."""
-    print(f"\nratio = sliced W2 to held-out points / a moment-matched Gaussian's (1 = a blob); wall-clock s per run "
+    print("\nsamples: " + ("each method's own sampler (one step; the diffusion teacher its Heun steps)"
+                           if args.sample_steps is None else f"{args.sample_steps} Euler steps of u(z, t, t)"
+                           if args.velocity else f"each method's sampler in {args.sample_steps} steps"))
+    print(f"ratio = sliced W2 to held-out points / a moment-matched Gaussian's (1 = a blob); wall-clock s per run "
           f"({args.threads} threads, {args.jobs} at a time) in brackets; a second seed's ratio after a slash")
     print("| distribution | data floor | " + " | ".join(LABELS[m] for m in methods) + " |")
     print("|---|---|" + "---|" * len(methods))

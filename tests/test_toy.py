@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import scm
 from conftest import ROOT
@@ -149,6 +150,66 @@ def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, monkeypa
     with pytest.raises(SystemExit, match=f"need --methods to include {needs}$"):
         toy_suite.main()
     assert not os.path.exists(tmp_path / "suite")
+
+
+class ExactGaussianFlow(torch.nn.Module):
+    """u(z, t, r) for N(0, s^2 I) data on the path z_t = (1 - t) x + t eps, whose std is sigma_t = ((1 - t)^2 s^2 +
+    t^2)^(1/2): the flow map is z_r = z sigma_r / sigma_t, so u = z (sigma_t - sigma_r) / ((t - r) sigma_t), and at
+    r = t the velocity z sigma_t' / sigma_t. Counts its calls."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s, self.calls = s, 0
+
+    def sigma(self, t):
+        return ((1 - t) ** 2 * self.s**2 + t**2) ** 0.5
+
+    def forward(self, z, t, r, y=None):
+        self.calls += 1
+        t, r = t.double(), r.double()
+        velocity = (t - (1 - t) * self.s**2) / self.sigma(t)
+        average = torch.where(t > r, (self.sigma(t) - self.sigma(r)) / (t - r).clamp_min(1e-300), velocity)
+        return z * (average / self.sigma(t))[:, None]
+
+
+@pytest.mark.parametrize("name", ["meanflow", "shortcut", "flowmap"])
+def test_sampler_in_n_steps_and_as_a_flow_on_the_exact_gaussian_map(name):
+    """--sample-steps N: with the exact flow map every N lands on the exact sample (float64, 1e-12) in N net calls;
+    --velocity: N Euler steps of u(z, t, t) from the sampler's start, a first-order error (halved by 2N); no flags:
+    the run's own sampler and config."""
+    method, cfg = importlib.import_module(name), importlib.import_module(name).Config()
+    net = ExactGaussianFlow(0.5)
+    eps = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = cfg.sample_ts[0] if name == "meanflow" else 1.0
+    exact = eps * t0 / net.sigma(t0) * net.sigma(0.0)  # z = t0 eps at t0 carried to t = 0
+    assert toy_suite.sampler(method, cfg) == (method, cfg)
+    for n in (1, 2, 4):
+        sampler, c = toy_suite.sampler(method, cfg, n)
+        net.calls = 0
+        torch.testing.assert_close(sampler.sample(net, eps, c), exact, rtol=1e-12, atol=1e-12)
+        assert net.calls == n
+    errors = []
+    for n in (32, 64):
+        sampler, c = toy_suite.sampler(method, cfg, n, velocity=True)
+        net.calls = 0
+        errors.append((sampler.sample(net, eps, c) - exact).abs().max().item())
+        assert net.calls == n
+    assert 1.8 < errors[0] / errors[1] < 2.2 and errors[1] < 0.05, errors  # measured: 0.071, 0.036
+
+
+def test_sample_steps_flags(tmp_path, monkeypatch):
+    """The diffusion teacher takes N Heun steps; a method without a step count, a shortcut N that is not a power of
+    two and --velocity without N are refused before anything is written."""
+    import diffusion
+    assert toy_suite.sampler(diffusion, diffusion.Config(), 5)[1].sample_steps == 5
+    for flags, message in ((["--methods", "ct,diffusion", "--sample-steps", "2"], "--sample-steps applies to"),
+                           (["--methods", "meanflow,diffusion", "--sample-steps", "2", "--velocity"], "--velocity applies"),
+                           (["--methods", "shortcut", "--sample-steps", "6"], "power of two steps, got --sample-steps 6"),
+                           (["--methods", "meanflow", "--velocity"], "--velocity needs it")):
+        monkeypatch.setattr(sys, "argv", ["toy_suite.py", *flags, "--out", str(tmp_path / "suite")])
+        with pytest.raises(SystemExit, match=message):
+            toy_suite.main()
+        assert not os.path.exists(tmp_path / "suite")
 
 
 @pytest.mark.slow
