@@ -29,9 +29,9 @@ thin structure projects like a filled blob (on thin_spirals a blob and a clean s
 cell also gets precision and recall (k-nearest-neighbour balls, `precision_recall`): the share of samples that land
 on the data and the share of the data the samples cover, 0.95-0.98 for data against data (4,096 points). With
 `--eval-points N` every 4,096 here is N: the data floor falls with N (a finite sample's W2 is biased upwards).
-`--sample-steps N` scores the same runs with N-step samples (MeanFlow, shortcut models, flow maps; the diffusion
-teacher with N Heun steps), and with `--velocity` N Euler steps of the velocity u(z, t, t) the map was trained
-along: where a one-step miss starts, in the map or in the flow under it. Cost
+`--sample-steps N` scores the same runs with N-step samples (the samplers of `fid.py calc --steps N`), and with
+`--velocity` N Euler steps of the velocity u(z, t, t) that MeanFlow, shortcut models and flow maps learn beside the
+map: where a one-step miss starts, in the map or in the flow under it. Cost
 is the wall-clock time of each train.py process (CPU time, user + sys, is in results.json; the extra draws are not
 counted). The budget the presets are sized for is one minute on two CPU cores, hence the defaults: one run at a time
 with `train.py --threads 2` (--jobs 2 --threads 1 runs the same recipes in about the same total time, with ratios
@@ -435,36 +435,30 @@ def scores(x, held_out, gaussian):
     return (sliced_w2(x, held_out) / gaussian, *precision_recall(held_out, x))
 
 
-# Methods whose sampler takes a step count (--sample-steps), and those whose net gives the velocity u(z, t, t)
-# (--velocity): MeanFlow, shortcut models and flow maps share the call net(z, t, r).
-STEPPED = ("meanflow", "shortcut", "flowmap", "diffusion")
+# Nets that give the velocity u(z, t, t) (--velocity): MeanFlow, shortcut models and flow maps share net(z, t, r).
 VELOCITY = ("meanflow", "shortcut", "flowmap")
 
 
 def sampler(method, method_cfg, steps=None, velocity=False):
-    """(object with .sample, config) for train.draw_samples: the run's own sampler (steps None); its sampler with
-    `steps` steps (meanflow: the uniform grid from sample_ts[0] to 0; shortcut, flowmap: sample_steps; diffusion:
-    Heun's sample_steps); or with velocity=True `steps` Euler steps of the velocity u(z, t, t) from z = t_0 eps,
+    """(object with .sample, config) for train.draw_samples: the run's own sampler (steps None); its sampler in
+    `steps` steps, as `fid.py calc --steps` sets it (fid.sampler_config: the reference's N-step sigma list for
+    cm / scm / tcm, linspace(1, 0, N + 1) from sample_ts[0] for meanflow, N Heun steps for diffusion, N steps of
+    1/N for shortcut and flowmap); or with velocity=True `steps` Euler steps of the velocity u(z, t, t) from z = t_0 eps,
     t_0 = sample_ts[0] for MeanFlow (its sampler's start) and 1 for the others."""
-    import dataclasses
     import types
-    name = method.__name__
-    if velocity:
-        t0 = method_cfg.sample_ts[0] if name == "meanflow" else 1.0
 
-        def flow(net, eps, cfg, y=None):
-            z = t0 * eps
-            for i in range(steps):
-                t = torch.full(eps.shape[:1], t0 * (1 - i / steps), device=eps.device, dtype=torch.float64)
-                z = z - (t0 / steps) * net(z, t, t, y)
-            return z
-        return types.SimpleNamespace(sample=flow), method_cfg
-    if steps is None:
-        return method, method_cfg
-    if name == "meanflow":
-        t0 = method_cfg.sample_ts[0]
-        return method, dataclasses.replace(method_cfg, sample_ts=tuple(t0 * (1 - i / steps) for i in range(steps + 1)))
-    return method, dataclasses.replace(method_cfg, sample_steps=steps)
+    import fid
+    if not velocity:
+        return method, fid.sampler_config(method, method_cfg, steps)
+    t0 = method_cfg.sample_ts[0] if method.__name__ == "meanflow" else 1.0
+
+    def flow(net, eps, cfg, y=None):
+        z = t0 * eps
+        for i in range(steps):
+            t = torch.full(eps.shape[:1], t0 * (1 - i / steps), device=eps.device, dtype=torch.float64)
+            z = z - (t0 / steps) * net(z, t, t, y)
+        return z
+    return types.SimpleNamespace(sample=flow), method_cfg
 
 
 def draw_scores(run, held_out, gaussian, draws, steps=None, velocity=False):
@@ -571,8 +565,8 @@ def main():
     p.add_argument("--eval-points", type=int, default=4096, help="held-out points, samples per draw and points per "
                    "data-floor set: the data floor (a perfect sampler's ratio) falls with more; any value but 4,096 "
                    "draws every set from ckpt.pt (train.py's samples.npy holds 4,096)")
-    p.add_argument("--sample-steps", type=int, metavar="N", help="score N-step samples instead of each method's own "
-                   f"sampler ({', '.join(STEPPED)}): rescores the same runs")
+    p.add_argument("--sample-steps", type=int, metavar="N", help="score N-step samples (fid.py calc --steps N) instead "
+                   "of each method's own sampler: rescores the same runs")
     p.add_argument("--velocity", action="store_true", help="score --sample-steps Euler steps of the velocity u(z, t, t) "
                    f"instead, the flow the map was trained along ({', '.join(VELOCITY)})")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
@@ -591,9 +585,8 @@ def main():
         raise SystemExit("toy_suite.py: error: --curve-every and --held-out must be >= 0, --draws >= 1, "
                          "--eval-points >= 16")
     methods = [m for m in METHODS if m in methods]  # dependency order
-    for flag, value, allowed in (("--sample-steps", args.sample_steps, STEPPED), ("--velocity", args.velocity, VELOCITY)):
-        if value and [m for m in methods if m not in allowed]:
-            raise SystemExit(f"toy_suite.py: error: {flag} applies to {', '.join(allowed)}; pick them with --methods")
+    if args.velocity and [m for m in methods if m not in VELOCITY]:
+        raise SystemExit(f"toy_suite.py: error: --velocity applies to {', '.join(VELOCITY)}; pick them with --methods")
     if (args.sample_steps is not None and args.sample_steps < 1) or (args.velocity and not args.sample_steps):
         raise SystemExit("toy_suite.py: error: --sample-steps must be >= 1 (and --velocity needs it)")
     if args.sample_steps and "shortcut" in methods and not args.velocity and args.sample_steps & (args.sample_steps - 1):

@@ -198,12 +198,16 @@ def test_sampler_in_n_steps_and_as_a_flow_on_the_exact_gaussian_map(name):
 
 
 def test_sample_steps_flags(tmp_path, monkeypatch):
-    """The diffusion teacher takes N Heun steps; a method without a step count, a shortcut N that is not a power of
-    two and --velocity without N are refused before anything is written."""
+    """--sample-steps N sets each sampler as fid.py calc --steps N does (the diffusion teacher: N Heun steps; CT: an
+    N-step sigma list; MeanFlow: its 2-step grid 0.999, 0.5, 0); --velocity for a net without u(z, t, t), a shortcut
+    N that is not a power of two and --velocity without N are refused before anything is written."""
+    import cm
     import diffusion
+    import meanflow
     assert toy_suite.sampler(diffusion, diffusion.Config(), 5)[1].sample_steps == 5
-    for flags, message in ((["--methods", "ct,diffusion", "--sample-steps", "2"], "--sample-steps applies to"),
-                           (["--methods", "meanflow,diffusion", "--sample-steps", "2", "--velocity"], "--velocity applies"),
+    assert len(toy_suite.sampler(cm, cm.Config(), 3)[1].sample_sigmas) == 4
+    assert toy_suite.sampler(meanflow, meanflow.Config(), 2)[1].sample_ts == (0.999, 0.5, 0.0)
+    for flags, message in ((["--methods", "meanflow,diffusion", "--sample-steps", "2", "--velocity"], "--velocity applies"),
                            (["--methods", "shortcut", "--sample-steps", "6"], "power of two steps, got --sample-steps 6"),
                            (["--methods", "meanflow", "--velocity"], "--velocity needs it")):
         monkeypatch.setattr(sys, "argv", ["toy_suite.py", *flags, "--out", str(tmp_path / "suite")])
