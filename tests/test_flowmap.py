@@ -7,7 +7,6 @@ import torch
 
 import flowmap
 
-torch.set_num_threads(1)
 D = 2
 
 
