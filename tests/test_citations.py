@@ -10,7 +10,8 @@ PRIVATE_NOTES = "REF" + "ERENCE"  # spelled in two parts so this file does not r
 SKIP_DIRS = {"runs", "__pycache__"}  # and every hidden folder (.git, .venv, ...)
 MD_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target) or [text](target "title")
 REPO_PATH = re.compile(r"(?<![\w./-])(docs/[\w.-]+\.(?:md|png)|benchmarks/\w+\.py|tests/\w+\.py)(?![\w/-])")
-SECTION_REF = re.compile(r"(README|docs/[\w.-]+\.md)(?:'s)?,? \\?\"([^\"\\\n]+)\\?\"")  # a file, then a quoted heading or **bold** name
+# The README or a docs page, then (after an optional comma) a heading or **bold** name in quotes, escaped or not
+SECTION_REF = re.compile(r"(README|docs/[\w.-]+\.md)(?:'s)?,? \\?\"([^\"\\\n]+)\\?\"")
 
 
 def sections(path):
