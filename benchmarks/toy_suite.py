@@ -443,8 +443,8 @@ def sampler(method, method_cfg, steps=None, velocity=False):
     """(object with .sample, config) for train.draw_samples: the run's own sampler (steps None); its sampler in
     `steps` steps, as `fid.py calc --steps` sets it (fid.sampler_config: the reference's N-step sigma list for
     cm / scm / tcm, linspace(1, 0, N + 1) from sample_ts[0] for meanflow, N Heun steps for diffusion, N steps of
-    1/N for shortcut and flowmap); or with velocity=True `steps` Euler steps of the velocity u(z, t, t) from z = t_0 eps,
-    t_0 = sample_ts[0] for MeanFlow (its sampler's start) and 1 for the others."""
+    1/N for shortcut and flowmap); or with velocity=True `steps` Euler steps of the velocity u(z, t, t) from
+    z = t_0 eps, t_0 = sample_ts[0] for MeanFlow (its sampler's start) and 1 for the others."""
     import types
 
     import fid
@@ -567,8 +567,8 @@ def main():
                    "draws every set from ckpt.pt (train.py's samples.npy holds 4,096)")
     p.add_argument("--sample-steps", type=int, metavar="N", help="score N-step samples (fid.py calc --steps N) instead "
                    "of each method's own sampler: rescores the same runs")
-    p.add_argument("--velocity", action="store_true", help="score --sample-steps Euler steps of the velocity u(z, t, t) "
-                   f"instead, the flow the map was trained along ({', '.join(VELOCITY)})")
+    p.add_argument("--velocity", action="store_true", help="score --sample-steps Euler steps of the velocity "
+                   f"u(z, t, t) instead, the flow the map was trained along ({', '.join(VELOCITY)})")
     p.add_argument("--curve-every", type=int, default=0, help="snapshot every run every this many steps "
                    "(train.py --snapshot-every) and print its one-step ratio along the run, EMA and online weights")
     p.add_argument("--force", action="store_true", help="retrain every run (default: reuse a finished run while its "
@@ -589,7 +589,8 @@ def main():
         raise SystemExit(f"toy_suite.py: error: --velocity applies to {', '.join(VELOCITY)}; pick them with --methods")
     if (args.sample_steps is not None and args.sample_steps < 1) or (args.velocity and not args.sample_steps):
         raise SystemExit("toy_suite.py: error: --sample-steps must be >= 1 (and --velocity needs it)")
-    if args.sample_steps and "shortcut" in methods and not args.velocity and args.sample_steps & (args.sample_steps - 1):
+    power_of_two = args.sample_steps is None or args.sample_steps & (args.sample_steps - 1) == 0
+    if "shortcut" in methods and not args.velocity and not power_of_two:
         raise SystemExit(f"toy_suite.py: error: shortcut models sample in a power of two steps, got --sample-steps "
                          f"{args.sample_steps}")
     for m in methods:  # before any data is drawn or scored
