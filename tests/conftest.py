@@ -63,6 +63,33 @@ def randomize_(net, seed=0):
     return net
 
 
+class GaussianOracle(torch.nn.Module):
+    """Exact average velocity for x ~ N(mean, std^2 I) on z_t = (1 - t) x + t eps, plus a constant offset delta:
+    mu_t = (1 - t) mean, sig_t^2 = (1 - t)^2 std^2 + t^2, X(z; t, r) = mu_r + sig_r / sig_t (z - mu_t), so
+    u = -mean + c(t, r) (z - mu_t), c = (sig_t - sig_r) / ((t - r) sig_t) = ((t + r - 2) std^2 + t + r) /
+    ((sig_t + sig_r) sig_t), smooth at r = t. mean, std are parameters (their gradient is the test's)."""
+
+    def __init__(self, mean=0.7, std=0.5, delta=0.0):
+        super().__init__()
+        self.mean = torch.nn.Parameter(torch.tensor(mean, dtype=torch.float64))
+        self.std = torch.nn.Parameter(torch.tensor(std, dtype=torch.float64))
+        self.delta = delta
+
+    def u(self, z, t, r):
+        s2 = self.std ** 2
+        sig_t = ((1 - t) ** 2 * s2 + t ** 2).sqrt()
+        sig_r = ((1 - r) ** 2 * s2 + r ** 2).sqrt()
+        c = ((t + r - 2) * s2 + t + r) / ((sig_t + sig_r) * sig_t)
+        return -self.mean + c[:, None] * (z - (1 - t)[:, None] * self.mean) + self.delta
+
+    def forward(self, z, t, r, y=None, tangents=None):
+        if tangents is None:
+            return self.u(z, t, r)
+        with torch.no_grad():
+            _, du = torch.func.jvp(self.u, (z, t, r), tangents)
+        return self.u(z, t, r), du
+
+
 def sliced_wasserstein(a, b, n_proj=256, seed=0):
     """Sliced 2-Wasserstein distance between two equal-size point sets (N, D), float64."""
     g = torch.Generator().manual_seed(seed)
