@@ -168,7 +168,8 @@ def build_net(cfg, method, shape, label_dim):
         overrides["augment_dim"] = augment.label_dim(cfg["augment_pipe"])
     overrides.update(cfg.get("net_kwargs", {}))  # converted checkpoints: settings that differ from the registry's
     try:
-        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **method.NET_NEEDS, **overrides)
+        needs = method.net_needs(cfg) if hasattr(method, "net_needs") else method.NET_NEEDS  # a config's needs
+        return nets.build_net(cfg["net"], shape, label_dim=label_dim, **needs, **overrides)
     except ValueError as e:  # unknown net, or a net that does not fit the data
         raise UsageError(str(e)) from None
 

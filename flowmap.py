@@ -28,15 +28,17 @@ The paper's three characterisations of the flow map, in these symbols (X = X(z; 
 | -b_t         | v(z, t)     | u(z, t, t), the diagonal: the instantaneous velocity      | (B, *D)    |
 
 Network call: `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw), y one-hot or None; tangent="fused"
-also needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py). The same net as meanflow.py's.
+also needs `net(z, t, r, y, tangents=(dz, dt, dr)) -> (u, du)` (nets.py). The same net as meanflow.py's; with
+learned_weight also `net(..., return_logvar=True) -> (out, w)`, w (B,) a function of (t, r) only.
 Implemented: losses.py's three terms with its stop-gradients (LSD and PSD "convex", ESD "full" as in
-cifar10_paper.py), the diagonal / off-diagonal batch split, uniform or midpoint PSD, N-step flow-map sampler.
+cifar10_paper.py), the diagonal / off-diagonal batch split, uniform or midpoint PSD, N-step flow-map sampler, the
+learned time weight exp(-w) L + w of every term (`learned_weight`; w(t, r) from the net's log-variance head, as
+edm2_net.py's PrecondFlowMap.calc_weight: embeddings of both times, then a linear layer).
 Flow-map distillation (`teacher`): a frozen teacher's velocity v_T(z, t) = u_T(z, t, t) (a MeanFlow, shortcut or
 flow-map net) replaces the net's own diagonal: in LSD's v(X, r), in ESD's v(z, t), and as the diagonal rows' target
 (Lagrangian / Eulerian map distillation, "Flow map matching", arXiv:2406.07507; AYF-LMD / EMD in "Align Your Flow",
 arXiv:2506.14603). PSD has no velocity besides the diagonal's: there the teacher acts on the diagonal rows only.
-Not implemented: the learned time weight exp(-w_{s,t}) L + w_{s,t} (network.use_weight; nets.py's log-variance head
-takes one time, not two), label dropout and guidance (labels, with --cond, reach every pass with their rows: a
+Not implemented: label dropout and guidance (labels, with --cond, reach every pass with their rows: a
 class-conditional flow map), losses.py's other regularisers (constraints, two-stage).
 """
 import math
@@ -77,6 +79,9 @@ class Config:
     # "jvp": torch.func.jvp | "fused": the net returns (u, du) | "fd": central finite difference
     tangent: str = "jvp"  # jvp, fused or fd
     fd_step: float = 1e-4  # in (0, 1); step in t (ESD), r (LSD) and along v (ESD) for tangent="fd"
+    # the learned time weight (network.use_weight; cifar10_paper.py: on, the 2-D configs: off): each row's loss is
+    # exp(-w) L + w, w = w(t, r) the net's log-variance head (EDM2's uncertainty weight; edm2_net.py, calc_weight)
+    learned_weight: bool = False  # bool
     # Sampler: N uniform steps of the flow map from t = 1 (flow_map.py, sample: linspace(0, 1, N + 1))
     sample_steps: int = 1  # >= 1
 
@@ -95,9 +100,18 @@ class Config:
         return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
 
-RANGES = dict(diag_fraction="in (0, 1]", fd_step="in (0, 1)", sample_steps=">= 1")  # as each field's comment states
+# each field's range, as its comment states
+RANGES = dict(diag_fraction="in (0, 1]", fd_step="in (0, 1)", learned_weight="bool", sample_steps=">= 1")
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
+
+
+def net_needs(cfg):
+    """NET_NEEDS for a config (a dict or Config): with learned_weight also the log-variance head, of t and r."""
+    on = cfg.get("learned_weight", False) if isinstance(cfg, dict) else cfg.learned_weight  # earlier runs: none
+    return dict(NET_NEEDS, logvar=bool(on))
+
+
 TEACHERS = ("meanflow", "shortcut", "flowmap")  # --teacher: a net whose diagonal u(z, t, t) is a flow velocity
 INIT = ("flowmap", "meanflow", "shortcut")  # checkpoints train.py accepts as --init: the same u(z, t, r) net
 NEEDS_INIT = False  # trains from scratch
@@ -142,9 +156,17 @@ def bcast(a, x):
 
 def net_u(net, z, t, r, y=None):
     """u(z, t, r) from the net, times in z's dtype, its shape checked (a wrong one would broadcast in the loss)."""
-    u = net(z, t.to(z.dtype), r.to(z.dtype), y)
+    return net_uw(net, z, t, r, y, False)[0]
+
+
+def net_uw(net, z, t, r, y, weight):
+    """(u, w): u(z, t, r) and, with weight, the net's log-variance head w(t, r) (B,) (else None), shapes checked."""
+    args = (z, t.to(z.dtype), r.to(z.dtype), y)
+    u, w = net(*args, return_logvar=True) if weight else (net(*args), None)
     check_shape(u, z.shape, "flowmap: the net's u must have the shape of z (B, *D)", "one per entry")
-    return u
+    if weight:
+        check_shape(w, t.shape, "flowmap: the net's logvar must have shape (B,)", "one per row")
+    return u, w
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
@@ -176,17 +198,20 @@ def jvp_explained(fn, primals, tangents):
                            "or 'fused' with nets.py's nets") from e
 
 
-def u_and_du(net, z, t, r, y, dz, dt, dr, cfg):
-    """u = u(z, t, r) and du, its derivative along (dz, dt, dr) (each (B, *D) / (B,) or None: zero). "jvp" and "fd":
-    du carries the gradient, as losses.py differentiates through X.partial_t / partial_s; "fused": du carries none
-    (nets.py computes it without a graph)."""
+def u_and_du(net, z, t, r, y, dz, dt, dr, cfg, weight=False):
+    """(u, du, w): u = u(z, t, r), du its derivative along (dz, dt, dr) (each (B, *D) / (B,) or None: zero) and, with
+    weight, the net's log-variance head w(t, r) from the same call (else None). "jvp" and "fd": du carries the
+    gradient, as losses.py differentiates through X.partial_t / partial_s; "fused": du carries none (nets.py computes
+    it without a graph)."""
     t_in, r_in = t.to(z.dtype), r.to(z.dtype)
     zero_z, zero_t = torch.zeros_like(z), torch.zeros_like(t_in)
     tangents = (zero_z if dz is None else dz, zero_t if dt is None else dt, zero_t if dr is None else dr)
+    w = None
     if cfg.tangent == "fused":
         # Deviation: du is a stop-gradient here (MeanFlow's choice); the fixed point is the same, the gradient is
         # that of regressing u onto a target holding sg(du).
-        u, du = fused_call(net, z, t_in, r_in, y, tangents=tangents)
+        out = fused_call(net, z, t_in, r_in, y, tangents=tangents, **({"return_logvar": True} if weight else {}))
+        (u, du), w = out if weight else (out, None)
         check_shape(du, z.shape, "flowmap: the net's du must have the shape of z (B, *D)", "one per entry")
     elif cfg.tangent == "jvp":
         if hasattr(net, "module"):
@@ -194,46 +219,52 @@ def u_and_du(net, z, t, r, y, dz, dt, dr, cfg):
                              "wrapper cannot synchronise; use tangent='fused' or 'fd' with several processes")
 
         def u_fn(z_, t_, r_):
-            return net(z_, t_, r_, y)
-        u, du = jvp_explained(u_fn, (z, t_in, r_in), tangents)
+            return net(z_, t_, r_, y, return_logvar=True) if weight else net(z_, t_, r_, y)
+        out, d_out = jvp_explained(u_fn, (z, t_in, r_in), tangents)
+        (u, w), du = (out, d_out[0]) if weight else ((out, None), d_out)
     else:  # "fd"
         h = cfg.fd_step
-        u = net(z, t_in, r_in, y)
+        u, w = net_uw(net, z, t, r, y, weight)
         ups = [net(z + s * h * tangents[0], t_in + s * h * tangents[1], r_in + s * h * tangents[2], y)
                for s in (1, -1)]
         du = (ups[0] - ups[1]) / (2 * h)
     check_shape(u, z.shape, "flowmap: the net's u must have the shape of z (B, *D)", "one per entry")
-    return u, du
+    if weight:
+        check_shape(w, t.shape, "flowmap: the net's logvar must have shape (B,)", "one per row")
+    return u, du, w
 
 
 def offdiag_residual(net, z, t, r, m, h, y, cfg, teacher=None):
-    """The paper's self-distillation residual on rows with r < t (B_off, *D), float64; the teacher side of each
-    runs on the bare module in eval mode under no grad (losses.py: teacher_params = params, train=False), or, for
-    LSD's and ESD's velocity, on `teacher` (flow-map distillation)."""
+    """(residual, w): the paper's self-distillation residual on rows with r < t (B_off, *D), float64, and with
+    cfg.learned_weight the student's log-variance head w(t, r) (B_off,) (else None). The teacher side of each runs
+    on the bare module in eval mode under no grad (losses.py: teacher_params = params, train=False), or, for LSD's
+    and ESD's velocity, on `teacher` (flow-map distillation)."""
     bare = getattr(net, "module", net)
+    weight = cfg.learned_weight
     vel = bare if teacher is None else teacher  # whose diagonal u(z, t, t) is the velocity
     was_training = bare.training
     bare.eval()
     try:
         if cfg.loss_kind == "lsd":
             # Lagrangian: d_r X = u - (t - r) d_r u; teacher v(sg X, r) (lsd_term, "convex")
-            u, du_r = u_and_du(net, z, t, r, y, None, None, torch.ones_like(r.to(z.dtype)), cfg)
+            u, du_r, w = u_and_du(net, z, t, r, y, None, None, torch.ones_like(r.to(z.dtype)), cfg, weight)
             with torch.no_grad():
                 X = z - bcast(t - r, z) * u
                 v_X = vel(X, r.to(z.dtype), r.to(z.dtype), y)
-            return (u - bcast(t - r, z) * du_r - v_X).double()
+            return (u - bcast(t - r, z) * du_r - v_X).double(), w
         if cfg.loss_kind == "esd":
             # Eulerian: -d_t X = u + (t - r) d_t u carries the gradient; the advective term
             # grad_z X v = v - (t - r) grad_z u v is a stop-gradient (esd_term, "full" in cifar10_paper.py)
             with torch.no_grad():
                 v = vel(z, t.to(z.dtype), t.to(z.dtype), y)
             if cfg.tangent == "fused":
-                u, du = u_and_du(net, z, t, r, y, v, torch.ones_like(t.to(z.dtype)), None, cfg)  # d_t u + grad u v
-                return (u + bcast(t - r, z) * du - v).double()
-            u, du_t = u_and_du(net, z, t, r, y, None, torch.ones_like(t.to(z.dtype)), None, cfg)
+                one = torch.ones_like(t.to(z.dtype))
+                u, du, w = u_and_du(net, z, t, r, y, v, one, None, cfg, weight)  # du = d_t u + grad_z u v
+                return (u + bcast(t - r, z) * du - v).double(), w
+            u, du_t, w = u_and_du(net, z, t, r, y, None, torch.ones_like(t.to(z.dtype)), None, cfg, weight)
             with torch.no_grad():
-                _, du_z = u_and_du(bare, z, t, r, y, v, None, None, cfg)
-            return (u + bcast(t - r, z) * (du_t + du_z) - v).double()
+                _, du_z, _ = u_and_du(bare, z, t, r, y, v, None, None, cfg)
+            return (u + bcast(t - r, z) * (du_t + du_z) - v).double(), w
         # Progressive: student u(z, t, r); teacher sg of the two jumps (psd_term, "convex")
         t_in, r_in, m_in = t.to(z.dtype), r.to(z.dtype), m.to(z.dtype)
         with torch.no_grad():
@@ -241,7 +272,8 @@ def offdiag_residual(net, z, t, r, m, h, y, cfg, teacher=None):
             z_m = z - bcast(t - m, z) * u_tm
             u_mr = bare(z_m, m_in, r_in, y)
             u_tgt = bcast(1 - h, z) * u_tm + bcast(h, z) * u_mr
-        return (net_u(net, z, t, r, y) - u_tgt).double()
+        u, w = net_uw(net, z, t, r, y, weight)
+        return (u - u_tgt).double(), w
     finally:
         bare.train(was_training)
 
@@ -252,7 +284,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     is distilled. step and images are unused: the signature is the same in every method.
     Rows 0 .. n_diag - 1: |u(z, t, t) - v|^2 (diagonal_term; v = eps - x, or the teacher's v_T(z, t)); the others:
     |residual|^2 (lsd/esd/psd_term); squares summed over dimensions, every row weighted alike (setup_loss: the batch
-    mean of both parts)."""
+    mean of both parts), or with cfg.learned_weight each row's L as exp(-w) L + w, w = w(t, r) (r = t on the diagonal)
+    the net's log-variance head, as each of those terms."""
     B = x.shape[0]
     t, r, m, h = sample_times(B, cfg, gen, x.device)  # float64
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -265,16 +298,21 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     # arXiv:2406.07507 have no diagonal term); the same fixed point, and u(z, t, t) is learned directly.
     with torch.no_grad():
         v_diag = v[:n] if teacher is None else net_u(teacher, z[:n], t[:n], t[:n], y_d)
-    u_diag = net_u(net, z[:n], t[:n], t[:n], y_d)  # train mode: losses.py's diagonal_term
+    u_diag, w_diag = net_uw(net, z[:n], t[:n], t[:n], y_d, cfg.learned_weight)  # train mode: diagonal_term
     err_diag = (u_diag.double() - v_diag.double()).flatten(1)
     # The off-diagonal rows are a second differentiable pass (in eval mode, as losses.py's); DDP syncs the gradients
     # of both once (tests/test_train.py, flowmap cases).
-    res = (offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg, teacher) if n < B
-           else x.new_zeros((0, *x.shape[1:]), dtype=torch.float64))
+    res, w_off = (offdiag_residual(net, z[n:], t[n:], r[n:], m[n:], h[n:], y_o, cfg, teacher) if n < B
+                  else (x.new_zeros((0, *x.shape[1:]), dtype=torch.float64), x.new_zeros(0)))
     L = torch.cat([err_diag.square().sum(dim=1), res.flatten(1).square().sum(dim=1)])  # (B,), summed over dims
+    logs = dict(t=t)
+    if cfg.learned_weight:
+        w = torch.cat([w_diag, w_off]).double()
+        logs.update(L_raw=L.detach(), logvar=w.detach())
+        L = torch.exp(-w) * L + w
     Ld = L.detach()
     is_diag = torch.arange(B, device=x.device) < n
-    logs = dict(t=t, L_diag=torch.where(is_diag, Ld, 0.0), L_off=torch.where(is_diag, 0.0, Ld))  # sum to the loss
+    logs.update(L_diag=torch.where(is_diag, Ld, 0.0), L_off=torch.where(is_diag, 0.0, Ld))  # they sum to the loss
     return L, logs
 
 # --- Sampler ----------------------------------------------------------------------------------------------------------
@@ -299,16 +337,18 @@ def sample(net, eps, cfg, y=None, steps=None):
 PRESETS = {
     # cifar10_paper.py (the paper's CIFAR-10 runs; flow-maps.github.io: LSD FID 3.33 at 8 steps): batch 512, 204.8M
     # samples (400k steps), Adam lr 1e-2 with inverse-sqrt decay after 35k steps (EDM2's schedule), gradient clip 1,
-    # EMA 0.999 / 0.9999 (FID on the second). Deviation: nets.py's ddpmpp with dropout 0.13, not the EDM2 U-Net (channels 128, mult 2-2-2,
-    # 4 blocks, its magnitude-preserving layers need lr 1e-2); lr 2e-4 as EDM/DDPM++; no learned time weight.
+    # EMA 0.999 / 0.9999 (FID on the second), the learned time weight. Deviation: nets.py's ddpmpp with dropout 0.13,
+    # not the EDM2 U-Net (channels 128, mult 2-2-2, 4 blocks, its magnitude-preserving layers need lr 1e-2); lr 2e-4
+    # as EDM/DDPM++; the weight's head reads DDPM++'s embeddings of t and r, not EDM2-style Fourier features.
     "cifar10": dict(
         net="ddpmpp", dropout=0.13, cond=False, xflip=True, batch=512, steps=400_000,
-        optimizer="adam", lr=2e-4, betas=(0.9, 0.999), ema=(0.9999, 0.999), tangent="fused",
+        optimizer="adam", lr=2e-4, betas=(0.9, 0.999), ema=(0.9999, 0.999), tangent="fused", learned_weight=True,
     ),
     # 2-D points on CPU. Deviation: meanflow.py's toy recipe (mlp-small, batch 1024, Adam lr 2e-3, warm-up 100, EMA
     # 0.999 warmed up) for 5000 steps, not the paper's 2-D setting (checker, batch 100, lr 3e-4). 5000 steps, not
     # 2800: held-out clouds of benchmarks/toy_suite.py at or below 0.35 on 11 of 12 (9), worst 0.48 (0.62), at about
-    # 330 CPU-seconds a run instead of 190 (docs/presets.md).
+    # 330 CPU-seconds a run instead of 190 (docs/presets.md). No learned time weight, as the official 2-D configs
+    # (their MLP's weight is the constant 1: exp(-1) L + 1, a fixed rescale of L).
     "toy": dict(
         net="mlp-small", cond=False, batch=1024, steps=5000, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
         lr_warmup=100, ema=(0.999,), ema_warmup=True,

@@ -546,7 +546,7 @@ class SongUNet(nn.Module):
         self.map_augment = Linear(augment_dim, cond_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(cond_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.logvar_linear = Linear(noise_channels, 1, init_mode="kaiming_normal") if logvar else None
+        self.logvar_linear = Linear(cond_channels, 1, init_mode="kaiming_normal") if logvar else None  # of t (and r)
 
         self.enc, self.dec, cout = edm_unet_levels(in_channels, img_resolution, model_channels, model_channels, channel_mult,
                                                    num_blocks, attn_resolutions, init, block_kwargs, attn_all_dec=False)
@@ -560,7 +560,9 @@ class SongUNet(nn.Module):
         noise_emb = self.map_noise(t)
         emb = _swap_halves(noise_emb)
         if self.use_r:
-            emb = cat([emb, _swap_halves(self.map_noise(r))], dim=1)
+            r_emb = self.map_noise(r)
+            emb = cat([emb, _swap_halves(r_emb)], dim=1)
+            noise_emb = cat([noise_emb, r_emb], dim=1)  # the log-variance head's input: both times
         if self.map_label is not None:  # y=None: the zero label, whose map_label term is the bias
             y = _null_label(self, x) if y is None else y
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
@@ -594,7 +596,8 @@ def _null_label(net, x):
 
 
 def _logvar(head, noise_emb):
-    """Log-variance head for learned adaptive loss weights (sCM). A function of the time embedding only."""
+    """Log-variance head for learned adaptive loss weights (sCM; flow maps, one per (t, r)). A function of the time
+    embeddings only: t's, and r's in nets built with use_r."""
     if head is None:
         raise ValueError("return_logvar=True needs a net built with logvar=True")
     out = head(noise_emb)
@@ -631,7 +634,7 @@ class DhariwalUNet(nn.Module):
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
                                 init_weight=math.sqrt(label_dim)) if label_dim else None
-        self.logvar_linear = Linear(model_channels, 1, init_mode="kaiming_normal") if logvar else None
+        self.logvar_linear = Linear(cond_channels, 1, init_mode="kaiming_normal") if logvar else None  # of t (and r)
 
         self.enc, self.dec, cout = edm_unet_levels(in_channels, img_resolution, model_channels * channel_mult[0],
                                                    model_channels, channel_mult, num_blocks, attn_resolutions, init,
@@ -644,7 +647,8 @@ class DhariwalUNet(nn.Module):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
         noise_emb = self.map_noise(t)  # [cos, sin], no swap in ADM
-        emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
+        time_emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
+        emb = time_emb
         if self.map_augment is not None and aug is not None:
             emb = emb + self.map_augment(aug)
         emb = self.map_layer1(silu(self.map_layer0(emb)))
@@ -663,7 +667,7 @@ class DhariwalUNet(nn.Module):
         x = self.out_conv(silu(self.out_norm(x)))
         if not return_logvar:
             return x
-        return x, _logvar(self.logvar_linear, noise_emb)
+        return x, _logvar(self.logvar_linear, time_emb)
 
 
 def _check_r(net, r):
@@ -724,7 +728,7 @@ class MLP(nn.Module):
         self.map_label = Linear(label_dim, cond_channels, init_mode="xavier_uniform") if label_dim else None
         self.map_layer0 = Linear(cond_channels, width, init_mode="xavier_uniform")
         self.map_layer1 = Linear(width, width, init_mode="xavier_uniform")
-        self.logvar_linear = Linear(time_channels, 1) if logvar else None
+        self.logvar_linear = Linear(cond_channels, 1) if logvar else None  # of t (and r)
         self.fourier = FourierFeatures(dim, fourier, fourier_scale) if fourier else None
         self.fc_in = Linear(dim + 2 * fourier, width, init_mode="xavier_uniform")
         self.blocks = nn.ModuleList([MLPBlock(width, width, dropout) for _ in range(depth)])
@@ -740,7 +744,8 @@ class MLP(nn.Module):
         _check_r(self, r)
         x, t, r = _with_tangents(x, t, r, tangents)
         noise_emb = self.map_noise(t)
-        emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
+        time_emb = cat([noise_emb, self.map_noise(r)], dim=1) if self.use_r else noise_emb
+        emb = time_emb
         if self.map_label is not None:  # y=None: the zero label, whose map_label term is the bias
             y = _null_label(self, x) if y is None else y
             emb = emb + self.map_label(y * math.sqrt(self.map_label.in_features))
@@ -751,7 +756,7 @@ class MLP(nn.Module):
         x = self.fc_out(silu(x))
         if not return_logvar:
             return x
-        return x, _logvar(self.logvar_linear, noise_emb)
+        return x, _logvar(self.logvar_linear, time_emb)
 
 
 # --- EDM2 (magnitude-preserving UNet) ----------------------------------------------------------------------
@@ -885,7 +890,8 @@ class EDM2UNet(nn.Module):
     (16, 8). logvar=False drops the head (EDM2 always has it).
     use_r (our decision; FastGen 34f30e8's fails: `EMD2UNet.forward` in `fastgen/networks/EDM2/network.py` reads
     `self.r_timestep`, which its `__init__` never sets): r gets its own MPFourier embedding and MPConv
-    (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label.
+    (`emb_fourier_r`, `emb_noise_r`), mp_sum-ed with the t embedding before the label; with logvar, the head reads
+    mp_sum(logvar_fourier(t), logvar_fourier_r(r)) (a weight per (t, r), as the flow-map code's calc_weight).
     Training must call `normalize_weights_()` once after init and after every optimizer step (see MPConv)."""
 
     def __init__(self, img_resolution=64, in_channels=3, out_channels=3, label_dim=0, model_channels=192,
@@ -905,6 +911,7 @@ class EDM2UNet(nn.Module):
         self.emb_fourier_r = MPFourier(noise_channels) if use_r else None
         self.emb_noise_r = MPConv(noise_channels, emb_channels) if use_r else None
         self.logvar_fourier = MPFourier(logvar_channels) if logvar else None
+        self.logvar_fourier_r = MPFourier(logvar_channels) if logvar and use_r else None  # mp_sum-ed with t's
         self.logvar_linear = MPConv(logvar_channels, 1) if logvar else None
 
         def block(cin, cout, res, **kwargs):
@@ -972,7 +979,12 @@ class EDM2UNet(nn.Module):
         x = self.out_conv(x, gain=self.out_gain)
         if not return_logvar:
             return x
-        return x, _logvar(self.logvar_linear, self.logvar_fourier(t) if self.logvar_fourier is not None else None)
+        if self.logvar_fourier is None:
+            return x, _logvar(None, None)
+        time_emb = self.logvar_fourier(t)
+        if self.use_r:
+            time_emb = mp_sum(time_emb, self.logvar_fourier_r(r), 0.5)
+        return x, _logvar(self.logvar_linear, time_emb)
 
 
 # --- DiT (adaLN-Zero transformer) ---------------------------------------------------------------------------
@@ -1052,7 +1064,8 @@ class DiT(nn.Module):
     output channels; the net returns only the first in_channels (the methods here need no learned variance).
     use_r (MeanFlow, arXiv:2505.13447v1; as FastGen 34f30e8 `fastgen/networks/DiT/network.py`, DiT.forward with
     time_cond_type "diff"): `r_embedder` embeds t - r and c = t_emb(t) + r_emb(t - r) + y_emb(y).
-    t is used as given (no x1000). logvar: Linear(256 -> 1) on t's frequency embedding."""
+    t is used as given (no x1000). logvar: Linear(256 -> 1) on t's frequency embedding (with use_r, 512 -> 1 on those
+    of t and t - r)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, label_dim=0, learn_sigma=None, dropout=0.0, freq_channels=256, use_r=False, logvar=False):
@@ -1083,7 +1096,8 @@ class DiT(nn.Module):
         self.final_layer = nn.ModuleDict(dict(
             linear=Linear(hidden_size, patch_size ** 2 * out_channels, init_weight=0),
             adaLN_modulation=nn.Sequential(SiLU(), Linear(hidden_size, 2 * hidden_size, init_weight=0))))
-        self.logvar_linear = Linear(freq_channels, 1, init_mode="kaiming_normal") if logvar else None
+        head_in = freq_channels * (2 if use_r else 1)  # t's frequencies (and those of t - r)
+        self.logvar_linear = Linear(head_in, 1, init_mode="kaiming_normal") if logvar else None
 
     def label_embedding(self, y, batch):
         """(B, D); y one-hot (B, L) or None, an all-zero row (or None) gives the null row table[L]."""
@@ -1102,7 +1116,9 @@ class DiT(nn.Module):
         t_freq = self.time_freq(t)
         c = self.t_embedder.mlp(t_freq)
         if self.use_r:
-            c = add(c, self.r_embedder.mlp(self.time_freq(add(t, r * -1))))  # embeds t - r
+            d_freq = self.time_freq(add(t, r * -1))  # embeds t - r
+            c = add(c, self.r_embedder.mlp(d_freq))
+            t_freq = cat([t_freq, d_freq], dim=1)  # the log-variance head's input: both times
         if self.y_embedder is not None:
             c = c + self.label_embedding(y, B)
         for block in self.blocks:

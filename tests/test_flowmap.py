@@ -382,3 +382,78 @@ def test_labels_reach_every_pass_with_their_rows(kind, tangent, distil):
     if distil:
         assert {torch.equal(lab, y[:n]) for net, lab in seen if net is teacher} == (
             {True} if kind == "psd" else {True, False})
+
+
+# --- The learned time weight (learned_weight): exp(-w) L + w per row, w = w(t, r) -------------------------------------
+
+
+class WeightedOracle(GaussianOracle):
+    """The oracle with a log-variance head of the times only, w(t, r) = a + b t + c r, (a, b, c) parameters."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.abc = torch.nn.Parameter(torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64))
+
+    def forward(self, z, t, r, y=None, tangents=None, return_logvar=False):
+        out = super().forward(z, t, r, y, tangents)
+        return (out, self.abc[0] + self.abc[1] * t + self.abc[2] * r) if return_logvar else out
+
+
+@pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused"), ("psd", "fd")])
+def test_learned_weight_is_exp_minus_w_times_the_loss_plus_w(kind, tangent):
+    """Row i's loss is exp(-w_i) L_i + w_i, L_i the unweighted loss of the same draws, w_i = w(t_i, r_i) (r = t on the
+    diagonal rows), to 1e-12; the gradient in (a, b, c) is sum_i (1 - exp(-w_i) L_i) (1, t_i, r_i) (rel. 1e-10): the
+    weight is learned on every row through every tangent, from the student's own call at (t, r)."""
+    import dataclasses
+    net = WeightedOracle(delta=1.0)
+    cfg = flowmap.Config(loss_kind=kind, tangent=tangent, diag_fraction=0.25, learned_weight=True)
+    x = data(32)
+    Lw, logs, (t, r, _, _) = run(net, x, cfg)
+    L, _, _ = run(net, x, dataclasses.replace(cfg, learned_weight=False))
+    L = L.detach()
+    assert (r[8:] < t[8:]).all() and L[8:].max() > 1e-2  # off-diagonal rows with a loss of their own
+    w = 0.3 - 0.7 * t + 1.1 * r
+    torch.testing.assert_close(Lw.detach(), torch.exp(-w) * L + w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logs["logvar"], w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(logs["L_raw"], L) and torch.equal(logs["L_diag"] + logs["L_off"], Lw.detach())
+    Lw.sum().backward()
+    expect = ((1 - torch.exp(-w) * L)[:, None] * torch.stack([torch.ones_like(t), t, r], dim=1)).sum(0)
+    torch.testing.assert_close(net.abc.grad, expect, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_weight_presets_and_net_needs():
+    """The official configs: the weight on for CIFAR-10 (cifar10_paper.py, network.use_weight), off in 2-D; a net
+    built for a config with the weight has the log-variance head, one without it none."""
+    import nets
+    assert flowmap.PRESETS["cifar10"]["learned_weight"] is True and not flowmap.Config().learned_weight
+    assert not flowmap.Config.from_preset("toy").learned_weight
+    assert flowmap.net_needs(flowmap.Config(learned_weight=True)) == dict(use_r=True, logvar=True)
+    assert flowmap.net_needs({"learned_weight": False}) == dict(use_r=True, logvar=False)
+    assert flowmap.net_needs({}) == dict(use_r=True, logvar=False)  # a run saved before the option
+    assert nets.build_net("mlp", (2,), **flowmap.net_needs({"learned_weight": True})).logvar_linear is not None
+    with pytest.raises(ValueError, match="learned_weight"):
+        flowmap.Config(learned_weight=2)
+
+
+def test_train_py_learned_weight(tmp_path, capsys):
+    """--learned-weight true through the CLI: the head of (t, r) in the checkpoint, logvar and L_raw in the log, the
+    run rebuilds as a frozen teacher, and starts a run without the weight (--init: the head dropped)."""
+    import json
+    import os
+
+    import checkpoints
+    import train
+    common = ["--method", "flowmap", "--data", "toy", "--batch", "32", "--threads", "1", "--log-every", "2",
+              "--num-samples", "20", "--steps", "2", "--tangent", "fused"]
+    out = str(tmp_path / "w")
+    train.cli([*common, "--learned-weight", "true", "--out", out])
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    head = state["net"]["logvar_linear.weight"]
+    assert head.shape == (1, 2 * 64)  # mlp-small's time_channels, for t and for r
+    rec = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
+    assert "logvar" in rec and rec["L_raw"] > 0 and abs(rec["L_diag"] + rec["L_off"] - rec["loss"]) < 1e-9 * abs(rec["loss"])
+    teacher = checkpoints.frozen_ema(state, (2,), 0, "cpu", "teacher")
+    assert torch.equal(teacher.logvar_linear.weight, state["ema"][0]["logvar_linear.weight"])
+    plain = str(tmp_path / "plain")
+    train.cli([*common, "--init", out, "--out", plain])
+    assert "logvar_linear.weight" not in torch.load(os.path.join(plain, "ckpt.pt"), weights_only=True)["net"]

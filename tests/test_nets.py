@@ -249,6 +249,25 @@ def test_fused_tangent_is_fp32_under_bf16_autocast(kind):
     assert (d_out - d_ref).norm() / d_ref.norm() < 0.05  # linearised around a bf16 primal
 
 
+@pytest.mark.parametrize("name, shape", [("mlp", (2,)), ("ddpmpp-tiny", (3, 16, 16)), ("adm-tiny", (3, 16, 16)),
+                                         ("edm2-tiny", (3, 16, 16)), ("dit-tiny", (4, 8, 8))])
+def test_logvar_of_a_two_time_net_is_a_function_of_t_and_r(name, shape):
+    """With use_r the log-variance head (flowmap.py's learned weight w(t, r)) sees both times: it changes with r and
+    with t, not with x or the label, and the tangent pass returns the same value (to 1e-12)."""
+    torch.manual_seed(0)
+    net = nets.build_net(name, shape, label_dim=3, use_r=True, logvar=True).double().eval()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.3], dtype=torch.float64)
+    r, y = 0.5 * t, torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
+    w = net(x, t, r, y, return_logvar=True)[1]
+    assert w.shape == (4,)
+    torch.testing.assert_close(net(2 * x + 1, t, r, y.flip(0), return_logvar=True)[1], w, rtol=1e-12, atol=1e-12)
+    assert (net(x, t, 0.1 * t, y, return_logvar=True)[1] - w).abs().min() > 1e-6
+    assert (net(x, 0.8 * t, r, y, return_logvar=True)[1] - w).abs().min() > 1e-6
+    tangents = (torch.randn_like(x), torch.ones_like(t), torch.ones_like(r))
+    torch.testing.assert_close(net(x, t, r, y, tangents=tangents, return_logvar=True)[1], w, rtol=1e-12, atol=1e-12)
+
+
 def test_float64_forward_and_logvar():
     torch.manual_seed(0)
     net = nets.build_net("ddpmpp-tiny", (3, 16, 16), logvar=True).double()

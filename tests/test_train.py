@@ -166,11 +166,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, case):
     and fails otherwise) and equal, up to float rounding, the 1-process run with the same global batch split
     into 2 accumulation rounds. tangent=jvp runs torch.func.jvp on the bare module beside the DDP forward;
     scd and cd add a teacher and --init, tcm a frozen stage-1 net; flowmap makes two differentiable passes of the
-    DDP-wrapped net per step (the diagonal and the off-diagonal term), whose gradients DDP still syncs once."""
+    DDP-wrapped net per step (the diagonal and the off-diagonal term, each also giving the learned weight's
+    log-variance head a gradient), whose gradients DDP still syncs once."""
     method, _, tangent = case.partition("-")
     extra = ["--tangent", tangent] if tangent else []
     if case == "flowmap-psd":  # no derivative: the semigroup loss
         extra = ["--loss-kind", "psd"]
+    if case == "flowmap-fused":  # with the learned weight: its head's gradient comes from both passes
+        extra = [*extra, "--learned-weight", "true"]
     if case in ("scd-fused", "cd"):
         teacher = run(tmp_path, "--method", "diffusion", "--data", "toy", "--steps", "3", "--batch", "16", out="dif")
         method, extra = ("scm" if method == "scd" else "cm"), [*extra, "--teacher", teacher, "--init", teacher]
