@@ -41,6 +41,7 @@ arXiv:2506.14603). PSD has no velocity besides the diagonal's: there the teacher
 Not implemented: label dropout and guidance (labels, with --cond, reach every pass with their rows: a
 class-conditional flow map), losses.py's other regularisers (constraints, two-stage).
 """
+import inspect
 import math
 from dataclasses import dataclass, fields
 
@@ -159,6 +160,14 @@ def net_u(net, z, t, r, y=None):
     return net_uw(net, z, t, r, y, False)[0]
 
 
+def check_takes_logvar(net):
+    """learned_weight calls net(..., return_logvar=True) -> (out, w): a one-line error for a net without it."""
+    params = inspect.signature(getattr(net, "module", net).forward).parameters
+    if "return_logvar" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise TypeError("learned_weight=True needs a net that takes return_logvar=True and returns (out, w), w (B,) a "
+                        "function of t and r (nets.py's nets built with logvar=True); or set learned_weight=False")
+
+
 def net_uw(net, z, t, r, y, weight):
     """(u, w): u(z, t, r) and, with weight, the net's log-variance head w(t, r) (B,) (else None), shapes checked."""
     args = (z, t.to(z.dtype), r.to(z.dtype), y)
@@ -206,7 +215,6 @@ def u_and_du(net, z, t, r, y, dz, dt, dr, cfg, weight=False):
     t_in, r_in = t.to(z.dtype), r.to(z.dtype)
     zero_z, zero_t = torch.zeros_like(z), torch.zeros_like(t_in)
     tangents = (zero_z if dz is None else dz, zero_t if dt is None else dt, zero_t if dr is None else dr)
-    w = None
     if cfg.tangent == "fused":
         # Deviation: du is a stop-gradient here (MeanFlow's choice); the fixed point is the same, the gradient is
         # that of regressing u onto a target holding sg(du).
@@ -287,6 +295,8 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     mean of both parts), or with cfg.learned_weight each row's L as exp(-w) L + w, w = w(t, r) (r = t on the diagonal)
     the net's log-variance head, as each of those terms."""
     B = x.shape[0]
+    if cfg.learned_weight:
+        check_takes_logvar(net)
     t, r, m, h = sample_times(B, cfg, gen, x.device)  # float64
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     z = bcast(1 - t, x) * x + bcast(t, x) * eps

@@ -423,7 +423,8 @@ def test_learned_weight_is_exp_minus_w_times_the_loss_plus_w(kind, tangent):
 
 def test_learned_weight_presets_and_net_needs():
     """The official configs: the weight on for CIFAR-10 (cifar10_paper.py, network.use_weight), off in 2-D; a net
-    built for a config with the weight has the log-variance head, one without it none."""
+    built for a config with the weight has the log-variance head, one without it none; a net that cannot return the
+    weight is a one-line error."""
     import nets
     assert flowmap.PRESETS["cifar10"]["learned_weight"] is True and not flowmap.Config().learned_weight
     assert not flowmap.Config.from_preset("toy").learned_weight
@@ -433,6 +434,8 @@ def test_learned_weight_presets_and_net_needs():
     assert nets.build_net("mlp", (2,), **flowmap.net_needs({"learned_weight": True})).logvar_linear is not None
     with pytest.raises(ValueError, match="learned_weight"):
         flowmap.Config(learned_weight=2)
+    with pytest.raises(TypeError, match="^learned_weight=True needs a net that takes return_logvar"):
+        flowmap.loss(GaussianOracle(), data(8), None, flowmap.Config(learned_weight=True), 1, torch.Generator())
 
 
 def test_train_py_learned_weight(tmp_path, capsys):
