@@ -81,7 +81,9 @@ class Config:
     tangent: str = "jvp"  # jvp, fused or fd
     fd_step: float = 1e-4  # in (0, 1); step in t (ESD), r (LSD) and along v (ESD) for tangent="fd"
     # the learned time weight (network.use_weight; cifar10_paper.py: on, the 2-D configs: off): each row's loss is
-    # exp(-w) L + w, w = w(t, r) the net's log-variance head (EDM2's uncertainty weight; edm2_net.py, calc_weight)
+    # exp(-w) L + w, w = w(t, r) the net's log-variance head (EDM2's uncertainty weight; edm2_net.py, calc_weight).
+    # Deviation: off in every preset here: the official code pairs it with EDM2's magnitude-preserving head (|w| at
+    # most the norm of its time embedding); with nets.py's linear heads every 2-D run diverged (docs/presets.md)
     learned_weight: bool = False  # bool
     # Sampler: N uniform steps of the flow map from t = 1 (flow_map.py, sample: linspace(0, 1, N + 1))
     sample_steps: int = 1  # >= 1
@@ -349,10 +351,10 @@ PRESETS = {
     # samples (400k steps), Adam lr 1e-2 with inverse-sqrt decay after 35k steps (EDM2's schedule), gradient clip 1,
     # EMA 0.999 / 0.9999 (FID on the second), the learned time weight. Deviation: nets.py's ddpmpp with dropout 0.13,
     # not the EDM2 U-Net (channels 128, mult 2-2-2, 4 blocks, its magnitude-preserving layers need lr 1e-2); lr 2e-4
-    # as EDM/DDPM++; the weight's head reads DDPM++'s embeddings of t and r, not EDM2-style Fourier features.
+    # as EDM/DDPM++; no learned time weight (Config.learned_weight: with --net edm2-* it is the official pairing).
     "cifar10": dict(
         net="ddpmpp", dropout=0.13, cond=False, xflip=True, batch=512, steps=400_000,
-        optimizer="adam", lr=2e-4, betas=(0.9, 0.999), ema=(0.9999, 0.999), tangent="fused", learned_weight=True,
+        optimizer="adam", lr=2e-4, betas=(0.9, 0.999), ema=(0.9999, 0.999), tangent="fused",
     ),
     # 2-D points on CPU. Deviation: meanflow.py's toy recipe (mlp-small, batch 1024, Adam lr 2e-3, warm-up 100, EMA
     # 0.999 warmed up) for 5000 steps, not the paper's 2-D setting (checker, batch 100, lr 3e-4). 5000 steps, not

@@ -251,7 +251,7 @@ MUTATIONS = {
          "u, w = net_uw(net, z, t, t, y, weight)\n        return (u - u_tgt)", "PSD: the student asked at r = t"),
         ("w = torch.cat([w_diag, w_off])", "w = torch.cat([0 * w_diag, w_off])",
          "learned weight on the self-distillation rows only"),
-        ("tangent=\"fused\", learned_weight=True,", "tangent=\"fused\",", "CIFAR-10 preset without the learned weight"),
+        ("learned_weight: bool = False", "learned_weight: bool = True", "the learned weight on by default"),
     ],
     "diffusion": [
         ("weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2",
