@@ -207,9 +207,13 @@ def frozen_ema(state, shape, label_dim, device, what, i=0):
 
 
 def load_teacher(path, method, ds, label_dim, device, cfg):
-    """The first EMA net of a checkpoint, frozen, in eval mode."""
+    """The first EMA net of a checkpoint, frozen, in eval mode; a diffusion model taught to a student whose net has
+    an r input (a flow map) is read as its flow velocity u(z, t, r) = v(z, t) (diffusion.FlowVelocity)."""
     state = load_compatible(path, method, device, "teacher", cfg)
-    return frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
+    net = frozen_ema(state, ds.shape, label_dim if state["config"]["cond"] else 0, device, f"teacher {path}")
+    if state["config"]["method"] == "diffusion" and method.NET_NEEDS.get("use_r"):
+        net = method_module("diffusion").FlowVelocity(net, state["config"]["sigma_data"]).eval()
+    return net
 
 
 def load_stage1(path, method, net, device, cfg, init):

@@ -115,7 +115,9 @@ def net_needs(cfg):
     return dict(NET_NEEDS, logvar=bool(on))
 
 
-TEACHERS = ("meanflow", "shortcut", "flowmap")  # --teacher: a net whose diagonal u(z, t, t) is a flow velocity
+# --teacher: a net whose diagonal u(z, t, t) is a flow velocity, or a diffusion model, read as one by train.py
+# (diffusion.py, FlowVelocity)
+TEACHERS = ("meanflow", "shortcut", "flowmap", "diffusion")
 INIT = ("flowmap", "meanflow", "shortcut")  # checkpoints train.py accepts as --init: the same u(z, t, r) net
 NEEDS_INIT = False  # trains from scratch
 

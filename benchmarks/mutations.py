@@ -270,6 +270,13 @@ MUTATIONS = {
         ("x_next = x + (s_next - s_cur).to(x.dtype) * (d + d_next) / 2",
          "x_next = x + (s_next - s_cur).to(x.dtype) * d_next", "Heun without the average"),
         ("dropout=0.13", "dropout=0.1", "CIFAR-10 dropout"),
+        ("return bcast((t - sd**2 * (1 - t)) / s**2, z) * z", "return bcast((t - sd**2 * (1 - t)) / s, z) * z",
+         "flow velocity: A over s, not s^2"),
+        ("- bcast(sd / s, z) * F.to(z.dtype)", "+ bcast(sd / s, z) * F.to(z.dtype)", "flow velocity: sign of F"),
+        ("((t / (1 - t)).log() / 4)", "(t.log() / 4)", "flow velocity: c_noise of t, not of sigma = t / (1 - t)"),
+        ("self.net(bcast(1 / s, z) * z,", "self.net(z,", "flow velocity: the net's input without c_in"),
+        ("t = t.double().clamp(c.sigma_min / (1 + c.sigma_min),", "t = t.double().clamp(0.0,",
+         "flow velocity: t not clamped to the teacher's reach"),
     ],
 }
 

@@ -318,9 +318,12 @@ METHODS = dict(
     scd=("--method scm --data {data} --teacher {dif}", "diffusion"),  # presets toy-scd, toy-cd; init from the teacher
     cd=("--method cm --data {data} --teacher {dif}", "diffusion"),
     tcm=("--method tcm --data {data} --stage1 {ct}", "ct"),
+    fmd=("--method flowmap --data {data} --teacher {dif}", "diffusion"),  # flow-map distillation; only when named
 )
 LABELS = dict(meanflow="MeanFlow", shortcut="shortcut", flowmap="flow map (LSD)", diffusion="diffusion (teacher, Heun)",
-              sct="sCT (tuning)", ct="CT (tuning)", scd="sCD", cd="CD", tcm="TCM (on CT)")
+              sct="sCT (tuning)", ct="CT (tuning)", scd="sCD", cd="CD", tcm="TCM (on CT)",
+              fmd="flow map from the teacher")
+DEFAULT_METHODS = [m for m in METHODS if m != "fmd"]
 
 
 def resolved(flags):
@@ -436,7 +439,7 @@ def scores(x, held_out, gaussian):
 
 
 # Nets that give the velocity u(z, t, t) (--velocity): MeanFlow, shortcut models and flow maps share net(z, t, r).
-VELOCITY = ("meanflow", "shortcut", "flowmap")
+VELOCITY = ("meanflow", "shortcut", "flowmap", "fmd")
 
 
 def sampler(method, method_cfg, steps=None, velocity=False):
@@ -545,7 +548,8 @@ def main():
                    "(random families, never used for tuning) instead of the tuning distributions")
     p.add_argument("--dists", help=f"comma-separated subset of the distributions (default: all): {', '.join(DISTS)}, "
                    "or with --held-out held00-mixture, held01-curves, ...")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of: "
+                   f"{', '.join(METHODS)} (default: all but fmd, a flow map distilled from the diffusion run)")
     p.add_argument("--steps", type=int, help="override every run's --steps (default: each preset's)")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. \"--lr 2e-3\"")
     p.add_argument("--extra-for", action="append", default=[], metavar="METHODS=FLAGS", help="more train.py flags "

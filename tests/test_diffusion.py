@@ -1,9 +1,11 @@
 """diffusion.py (float64): EDM preconditioning, the loss is minimised by the exact Gaussian denoiser, the Karras
-grid, and the Heun sampler solves the PF-ODE of Gaussian data."""
+grid, the Heun sampler solves the PF-ODE of Gaussian data, and a denoiser read as a flow velocity is the exact one."""
+import pytest
 import torch
 from torch import nn
 
 import diffusion
+from conftest import GaussianOracle
 
 SD = 0.5
 S = 0.3  # data std
@@ -112,3 +114,35 @@ def test_point_net_leaves_the_zero_output_saddle_on_isotropic_unit_data():
         err = (diffusion.denoise(net, x + s * eps, torch.full((4096,), s), None, cfg.sigma_data) - x).square().mean()
     zero = (cfg.sigma_data**2 / (cfg.sigma_data**2 + s**2) * (x + s * eps) - x).square().mean()
     assert err < 0.9 * zero, (err / zero).item()
+
+
+class ExactF(torch.nn.Module):
+    """EDM's raw net F(c_in x, c_noise) of the exact denoiser of N(mean, std^2 I) data, D = mean + std^2 / (std^2 +
+    sigma^2) (x - mean): F = (D - c_skip x) / c_out, sigma and x recovered from the net's inputs."""
+
+    def __init__(self, mean, std, sigma_data):
+        super().__init__()
+        self.mean, self.std, self.sd = mean, std, sigma_data
+
+    def forward(self, x_in, c_noise, y=None):
+        sigma = (4 * c_noise.double()).exp()[:, None]
+        x = x_in * (sigma**2 + self.sd**2).sqrt()
+        D = self.mean + self.std**2 / (self.std**2 + sigma**2) * (x - self.mean)
+        c_skip, c_out = self.sd**2 / (sigma**2 + self.sd**2), sigma * self.sd / (sigma**2 + self.sd**2).sqrt()
+        return (D - c_skip * x) / c_out
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_a_diffusion_model_read_as_a_flow_velocity(sigma_data):
+    """diffusion.FlowVelocity of the exact EDM denoiser of Gaussian data is the exact flow velocity u(z, t, t) (the
+    Gaussian oracle) to 1e-12 on the teacher's reach (sigma in [0.002, 80]), r unused; outside it, that at the clamp."""
+    mean, std = 0.7, 0.5
+    v = diffusion.FlowVelocity(ExactF(mean, std, sigma_data), sigma_data)
+    oracle = GaussianOracle(mean, std)
+    t = torch.linspace(0.002 / 1.002, 80 / 81, 50, dtype=torch.float64)
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(v(z, t, 0.3 * t), oracle(z, t, t), rtol=1e-12, atol=1e-12)
+        edge = torch.tensor([1e-9, 0.9999], dtype=torch.float64)
+        torch.testing.assert_close(v(z[:2], edge), oracle(z[:2], *[torch.tensor([0.002 / 1.002, 80 / 81],
+                                                                               dtype=torch.float64)] * 2))

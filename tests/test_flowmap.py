@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import diffusion
 import flowmap
 from conftest import GaussianOracle
 
@@ -333,16 +334,17 @@ def test_distillation_teacher_gets_no_gradient_and_the_student_its_own(kind):
     assert grads[0].abs().max() > 0
 
 
-def test_train_py_distils_from_a_meanflow_or_shortcut_run(tmp_path, capsys):
+def test_train_py_distils_from_a_meanflow_shortcut_or_diffusion_run(tmp_path, capsys):
     """--teacher: a MeanFlow or shortcut run's EMA is the frozen teacher and, without --init, the student's start
-    (lr 0 keeps it there); the logged diagonal loss is then |u - v_T|^2 (0 at the start, student = teacher); a
-    diffusion run is refused in one line."""
+    (lr 0 keeps it there); the logged diagonal loss is then |u - v_T|^2 (0 at the start, student = teacher). A
+    diffusion run teaches its flow velocity (diffusion.FlowVelocity) to a student starting from scratch; a CM run is
+    refused in one line."""
     import json
     import os
 
     import train
     common = ["--data", "toy", "--batch", "16", "--threads", "1", "--num-samples", "16"]
-    runs = {m: str(tmp_path / m) for m in ("meanflow", "shortcut", "diffusion")}
+    runs = {m: str(tmp_path / m) for m in ("meanflow", "shortcut", "diffusion", "cm")}
     for m, out in runs.items():
         train.cli(["--method", m, *common, "--steps", "2", "--out", out])
     for m in ("meanflow", "shortcut"):
@@ -355,9 +357,20 @@ def test_train_py_distils_from_a_meanflow_or_shortcut_run(tmp_path, capsys):
             assert torch.equal(got["net"][k], v), k
         rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
         assert rec["L_diag"] == 0 and rec["L_off"] > 0
-    with pytest.raises(SystemExit, match="cannot use a diffusion checkpoint as --teacher"):
-        train.cli(["--method", "flowmap", *common, "--steps", "1", "--teacher", runs["diffusion"],
+    out = str(tmp_path / "fm-diffusion")
+    train.cli(["--method", "flowmap", *common, "--steps", "1", "--teacher", runs["diffusion"], "--out", out])
+    assert "the student starts from scratch, not from the teacher" in capsys.readouterr().out
+    assert json.loads(open(os.path.join(out, "metrics.jsonl")).readline())["L_diag"] > 0
+    from types import SimpleNamespace
+
+    import checkpoints
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    teacher = checkpoints.load_teacher(runs["diffusion"], flowmap, SimpleNamespace(shape=(2,)), 0, "cpu", cfg)
+    assert isinstance(teacher, diffusion.FlowVelocity) and not teacher.training
+    with pytest.raises(SystemExit, match="cannot use a cm checkpoint as --teacher"):
+        train.cli(["--method", "flowmap", *common, "--steps", "1", "--teacher", runs["cm"],
                    "--out", str(tmp_path / "refused")])
+
 
 
 @pytest.mark.parametrize("kind, tangent", KINDS + [("psd", "fused")])

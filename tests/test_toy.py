@@ -141,10 +141,10 @@ def test_suite_held_out_second_seed_and_spikes(tmp_path):
 
 
 @pytest.mark.parametrize("method, needs", [("sct", "diffusion"), ("ct", "diffusion"), ("scd", "diffusion"),
-                                           ("cd", "diffusion"), ("tcm", "ct")])
+                                           ("cd", "diffusion"), ("tcm", "ct"), ("fmd", "diffusion")])
 def test_suite_runs_start_from_what_the_reference_starts_from(tmp_path, monkeypatch, method, needs):
-    """sCT and CT tune the diffusion run, as the reference's results do; sCD / CD distil it; TCM continues CT. Asking
-    for one without the run it starts from is refused before anything is written."""
+    """sCT and CT tune the diffusion run, as the reference's results do; sCD / CD and the flow map fmd distil it; TCM
+    continues CT. Asking for one without the run it starts from is refused before anything is written."""
     monkeypatch.setattr(sys, "argv", ["toy_suite.py", "--dists", "moons", "--methods", method, "--n", "500", "--steps",
                                       "1", "--out", str(tmp_path / "suite")])
     with pytest.raises(SystemExit, match=f"need --methods to include {needs}$"):
