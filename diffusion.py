@@ -122,20 +122,21 @@ def denoise(net, x, sigma, y, sigma_data):
 class FlowVelocity(torch.nn.Module):
     """A diffusion model read as a rectified-flow velocity, the teacher of flow-map distillation (flowmap.py): on
     z_t = (1 - t) x + t eps, x_sigma = z_t / (1 - t) at sigma = t / (1 - t), so E[eps - x | z_t] = (z_t - D) / t =
-    A z_t - B F(z_t / s, ln(sigma) / 4) with s = sqrt(t^2 + sigma_data^2 (1 - t)^2), A = (t - sigma_data^2 (1 - t)) / s^2,
-    B = sigma_data / s (denoise's coefficients, the 1 / t cancelled). Called as the flow nets are, u = net(z, t, r, y),
-    r unused (u(z, t, r) = v(z, t)); t is clamped to the teacher's reach, sigma in [Config.sigma_min, sigma_max]."""
+    A z_t - B F(z_t / s, ln(sigma) / 4) with s = sqrt(t^2 + sigma_data^2 (1 - t)^2), A = (t - sigma_data^2 (1 - t))
+    / s^2, B = sigma_data / s (denoise's coefficients, the 1 / t cancelled). Called as the flow nets are,
+    u = net(z, t, r, y), r unused (u(z, t, r) = v(z, t)); t is clamped to the teacher's reach, sigma in
+    [sigma_min, sigma_max] (Config's: the sampler's range)."""
 
-    def __init__(self, net, sigma_data):
+    def __init__(self, net, sigma_data, sigma_min=Config.sigma_min, sigma_max=Config.sigma_max):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
+        self.t_min, self.t_max = sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)
 
     def forward(self, z, t, r=None, y=None):
-        sd, c = self.sigma_data, Config()
-        t = t.double().clamp(c.sigma_min / (1 + c.sigma_min), c.sigma_max / (1 + c.sigma_max))
+        sd, t = self.sigma_data, t.double().clamp(self.t_min, self.t_max)
         s = (t**2 + sd**2 * (1 - t) ** 2).sqrt()
         F = self.net(bcast(1 / s, z) * z, ((t / (1 - t)).log() / 4).to(z.dtype), y=y)
-        check_shape(F, z.shape, "FlowVelocity: the net's output F must have its input's shape (B, *D)", "one per entry")
+        check_shape(F, z.shape, "FlowVelocity: the net's output F must have its input's shape (B, *D)", "one per row")
         return bcast((t - sd**2 * (1 - t)) / s**2, z) * z - bcast(sd / s, z) * F.to(z.dtype)
 
 # --- Loss -------------------------------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ cifar10_paper.py), the diagonal / off-diagonal batch split, uniform or midpoint 
 learned time weight exp(-w) L + w of every term (`learned_weight`; w(t, r) from the net's log-variance head, as
 edm2_net.py's PrecondFlowMap.calc_weight: embeddings of both times, then a linear layer).
 Flow-map distillation (`teacher`): a frozen teacher's velocity v_T(z, t) = u_T(z, t, t) (a MeanFlow, shortcut or
-flow-map net) replaces the net's own diagonal: in LSD's v(X, r), in ESD's v(z, t), and as the diagonal rows' target
-(Lagrangian / Eulerian map distillation, "Flow map matching", arXiv:2406.07507; AYF-LMD / EMD in "Align Your Flow",
-arXiv:2506.14603). PSD has no velocity besides the diagonal's: there the teacher acts on the diagonal rows only.
+flow-map net, or a diffusion model seen as one) replaces the net's own diagonal: in LSD's v(X, r), in ESD's v(z, t),
+and as the diagonal rows' target (Lagrangian / Eulerian map distillation, "Flow map matching", arXiv:2406.07507;
+AYF-LMD / EMD in "Align Your Flow", arXiv:2506.14603). PSD has no velocity besides the diagonal's: there the teacher
+acts on the diagonal rows only.
 Not implemented: label dropout and guidance (labels, with --cond, reach every pass with their rows: a
 class-conditional flow map), losses.py's other regularisers (constraints, two-stage).
 """

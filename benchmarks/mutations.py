@@ -275,7 +275,7 @@ MUTATIONS = {
         ("- bcast(sd / s, z) * F.to(z.dtype)", "+ bcast(sd / s, z) * F.to(z.dtype)", "flow velocity: sign of F"),
         ("((t / (1 - t)).log() / 4)", "(t.log() / 4)", "flow velocity: c_noise of t, not of sigma = t / (1 - t)"),
         ("self.net(bcast(1 / s, z) * z,", "self.net(z,", "flow velocity: the net's input without c_in"),
-        ("t = t.double().clamp(c.sigma_min / (1 + c.sigma_min),", "t = t.double().clamp(0.0,",
+        ("self.t_min, self.t_max = sigma_min / (1 + sigma_min),", "self.t_min, self.t_max = 0.0,",
          "flow velocity: t not clamped to the teacher's reach"),
     ],
 }
