@@ -1,4 +1,5 @@
 import concurrent.futures
+import importlib.util
 import math
 import os
 import sys
@@ -8,6 +9,14 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark(name):
+    """benchmarks/<name>.py loaded as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 sys.path.insert(0, ROOT)
 
 

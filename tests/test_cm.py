@@ -146,12 +146,8 @@ def test_batch_denoise_is_the_posterior_mean_over_the_batch_and_label():
 def test_the_weights_benchmark_reads_the_weights_batch_denoise_sums():
     """benchmarks/batch_target_weights.py writes the softmax out again to report it: its weights times the batch are
     cm.batch_denoise (float64, 1e-12)."""
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location("btw", os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "benchmarks", "batch_target_weights.py"))
-    btw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(btw)
+    from conftest import benchmark
+    btw = benchmark("batch_target_weights")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 2, dtype=torch.float64, generator=g)
     sigma = torch.rand(16, dtype=torch.float64, generator=g) + 0.5

@@ -16,18 +16,20 @@ def bc(a, x):
 
 
 class GaussianDenoiser(nn.Module):
-    """Raw net whose preconditioned output is a * D*(x_sigma), D* = S^2 / (S^2 + sigma^2) x_sigma = E[x | x_sigma]."""
+    """Raw net F(c_in x, c_noise) whose preconditioned output (sigma_data, EDM Table 1) is a * D*(x_sigma), D* =
+    mean + std^2 / (std^2 + sigma^2) (x_sigma - mean) = E[x | x_sigma] for N(mean, std^2 I) data; sigma and x_sigma
+    recovered from the inputs."""
 
-    def __init__(self, a=1.0):
+    def __init__(self, a=1.0, mean=0.0, std=S, sigma_data=SD):
         super().__init__()
-        self.a = a
+        self.a, self.mean, self.std, self.sd = a, mean, std, sigma_data
 
     def forward(self, x_in, c_noise, y=None):
-        sigma = torch.exp(4 * c_noise)
-        x = x_in * bc((sigma**2 + SD**2).sqrt(), x_in)
-        D = self.a * bc(S**2 / (S**2 + sigma**2), x) * x
-        c_skip = SD**2 / (sigma**2 + SD**2)
-        c_out = sigma * SD / (sigma**2 + SD**2).sqrt()
+        sigma, sd = torch.exp(4 * c_noise), self.sd
+        x = x_in * bc((sigma**2 + sd**2).sqrt(), x_in)
+        D = self.a * (self.mean + bc(self.std**2 / (self.std**2 + sigma**2), x) * (x - self.mean))
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         return (D - bc(c_skip, x) * x) / bc(c_out, x)
 
 
@@ -116,28 +118,13 @@ def test_point_net_leaves_the_zero_output_saddle_on_isotropic_unit_data():
     assert err < 0.9 * zero, (err / zero).item()
 
 
-class ExactF(torch.nn.Module):
-    """EDM's raw net F(c_in x, c_noise) of the exact denoiser of N(mean, std^2 I) data, D = mean + std^2 / (std^2 +
-    sigma^2) (x - mean): F = (D - c_skip x) / c_out, sigma and x recovered from the net's inputs."""
-
-    def __init__(self, mean, std, sigma_data):
-        super().__init__()
-        self.mean, self.std, self.sd = mean, std, sigma_data
-
-    def forward(self, x_in, c_noise, y=None):
-        sigma = (4 * c_noise.double()).exp()[:, None]
-        x = x_in * (sigma**2 + self.sd**2).sqrt()
-        D = self.mean + self.std**2 / (self.std**2 + sigma**2) * (x - self.mean)
-        c_skip, c_out = self.sd**2 / (sigma**2 + self.sd**2), sigma * self.sd / (sigma**2 + self.sd**2).sqrt()
-        return (D - c_skip * x) / c_out
-
 
 @pytest.mark.parametrize("sigma_data", [0.5, 1.0])
 def test_a_diffusion_model_read_as_a_flow_velocity(sigma_data):
     """diffusion.FlowVelocity of the exact EDM denoiser of Gaussian data is the exact flow velocity u(z, t, t) (the
     Gaussian oracle) to 1e-12 on the teacher's reach (sigma in [0.002, 80]), r unused; outside it, that at the clamp."""
     mean, std = 0.7, 0.5
-    v = diffusion.FlowVelocity(ExactF(mean, std, sigma_data), sigma_data)
+    v = diffusion.FlowVelocity(GaussianDenoiser(mean=mean, std=std, sigma_data=sigma_data), sigma_data)
     oracle = GaussianOracle(mean, std)
     t = torch.linspace(0.002 / 1.002, 80 / 81, 50, dtype=torch.float64)
     z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

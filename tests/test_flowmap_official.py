@@ -5,17 +5,13 @@ FLOWMAP_OFFICIAL names a checkout of that repository and jax is installed:
 
     FLOWMAP_OFFICIAL=path/to/flow-maps python -m pytest tests/test_flowmap_official.py -m slow
 """
-import importlib.util
 import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import benchmark
 
-spec = importlib.util.spec_from_file_location("flowmap_official",
-                                              os.path.join(ROOT, "benchmarks", "flowmap_official.py"))
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = benchmark("flowmap_official")
 
 pytestmark = pytest.mark.slow
 

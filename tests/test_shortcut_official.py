@@ -4,17 +4,13 @@ unless SHORTCUT_OFFICIAL names a checkout of that repository and jax is installe
 
     SHORTCUT_OFFICIAL=path/to/shortcut-models python -m pytest tests/test_shortcut_official.py -m slow
 """
-import importlib.util
 import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import benchmark
 
-spec = importlib.util.spec_from_file_location("shortcut_official", os.path.join(ROOT, "benchmarks",
-                                                                                "shortcut_official.py"))
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = benchmark("shortcut_official")
 
 pytestmark = pytest.mark.slow
 

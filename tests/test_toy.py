@@ -1,6 +1,6 @@
 """The 2-D benchmark suite's data and score (benchmarks/toy_suite.py): unit-scale distributions, a sliced W2 that
 measures what it says, baselines that bracket the ratio, and what each run starts from and when it is reused."""
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -12,11 +12,9 @@ import pytest
 import torch
 
 import scm
-from conftest import ROOT, GaussianOracle
+from conftest import ROOT, GaussianOracle, benchmark
 
-spec = importlib.util.spec_from_file_location("toy_suite", os.path.join(ROOT, "benchmarks", "toy_suite.py"))
-toy_suite = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(toy_suite)
+toy_suite = benchmark("toy_suite")
 
 
 @pytest.mark.parametrize("name", list(toy_suite.DISTS))
