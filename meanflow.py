@@ -86,6 +86,10 @@ class Config:
     fd_step: float = 1e-4  # in (0, 1); absolute step in t for tangent="fd" (config_mean_flow.py)
     # steps over which the du/dt term ramps from 0 to 1 (0: off, as config_mean_flow.py)
     tangent_warmup: int = 0  # >= 0
+    # Deviation (not in mean_flow.py): v = eps - x replaced by the batch's E[v | z_t] = (z_t - D) / t, D the batch's
+    # E[x | z_t] (the reference-batch posterior of "Stable Target Field", arXiv:2302.00670; cm.py's batch target), in
+    # the target and the tangent alike (a teacher's velocity replaces either)
+    batch_target: bool = False  # bool
     # Classifier-free guidance baked into training (mean_flow.py, MeanFlowModel._get_velocity); omega 1, kappa 0: none
     label_dropout: float = 0.0  # in [0, 1)
     cfg_omega: float = 1.0  # >= 0
@@ -120,7 +124,7 @@ class Config:
 RANGES = dict(P_mean_t="finite", P_std_t=">= 0", P_mean_r="finite", P_std_r=">= 0", t_max="in (0, 1]",
               ratio_r_neq_t="in [0, 1]", norm_p=">= 0", norm_c="> 0", fd_step="in (0, 1)", tangent_warmup=">= 0",
               label_dropout="in [0, 1)", cfg_omega=">= 0", cfg_kappa="in [0, 1)", cfg_t_min="in [0, 1]",
-              cfg_t_max="in [0, 1]", guidance_scale=">= 0")  # every numeric field's range, as its comment states
+              cfg_t_max="in [0, 1]", guidance_scale=">= 0", batch_target="bool")  # every numeric field's range, as its comment states
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
 TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)
@@ -186,6 +190,22 @@ def eval_mode(net):
         net.train(was_training)
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
+
+
+# Copied from cm.py: batch_denoise
+def batch_denoise(x, x_t, scale, std, y=None):
+    """E[x | x_t] when the data are the batch's own samples x_1..x_B and x_t = scale x + std n (scale, std: (B,)):
+    sum_k w_k x_k, w_k = softmax_k(-||x_t - scale x_k||^2 / (2 std^2)) over the samples with x_t's label (y one-hot or
+    all-zero rows). The reference-batch estimate of the posterior mean of Xu et al. 2023 ("Stable Target Field",
+    arXiv:2302.00670), which Wang et al. 2024 (SCT, arXiv:2410.18958) use for consistency tuning. Each row's
+    ||x_t||^2 drops out of its softmax, leaving one matmul. float64 (B, *D)."""
+    xs, xt = x.flatten(1).double(), x_t.flatten(1).double()
+    scale, std = scale.double()[:, None], std.double()[:, None]
+    logits = (scale * (xt @ xs.T) - scale**2 * xs.square().sum(dim=1) / 2) / std**2
+    if y is not None:
+        ids = torch.where(y.flatten(1).any(dim=1), y.flatten(1).argmax(dim=1), -1)
+        logits = logits.masked_fill(ids[:, None] != ids[None, :], -math.inf)
+    return (logits.softmax(dim=1) @ xs).reshape(x.shape)
 
 
 def target_velocity(net, z, t, v, y, y_mixed, dropped, cfg, teacher=None):
@@ -295,6 +315,10 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     z = bcast(1 - t, x) * x + bcast(t, x) * eps
     v = eps - x
+    if cfg.batch_target:  # (z - D) / t = eps - x + (x - D) / t: exact where D = x (small t). A teacher replaces v
+        with torch.no_grad():
+            D = batch_denoise(x, z, 1 - t, t, y)
+            v = (v.double() + (x.double() - D) / bcast(t, D)).to(x.dtype)
 
     # Label dropout: the first samples get the null label (mean_flow.py, MeanFlowModel._mix_condition). Deviation:
     # applied in distillation too, where mean_flow.py skips it.
@@ -371,9 +395,11 @@ PRESETS = {
     # benchmarks/toy_suite.py (docs/presets.md): r != t for half the batch (CIFAR: 0.75); the adaptive weight with
     # p = 0.5, c = 4 (CIFAR: 0.75, 1e-3): with c << L each sample's loss is divided by its own size^p, a median-like fit
     # that biases the velocity (spirals, 128 Euler steps of u(z, t, t): 0.39 with c = 1e-3, 0.21 with this preset, as
-    # the diffusion teacher); mlp-small at batch 1024, lr 2e-3 (points seen matter more than width).
+    # the diffusion teacher); mlp-small at batch 1024, lr 2e-3 (points seen matter more than width); the batch target
+    # (Config.batch_target): with eps - x the weight per row gives separate modes the wrong mass (held-out clouds).
     "toy": dict(
         net="mlp-small", cond=False, batch=1024, steps=2800, optimizer="adam", lr=2e-3, betas=(0.9, 0.999),
         lr_warmup=100, ema=(0.999,), ema_warmup=True, tangent="fused", norm_p=0.5, norm_c=4.0, ratio_r_neq_t=0.5,
+        batch_target=True,
     ),
 }

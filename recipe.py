@@ -203,8 +203,8 @@ def check_config(args, cfg, method, resumed_step=None):
     if args.teacher and not method.TEACHERS:
         raise UsageError(f"{args.method} does not distil from a teacher")
     if args.teacher and cfg.get("batch_target"):
-        raise UsageError("--batch-target is consistency training's target; with --teacher the teacher gives x_r "
-                         "(pass --batch-target false)")
+        raise UsageError("--batch-target is the target of training without a teacher; with --teacher the teacher gives "
+                         "the target (pass --batch-target false)")
     if bool(args.stage1) != hasattr(method, "STAGE1"):
         raise UsageError(f"{args.method} needs --stage1 RUN, the stage-1 cm run it continues" if args.stage1 is None
                          else f"--stage1 is for tcm, not {args.method}")

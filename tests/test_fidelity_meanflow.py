@@ -197,7 +197,7 @@ PRESETS = {  # fastgen/configs/experiments/EDM/config_mf_cifar10.py, DiT/config_
     "cifar10": dict(net="ddpmpp", dropout=0.2, cond=False, xflip=True, batch=1024, steps=1_000_000, optimizer="adam",
                     lr=6e-4, betas=(0.9, 0.999), lr_warmup=9765, ema=EMA_DECAYS, P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0,
                     P_std_r=1.6, ratio_r_neq_t=0.75, norm_p=0.75, norm_c=1e-3, tangent="fused", precision="fp32",
-                    cfg_omega=1.0, cfg_kappa=0.0, label_dropout=0.0, sample_ts=(0.999, 0.0)),
+                    cfg_omega=1.0, cfg_kappa=0.0, label_dropout=0.0, sample_ts=(0.999, 0.0), batch_target=False),
     "imagenet256": dict(IMAGENET256_DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_min=0.0, cfg_t_max=1.0),
     "imagenet256-xl": dict(IMAGENET256_DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_min=0.0,
                            cfg_t_max=0.75),

@@ -337,17 +337,19 @@ def test_gradient_norm_ratios_window():
      "--teacher .* was trained with sigma_data 1.0 and this run has 0.7"),
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--sigma-data", "0.5"],
      "--stage1 .* was trained with sigma_data 1.0 and this run has 0.5"),
-    # The toy presets' batch target replaces CT's single-sample x_r; a teacher's step replaces both.
+    # The toy presets' batch target replaces the single-sample target (x_r, v); a teacher replaces both.
     (["--method", "scm", "--preset", "toy", "--data", "toy", "--init", "DIF", "--teacher", "DIF"],
-     "--batch-target is consistency training's target"),
+     "--batch-target is the target of training without a teacher"),
     (["--method", "cm", "--preset", "toy-cd", "--data", "toy", "--teacher", "DIF", "--batch-target", "true"],
-     "--batch-target is consistency training's target"),
+     "--batch-target is the target of training without a teacher"),
+    (["--method", "meanflow", "--data", "toy", "--teacher", "MF", "--batch-target", "true"],
+     "--batch-target is the target of training without a teacher"),
 ])
 def test_teacher_init_and_stage1_errors(tmp_path, args, message):
     """Runs that name the wrong kind of checkpoint, or miss the one they need, stop with a one-line error and leave
     no run folder."""
     paths = {name: run(tmp_path, "--method", method, "--data", "toy", "--steps", "1", "--batch", "8", out=method)
-             for name, method in (("DIF", "diffusion"), ("CM", "cm")) if name in args}
+             for name, method in (("DIF", "diffusion"), ("CM", "cm"), ("MF", "meanflow")) if name in args}
     with pytest.raises(SystemExit, match=message):
         train.cli([paths.get(a, a) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
     assert not os.path.exists(tmp_path / "x")
