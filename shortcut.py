@@ -20,7 +20,7 @@ s(x_t', t', 2d) = s(x_t', t', d) / 2 + s(x'_{t'+d}, t' + d, d) / 2), with d here
 | 2d           | d               | the step a self-consistency row trains (0: flow row)      | (B,)       |
 | d            | h               | its half step, d / 2                                      | (B,)       |
 | x_t'         | z               | (1 - t) x + t eps                                         | (B, *D)    |
-| x_1 - x_0    | -v              | v = eps - x, the flow-matching target                     | (B, *D)    |
+| x_1 - x_0    | -v              | v = eps - x (or its batch estimate), the flow target      | (B, *D)    |
 | s_theta      | -u              | network output u(z, t, r), r = t - d                      | (B, *D)    |
 | s_target     | -u_tgt          | sg of the two-half-step average (bootstrap_target)        | (B, *D)    |
 | M            | denoise_timesteps | finest number of steps, 128                             |            |
@@ -38,7 +38,7 @@ Implemented: targets_shortcut.py's batch layout (self-consistency rows first, dy
 weighted to the largest two (bootstrap_dt_bias), t on the grid of each row's step), bootstrap targets under no grad
 with z' and the target clipped, guidance baked into the smallest shortcut's targets (bootstrap_cfg), label dropout on
 flow rows, the mean-over-dimensions MSE of train.py's loss_fn, and helper_inference.py's N-step Euler sampler with
-optional CFG.
+optional CFG; for 2-D data the batch's posterior velocity as the flow target (batch_target, as meanflow.py's).
 Not implemented: the EMA as the bootstrap net (see loss), the 1e-5 of targets_shortcut.py's
 x_t = (1 - (1 - 1e-5) t') x_0 + t' x_1 (the path is meanflow.py's exactly linear one).
 """
@@ -90,6 +90,9 @@ class Config:
     cfg_scale: float = 1.0  # >= 0
     # z' and the target are clipped to [-c, c] (targets_shortcut.py: 4)
     bootstrap_clip: float = 4.0  # > 0
+    # Deviation (not in the paper or targets_shortcut.py): the flow rows' v = eps - x replaced by the batch's
+    # E[eps - x | z_t] = (z_t - D) / t, D the batch's E[x | z_t] (meanflow.py's batch target); the 2-D preset sets it
+    batch_target: bool = False  # bool
     # Sampler: N Euler steps of size 1/N from pure noise, N a power of two (helper_inference.py); guidance at every
     # step (helper_inference.py inference_cfg_scale, default 1: none)
     sample_steps: int = 1  # >= 1; a power of two
@@ -110,7 +113,8 @@ class Config:
 
 
 RANGES = dict(denoise_timesteps=">= 2", bootstrap_every=">= 1", bootstrap_dt_bias="bool", label_dropout="in [0, 1)",
-              cfg_scale=">= 0", bootstrap_clip="> 0", sample_steps=">= 1", sample_cfg_scale=">= 0")  # as commented
+              cfg_scale=">= 0", bootstrap_clip="> 0", sample_steps=">= 1", sample_cfg_scale=">= 0",
+              batch_target="bool")  # as commented
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r = t - d
 TEACHERS = ()  # trains from data only
@@ -205,6 +209,22 @@ def bootstrap_target(net, z, t, d, y, cfg):
     return ((u_1 + u_2) / 2).clamp(-c, c)  # self-consistency, paper Sec. 3
 
 
+# Copied from cm.py: batch_denoise
+def batch_denoise(x, x_t, scale, std, y=None):
+    """E[x | x_t] when the data are the batch's own samples x_1..x_B and x_t = scale x + std n (scale, std: (B,)):
+    sum_k w_k x_k, w_k = softmax_k(-||x_t - scale x_k||^2 / (2 std^2)) over the samples with x_t's label (y one-hot or
+    all-zero rows). The reference-batch estimate of the posterior mean of Xu et al. 2023 ("Stable Target Field",
+    arXiv:2302.00670), which Wang et al. 2024 (SCT, arXiv:2410.18958) use for consistency tuning. Each row's
+    ||x_t||^2 drops out of its softmax, leaving one matmul. float64 (B, *D)."""
+    xs, xt = x.flatten(1).double(), x_t.flatten(1).double()
+    scale, std = scale.double()[:, None], std.double()[:, None]
+    logits = (scale * (xt @ xs.T) - scale**2 * xs.square().sum(dim=1) / 2) / std**2
+    if y is not None:
+        ids = torch.where(y.flatten(1).any(dim=1), y.flatten(1).argmax(dim=1), -1)
+        logits = logits.masked_fill(ids[:, None] != ids[None, :], -math.inf)
+    return (logits.softmax(dim=1) @ xs).reshape(x.shape)
+
+
 def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example shortcut loss (B,) and per-example logs. x: (B, *D) data, y: one-hot labels or None, gen:
     torch.Generator for t, eps and label dropout. step, teacher and images are unused: the signature is the same in
@@ -219,6 +239,10 @@ def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     # Deviation: exactly linear; targets_shortcut.py keeps 1e-5 of the noise at t' = 1 (t = 0, which is never drawn).
     z = bcast(1 - t, x) * x + bcast(t, x) * eps
     v = eps - x
+    if cfg.batch_target:  # (z - D) / t = eps - x + (x - D) / t: exact where D = x (small t)
+        with torch.no_grad():
+            D = batch_denoise(x, z, 1 - t, t, y)
+            v = (v.double() + (x.double() - D) / bcast(t, D)).to(x.dtype)
     n_boot = B // cfg.bootstrap_every
     is_boot = torch.arange(B, device=x.device) < n_boot
 

@@ -177,6 +177,12 @@ MUTATIONS = {
         ("lr_ref_steps=8000", "lr_ref_steps=2000", "stage-1 (CM) inverse-sqrt reference steps"),
     ],
     "shortcut": [
+        ("D = batch_denoise(x, z, 1 - t, t, y)", "D = batch_denoise(x, z, t, 1 - t, y)",
+         "batch target: the posterior of z = t x + (1 - t) eps"),
+        ("D = batch_denoise(x, z, 1 - t, t, y)", "D = batch_denoise(x, z, 1 - t, t)", "batch target across labels"),
+        ("v = (v.double() + (x.double() - D) / bcast(t, D))", "v = (v.double() + (D - x.double()) / bcast(t, D))",
+         "batch target: sign of the posterior correction"),
+        ("batch_target: bool = False", "batch_target: bool = True", "batch target on by default"),
         ("repeat_interleave((n_boot // 2) // levels)", "repeat_interleave(n_boot // levels)",
          "bootstrap_dt_bias: the small steps get a full share"),
         ("k = torch.cat([k, torch.ones(n_boot // 4,", "k = torch.cat([k, torch.ones(n_boot // 2,",
