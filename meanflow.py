@@ -16,13 +16,14 @@ the instantaneous velocity v. Training uses the MeanFlow identity (Eq. 6):
 | eps        | eps         | noise, N(0, I)                                     | (B, *D)    |
 | t, r       | t, r        | times, 0 <= r <= t <= t_max                        | (B,)       |
 | z_t        | z           | (1 - t) x + t eps                                  | (B, *D)    |
-| v          | v           | conditional velocity eps - x                       | (B, *D)    |
+| v          | v           | eps - x, or its batch estimate given z (**)        | (B, *D)    |
 | v~         | v_tgt       | target velocity: v, CFG-mixed v, or a teacher's v  | (B, *D)    |
 | u_theta    | u           | network output                                     | (B, *D)    |
 | du/dt      | dudt        | JVP of u along (v~, 1, 0) in (z, t, r) (*)         | (B, *D)    |
 | u_tgt      | u_tgt       | sg(v~ - (t - r) du/dt)                             | (B, *D)    |
 | v(z, t)    | velocity()  | a net's instantaneous velocity u(z, t, t)          | (B, *D)    |
 (*) along (sg v(z, t), 1, 0), the net's own velocity, with tangent_v="net" (as Improved MeanFlow, arXiv:2512.02012).
+(**) batch_target: (z - D) / t, D the batch's posterior mean of x given z (as "Stable Target Field", arXiv:2302.00670).
 
 Network call (student and teacher): `u = net(z, t, r, y)` with z (B, *D), t and r (B,) in [0, 1] (raw, not scaled),
 y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preconditioning: the output is u.
@@ -31,7 +32,7 @@ y one-hot (B, label_dim) with all-zero rows as the null label, or None. No preco
 Implemented: (t, r) sampling as mean_flow.py, training-time CFG with omega/kappa on a t-interval and label dropout,
 distillation from a teacher velocity with guidance, three tangents (torch.func.jvp; fused in the net;
 finite differences), along v~ or the net's own velocity, tangent warm-up, adaptive loss weight (per row, or one
-for the r = t rows), 1-step and multi-step samplers.
+for the r = t rows), the batch's posterior velocity as v (batch_target; 2-D), 1-step and multi-step samplers.
 Not implemented: mean_flow.py's "opt_grad" loss variant (MeanFlowModel._mf_pred_to_loss), which no MeanFlow
 config there uses.
 """
@@ -121,10 +122,11 @@ class Config:
         return cls(**{**{k: v for k, v in PRESETS[name].items() if k in names}, **overrides})
 
 
+# every numeric / bool field's range, as its comment states
 RANGES = dict(P_mean_t="finite", P_std_t=">= 0", P_mean_r="finite", P_std_r=">= 0", t_max="in (0, 1]",
               ratio_r_neq_t="in [0, 1]", norm_p=">= 0", norm_c="> 0", fd_step="in (0, 1)", tangent_warmup=">= 0",
               label_dropout="in [0, 1)", cfg_omega=">= 0", cfg_kappa="in [0, 1)", cfg_t_min="in [0, 1]",
-              cfg_t_max="in [0, 1]", guidance_scale=">= 0", batch_target="bool")  # every numeric field's range, as its comment states
+              cfg_t_max="in [0, 1]", guidance_scale=">= 0", batch_target="bool")
 TIME_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # edges in t for train.py's loss-by-time log
 NET_NEEDS = dict(use_r=True)  # what train.py must build into the net: a second time input r
 TEACHERS = ("meanflow",)  # checkpoints train.py accepts as --teacher: their net gives v(z, t) = u(z, t, t)

@@ -2,11 +2,11 @@
 
 Shows the shortest honest use of meanflow.py with a hand-written network u = net(z, t, r, y): `meanflow.loss(...)` per
 example, `.mean().backward()`, an EMA, and `meanflow.sample(...)` (one step from t = 0.999 to 0). Settings:
-`Config.from_preset("toy", tangent="fd")`: the toy preset's (t, r) mix and adaptive weight, and du/dt by a central
-finite difference, since this net has no fused tangents ("jvp", torch.func.jvp, is exact too but costs 1.5x the step
-time here). MeanFlow needs no init or teacher. Data: 8 Gaussians on a
-ring, standardised to unit variance per axis. Prints the ratio of the samples' sliced W2 to fresh data over a
-moment-matched Gaussian's (benchmarks/toy_suite.py's score: 0 = perfect, 1 = a blob).
+`Config.from_preset("toy", tangent="fd")`: the toy preset's (t, r) mix, adaptive weight and batch target, and du/dt
+by a central finite difference, since this net has no fused tangents ("jvp", torch.func.jvp, is exact too but costs
+1.5x the step time here). MeanFlow needs no init or teacher. Data: 8 Gaussians on a ring, standardised to unit
+variance per axis. Prints the ratio of the samples' sliced W2 to fresh data over a moment-matched Gaussian's
+(benchmarks/toy_suite.py's score: 0 = perfect, 1 = a blob).
 
     python -m examples.meanflow_2d             # from the repository root
     python meanflow_2d.py --smoke              # next to meanflow.py: a smoke run
@@ -115,7 +115,7 @@ def main():
     mean, std = raw.mean(0), raw.std(0)
     data = (raw - mean) / std  # unit variance per axis, as the toy preset's points
 
-    cfg = meanflow.Config.from_preset("toy", tangent="fd")  # half the batch r != t, adaptive weight p 0.5, c 4
+    cfg = meanflow.Config.from_preset("toy", tangent="fd")  # half r != t, weight p 0.5, c 4, the batch's E[v | z]
     recipe = meanflow.PRESETS["toy"]  # batch 1024, 2800 steps, Adam 2e-3, EMA 0.999
     ema = train(MLP(), meanflow.loss, cfg, recipe, 10 if args.smoke else recipe["steps"], data, gen)
 
