@@ -203,10 +203,11 @@ def batch_denoise(x, x_t, scale, std, y=None):
     ||x_t||^2 drops out of its softmax, leaving one matmul. float64 (B, *D)."""
     xs, xt = x.flatten(1).double(), x_t.flatten(1).double()
     scale, std = scale.double()[:, None], std.double()[:, None]
-    logits = (scale * (xt @ xs.T) - scale**2 * xs.square().sum(dim=1) / 2) / std**2
+    logits = (xt * (scale / std**2)) @ xs.T  # in place below: B^2 entries, allocated once
+    logits.addcmul_(scale**2 / (2 * std**2), xs.square().sum(dim=1)[None, :], value=-1)
     if y is not None:
         ids = torch.where(y.flatten(1).any(dim=1), y.flatten(1).argmax(dim=1), -1)
-        logits = logits.masked_fill(ids[:, None] != ids[None, :], -math.inf)
+        logits.masked_fill_(ids[:, None] != ids[None, :], -math.inf)
     return (logits.softmax(dim=1) @ xs).reshape(x.shape)
 
 

@@ -4,9 +4,10 @@ Shows the shortest honest use of shortcut.py with a hand-written network u = net
 step of size d: `shortcut.loss(...)` per example (flow-matching rows at d = 0 and self-consistency rows, two half
 steps of the current net as the target of one full step, in one batch), `.mean().backward()`, an EMA, and
 `shortcut.sample(..., steps=N)` (N Euler steps of size 1/N, N a power of two). Settings: `Config.from_preset("toy")`,
-the official code's batch layout with meanflow.py's toy recipe. No JVP, no teacher, no init. Data: 8 Gaussians on a
-ring, standardised to unit variance per axis. Prints the ratio of the samples' sliced W2 to fresh data over a
-moment-matched Gaussian's (benchmarks/toy_suite.py's score: 0 = perfect, 1 = a blob) for 1 and 8 steps.
+the official code's batch layout with meanflow.py's toy recipe and the batch target. No JVP, no teacher, no init.
+Data: 8 Gaussians on a ring, standardised to unit variance per axis. Prints the ratio of the samples' sliced W2 to
+fresh data over a moment-matched Gaussian's (benchmarks/toy_suite.py's score: 0 = perfect, 1 = a blob) for 1 and 8
+steps.
 
     python -m examples.shortcut_2d             # from the repository root
     python shortcut_2d.py --smoke              # next to shortcut.py: a smoke run
@@ -115,7 +116,7 @@ def main():
     mean, std = raw.mean(0), raw.std(0)
     data = (raw - mean) / std  # unit variance per axis, as the toy preset's points
 
-    cfg = shortcut.Config.from_preset("toy")  # half of the batch self-consistency rows, M = 128
+    cfg = shortcut.Config.from_preset("toy")  # half of the batch self-consistency rows, M = 128, the batch's E[v | z]
     recipe = shortcut.PRESETS["toy"]  # batch 1024, 5000 steps, Adam 2e-3, EMA 0.999
     ema = train(MLP(), shortcut.loss, cfg, recipe, 10 if args.smoke else recipe["steps"], data, gen)
 
