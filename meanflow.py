@@ -394,7 +394,7 @@ PRESETS = {
     "imagenet256": dict(IMAGENET256_DIT, net="dit-b2", cfg_omega=1.0, cfg_kappa=0.5),
     # DiT-XL/2: config_mf_xl.py (1-NFE FID 3.19, same README): a different guidance mix, on t in [0, 0.75] only.
     "imagenet256-xl": dict(IMAGENET256_DIT, net="dit-xl2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_max=0.75),
-    # 2-D points on CPU, one minute with train.py --threads 2; CIFAR-style (t, r). Deviations, chosen on
+    # 2-D points on CPU, about 70 s with train.py --threads 2; CIFAR-style (t, r). Deviations, chosen on
     # benchmarks/toy_suite.py (docs/presets.md): r != t for half the batch (CIFAR: 0.75); the adaptive weight with
     # p = 0.5, c = 4 (CIFAR: 0.75, 1e-3): with c << L each sample's loss is divided by its own size^p, a median-like fit
     # that biases the velocity (spirals, 128 Euler steps of u(z, t, t): 0.39 with c = 1e-3, 0.21 with this preset, as
