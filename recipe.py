@@ -149,6 +149,8 @@ def resolve_config(argv):
     cfg = {**TRAIN_DEFAULTS, **cfg_fields, **preset, "preset": preset_name, "method": args.method, "data": "toy", "seed": 0}
     given = {k for k in [*TRAIN_DEFAULTS, *cfg_fields, "preset", "data", "seed"] if getattr(args, k, None) is not None}
     cfg.update({k: getattr(args, k) for k in given})
+    if known.teacher and cfg.get("batch_target") and "batch_target" not in given:
+        cfg["batch_target"] = False  # a preset's batch target is for data; the teacher gives the target (check_config)
     return args, json.loads(json.dumps(cfg)), method, given
 
 

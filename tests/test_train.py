@@ -337,8 +337,9 @@ def test_gradient_norm_ratios_window():
      "--teacher .* was trained with sigma_data 1.0 and this run has 0.7"),
     (["--method", "tcm", "--data", "toy", "--stage1", "CM", "--sigma-data", "0.5"],
      "--stage1 .* was trained with sigma_data 1.0 and this run has 0.5"),
-    # The toy presets' batch target replaces the single-sample target (x_r, v); a teacher replaces both.
-    (["--method", "scm", "--preset", "toy", "--data", "toy", "--init", "DIF", "--teacher", "DIF"],
+    # The toy presets' batch target replaces the single-sample target (x_r, v); a teacher replaces both: the preset's
+    # gives way to --teacher (test_a_presets_batch_target_gives_way_to_a_teacher), the user's flag is refused.
+    (["--method", "scm", "--preset", "toy", "--data", "toy", "--init", "DIF", "--teacher", "DIF", "--batch-target", "true"],
      "--batch-target is the target of training without a teacher"),
     (["--method", "cm", "--preset", "toy-cd", "--data", "toy", "--teacher", "DIF", "--batch-target", "true"],
      "--batch-target is the target of training without a teacher"),
@@ -353,6 +354,14 @@ def test_teacher_init_and_stage1_errors(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         train.cli([paths.get(a, a) for a in args] + ["--out", str(tmp_path / "x"), "--steps", "1"])
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_presets_batch_target_gives_way_to_a_teacher():
+    """meanflow's and scm's toy presets set batch_target; with --teacher the resolved config has it off."""
+    import recipe
+    for argv in (["--method", "meanflow", "--data", "toy"], ["--method", "scm", "--preset", "toy", "--data", "toy"]):
+        assert recipe.resolve_config(argv)[1]["batch_target"] is True
+        assert recipe.resolve_config(argv + ["--teacher", "RUN"])[1]["batch_target"] is False
 
 
 def test_scm_from_scratch_warns(tmp_path, capsys):
@@ -487,7 +496,10 @@ def test_a_teacher_picks_the_distilling_preset(tmp_path):
         _, cfg, method, given = recipe.resolve_config(argv)
         assert cfg["preset"] == preset, argv
         assert cfg["distill"] == preset.endswith(("-scd", "-cd"))
-        assert json.loads(json.dumps(method.PRESETS[preset])).items() <= cfg.items()  # the preset's values, all of them
+        want = json.loads(json.dumps(method.PRESETS[preset]))
+        if "--teacher" in argv and "batch_target" in want:
+            want["batch_target"] = False  # a preset's batch target gives way to a teacher
+        assert want.items() <= cfg.items()  # the preset's values, all of them
         assert ("preset" in given) == ("--preset" in argv)  # a resumed run keeps its own preset
 
 
