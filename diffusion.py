@@ -21,6 +21,7 @@ y one-hot or None. Any EDM-preconditioned net works, including EDM's own (same p
 
 Implemented: log-normal sigma (truncated to the sampler's range), the EDM loss (Eq. 2 with lambda = 1/c_out^2),
 the Heun sampler (Alg. 1, no churn; 18 steps = 35 network evaluations) and its 1-step Euler special case.
+Deviation, off by default: the batch's posterior mean as the target (batch_target; for 2-D points).
 Not implemented: stochastic sampling (S_churn).
 """
 import math
@@ -61,6 +62,9 @@ class Config:
     # Heun sampler (EDM Alg. 1, deterministic)
     sample_steps: int = 18  # >= 1
     rho: float = 7.0  # > 0
+    # Deviation (not in EDM): the target x replaced by the batch's E[x | x_sigma], the reference-batch posterior of
+    # "Stable Target Field" (arXiv:2302.00670; cm.py's batch target); for low-dimensional data (no preset sets it)
+    batch_target: bool = False  # bool
 
     def __post_init__(self):
         check_ranges(self, RANGES)
@@ -75,7 +79,7 @@ class Config:
 
 
 RANGES = dict(P_mean="finite", P_std="> 0", sigma_data="> 0", sigma_min="> 0", sigma_max="> 0", sample_steps=">= 1",
-              rho="> 0")  # every numeric field's range, as its comment states
+              rho="> 0", batch_target="bool")  # every numeric field's range, as its comment states
 TIME_BINS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # edges in sigma for train.py's loss-by-time log
 NET_NEEDS = dict()  # a plain EDM net: no second time input, no log-variance head
 TEACHERS = ()  # trained from data only
@@ -139,17 +143,38 @@ class FlowVelocity(torch.nn.Module):
         check_shape(F, z.shape, "FlowVelocity: the net's output F must have its input's shape (B, *D)", "one per row")
         return bcast((t - sd**2 * (1 - t)) / s**2, z) * z - bcast(sd / s, z) * F.to(z.dtype)
 
+# Copied from cm.py: batch_denoise
+def batch_denoise(x, x_t, scale, std, y=None):
+    """E[x | x_t] when the data are the batch's own samples x_1..x_B and x_t = scale x + std n (scale, std: (B,)):
+    sum_k w_k x_k, w_k = softmax_k(-||x_t - scale x_k||^2 / (2 std^2)) over the samples with x_t's label (y one-hot or
+    all-zero rows). The reference-batch estimate of the posterior mean of Xu et al. 2023 ("Stable Target Field",
+    arXiv:2302.00670), which Wang et al. 2024 (SCT, arXiv:2410.18958) use for consistency tuning. Each row's
+    ||x_t||^2 drops out of its softmax, leaving one matmul. float64 (B, *D)."""
+    xs, xt = x.flatten(1).double(), x_t.flatten(1).double()
+    scale, std = scale.double()[:, None], std.double()[:, None]
+    logits = (xt * (scale / std**2)) @ xs.T  # in place below: B^2 entries, allocated once
+    logits.addcmul_(scale**2 / (2 * std**2), xs.square().sum(dim=1)[None, :], value=-1)
+    if y is not None:
+        ids = torch.where(y.flatten(1).any(dim=1), y.flatten(1).argmax(dim=1), -1)
+        logits.masked_fill_(ids[:, None] != ids[None, :], -math.inf)
+    return (logits.softmax(dim=1) @ xs).reshape(x.shape)
+
+
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
 
 def loss(net, x, y, cfg, step, gen, teacher=None, images=None):
     """Per-example EDM loss (B,): lambda(sigma) * sum over dims of (D(x + sigma eps, sigma) - x)^2 (EDM sums over
-    pixels). step, teacher and images are unused (the signature is the same in every method)."""
+    pixels); with cfg.batch_target the batch's E[x | x_sigma] in place of x. step, teacher and images are unused
+    (the signature is the same in every method)."""
     sigma = sample_sigma(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max, gen, x.device)
     eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    D = denoise(net, x + bcast(sigma, x) * eps, sigma, y, cfg.sigma_data)
+    x_sigma = x + bcast(sigma, x) * eps
+    D = denoise(net, x_sigma, sigma, y, cfg.sigma_data)
     weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2  # = 1 / c_out^2
-    err = (D.double() - x.double()).flatten(1).square().sum(dim=1)
+    with torch.no_grad():  # the same minimiser E[x | x_sigma], a target with less noise where sigma is large
+        target = batch_denoise(x, x_sigma, torch.ones_like(sigma), sigma, y) if cfg.batch_target else x.double()
+    err = (D.double() - target).flatten(1).square().sum(dim=1)
     return weight * err, dict(t=sigma, mse=err.detach() / x[0].numel())
 
 # --- Sampler ----------------------------------------------------------------------------------------------------------
