@@ -143,6 +143,7 @@ class FlowVelocity(torch.nn.Module):
         check_shape(F, z.shape, "FlowVelocity: the net's output F must have its input's shape (B, *D)", "one per row")
         return bcast((t - sd**2 * (1 - t)) / s**2, z) * z - bcast(sd / s, z) * F.to(z.dtype)
 
+
 # Copied from cm.py: batch_denoise
 def batch_denoise(x, x_t, scale, std, y=None):
     """E[x | x_t] when the data are the batch's own samples x_1..x_B and x_t = scale x + std n (scale, std: (B,)):
